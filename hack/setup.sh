@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian machine (as root) and is
+# cheap to re-run: the virtualenv, the CPU build of PyTorch, the project with its
+# dev extras, and the local Kubernetes control plane (built once, cached in
+# ~/.cache/finetune-localcluster).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { printf '[setup %(%H:%M:%S)T] %s\n' -1 "$*"; }
+
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  python3 -m venv .venv
+fi
+# torch first and pinned: an unpinned torch would pull several GB of CUDA wheels.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  log "installing torch==2.13.0 (CPU build)"
+  .venv/bin/pip install -q torch==2.13.0
+fi
+log "installing the project with dev extras"
+.venv/bin/pip install -q -e ".[dev]"
+log "building (or reusing) the local Kubernetes control plane"
+.venv/bin/python -m localcluster build
+log "done"

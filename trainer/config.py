@@ -1,0 +1,281 @@
+"""The trainer's configuration: the user-facing API of every stage.
+
+These pydantic models are the single source of truth for stage settings.  The
+operator embeds them in the FineTuneRun CRD schema (``crds/`` is generated from
+them) and writes a ``StageJob`` file that ``python -m trainer`` reads, so a
+field documented here is what ``kubectl explain`` shows.
+
+Names are camelCase on the wire (``learningRate``) and snake_case in Python
+(``learning_rate``); units are part of the name where there is one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+
+class ApiModel(BaseModel):
+    """Base for every wire model: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
+
+class LoraConfig(ApiModel):
+    """Low-rank adapters (PEFT). The stage trains only the adapters and saves merged weights."""
+
+    rank: int = Field(16, ge=1, le=1024)
+    """Rank r of the low-rank update."""
+    alpha: float = Field(32.0, gt=0)
+    """Scaling numerator; the update is scaled by alpha / rank."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the linear modules that get adapters."""
+
+
+class OptimConfig(ApiModel):
+    """Settings shared by every trained stage."""
+
+    learning_rate: float = Field(2.0e-5, gt=0, le=1)
+    """Peak learning rate of AdamW."""
+    batch_size: int = Field(8, ge=1, le=4096)
+    """Examples per optimizer step per process, before gradient accumulation."""
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    """Micro-batches accumulated into one optimizer step; the effective batch is batchSize * this * processes."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps; the learning rate then decays linearly to zero."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradients are clipped to this global L2 norm."""
+    max_seq_length_tokens: int = Field(512, ge=8, le=131072)
+    """Examples are truncated to this many tokens (prompt + completion)."""
+    seed: int = Field(0, ge=0)
+    """Seed for data order, initialisation and sampling; each process adds its rank."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision; auto is bf16 on GPUs that support it, else fp32."""
+    checkpoint_every_steps: int = Field(50, ge=1)
+    """A resumable checkpoint (model, optimizer, scheduler, RNG, data position) is written every this many optimizer steps."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Older checkpoints beyond this many are deleted."""
+    log_every_steps: int = Field(1, ge=1)
+    """Metrics and progress are reported every this many optimizer steps."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of all weights when set."""
+
+
+class SFTConfig(OptimConfig):
+    """Supervised fine-tuning on prompt/completion pairs or chat transcripts; loss on completion tokens only."""
+
+    epochs: int = Field(1, ge=1, le=1000)
+    """Passes over the SFT dataset."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps even if epochs remain."""
+
+
+RewardFunctionType = Literal["length", "regex", "keywords", "bannedPhrases", "python"]
+
+
+class RewardFunction(ApiModel):
+    """A heuristic reward on the response text; several are summed with their weights.
+
+    length: -|tokens - targetLengthTokens| / targetLengthTokens (0 is best).
+    regex: 1 if ``pattern`` matches the response, else 0.
+    keywords: fraction of ``keywords`` present (case-insensitive).
+    bannedPhrases: -1 for each of ``phrases`` present (case-insensitive).
+    python: ``function`` ("module:function") called as f(prompt, response) -> float.
+    """
+
+    type: RewardFunctionType
+    """Which function: length, regex, keywords, bannedPhrases or python."""
+    weight: float = 1.0
+    """Multiplier of this function's score in the sum."""
+    target_length_tokens: int | None = Field(None, ge=1)
+    """For type length: the response length, in tokens, that scores best."""
+    pattern: str | None = None
+    """For type regex: a Python regular expression searched in the response."""
+    keywords: list[str] | None = None
+    """For type keywords: words rewarded when present."""
+    phrases: list[str] | None = None
+    """For type bannedPhrases: phrases penalised when present."""
+    function: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    """For type python: "module:function", importable in the trainer image."""
+
+    @model_validator(mode="after")
+    def _parameters_match_type(self) -> "RewardFunction":
+        needed = {
+            "length": "target_length_tokens",
+            "regex": "pattern",
+            "keywords": "keywords",
+            "bannedPhrases": "phrases",
+            "python": "function",
+        }[self.type]
+        if getattr(self, needed) in (None, []):
+            alias = to_camel(needed)
+            raise ValueError(f"reward function of type {self.type} needs field {alias}")
+        return self
+
+
+class RewardConfig(OptimConfig):
+    """Reward model trained on preference pairs (Bradley-Terry), and/or heuristic reward functions."""
+
+    learning_rate: float = Field(1.0e-5, gt=0, le=1)
+    """Peak learning rate of AdamW."""
+    epochs: int = Field(1, ge=1, le=1000)
+    """Passes over the preference dataset."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps even if epochs remain."""
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of preference pairs held out to measure accuracy."""
+    margin_loss: bool = False
+    """Bradley-Terry with margin: use a row's optional "margin" field."""
+    center_rewards_coefficient: float = Field(0.01, ge=0)
+    """Weight of the penalty on the squared mean reward, keeping scores centred."""
+    functions: list[RewardFunction] = Field(default_factory=list)
+    """Heuristic reward functions, used by PPO in addition to (or instead of) the trained model."""
+
+
+class AdaptiveKlConfig(ApiModel):
+    """Adaptive KL controller (Ziegler et al. 2019): adjusts klCoef toward a target KL."""
+
+    target_kl: float = Field(6.0, gt=0)
+    """Target KL per sequence, in nats."""
+    horizon: int = Field(10000, ge=1)
+    """Episodes over which the coefficient moves by at most a factor of e^0.2 per step."""
+
+
+class PPOConfig(OptimConfig):
+    """PPO against the reward with a per-token KL penalty to the SFT (reference) model."""
+
+    learning_rate: float = Field(3.0e-6, gt=0, le=1)
+    """Peak learning rate of AdamW for policy and value model."""
+    steps: int = Field(100, ge=1)
+    """PPO iterations: each samples batchSize prompts, generates, scores and updates."""
+    ppo_epochs: int = Field(4, ge=1, le=100)
+    """Optimisation passes over each batch of rollouts."""
+    mini_batches: int = Field(1, ge=1)
+    """Mini-batches per PPO epoch; batchSize must be divisible by it."""
+    response_length_tokens: int = Field(128, ge=1, le=32768)
+    """Maximum tokens generated per response."""
+    temperature: float = Field(0.7, gt=0)
+    """Sampling temperature; also used for the log-probabilities the loss sees."""
+    top_k: int | None = Field(None, ge=1)
+    """Optional top-k sampling (None = full distribution, which keeps the KL estimate honest)."""
+    stop_token: Literal["eos"] | None = "eos"
+    """Responses end at this token; tokens after it are masked. None: always generate responseLengthTokens."""
+    missing_eos_penalty: float | None = Field(1.0, ge=0)
+    """Subtracted from the score of a response that never emits the stop token. None disables."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Coefficient beta of the per-token KL penalty (initial value when adaptive)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator: k1 = log-ratio, k3 = (r - 1) - log r (unbiased, non-negative)."""
+    adaptive_kl: AdaptiveKlConfig | None = None
+    """Use the adaptive KL controller when set."""
+    clip_range: float = Field(0.2, gt=0)
+    """PPO ratio clip epsilon."""
+    clip_range_value: float = Field(0.2, gt=0)
+    """Value-function clip around the old values."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss."""
+    gamma: float = Field(1.0, gt=0, le=1)
+    """Discount factor."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards (without shifting the mean) before GAE."""
+    reward_model_weight: float = 1.0
+    """Weight of the trained reward model's (normalised) score, when there is one."""
+    sample_every_steps: int = Field(10, ge=1)
+    """Generate on the held-out prompts every this many steps and record prompt, response, reward, KL."""
+    sample_prompts: int = Field(8, ge=1, le=256)
+    """Number of held-out prompts used for samples and evaluation (taken from the prompts file, not trained on)."""
+    max_kl: float | None = Field(50.0, gt=0)
+    """Guardrail: the stage stops with a clear reason when the mean sequence KL exceeds this, in nats."""
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "PPOConfig":
+        if self.batch_size % self.mini_batches:
+            raise ValueError(
+                f"batchSize ({self.batch_size}) must be divisible by miniBatches ({self.mini_batches})"
+            )
+        return self
+
+
+class ReportingConfig(ApiModel):
+    """Where a stage reports progress; set by the operator, defaults suit a local run."""
+
+    metrics_port: int | None = Field(9400, ge=1, le=65535)
+    """Port of the Prometheus /metrics endpoint; None disables it."""
+    progress_file: str | None = None
+    """JSON Lines file of progress events; default <outputDir>/progress.jsonl."""
+    termination_log_path: str = "/dev/termination-log"
+    """File that receives the failure reason (Kubernetes termination message)."""
+    progress_config_map: str | None = None
+    """Name of the ConfigMap (in the pod's namespace) that receives live progress; None: local only."""
+    report_interval_seconds: float = Field(2.0, gt=0)
+    """Minimum seconds between two progress updates sent to Kubernetes."""
+
+
+StageName = Literal["sft", "reward", "ppo"]
+
+
+class DataPaths(ApiModel):
+    """Local JSON Lines files (mounted volumes in a cluster)."""
+
+    sft: str | None = None
+    """{"prompt", "completion"} or {"messages"} rows."""
+    preferences: str | None = None
+    """{"prompt", "chosen", "rejected"} rows."""
+    prompts: str | None = None
+    """{"prompt"} rows for PPO."""
+
+
+class StageJob(ApiModel):
+    """One stage to run: the file ``python -m trainer --config`` reads."""
+
+    stage: StageName
+    model: str
+    """Input model: a local directory, or hf://org/name (needs network). For reward and PPO, the SFT output."""
+    reward_model: str | None = None
+    """PPO only: directory of the trained reward model (the reward stage output), if any."""
+    output_dir: str
+    """Where checkpoints and the final model go; a restart with the same directory resumes."""
+    data: DataPaths = Field(default_factory=DataPaths)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    reporting: ReportingConfig = Field(default_factory=ReportingConfig)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and field."""
+
+
+def load_stage_job(path: str | Path) -> StageJob:
+    """Read a YAML or JSON StageJob file; raise ConfigError naming the file and the bad field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return StageJob.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from exc

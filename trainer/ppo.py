@@ -1,0 +1,509 @@
+"""PPO stage: optimise the SFT policy against the reward, with a per-token KL penalty to the SFT model.
+
+One loop, in the order of Ziegler et al. 2019 / Huang et al. ("The N Implementation
+Details of RLHF with PPO", https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo):
+
+    for step in 1..steps:
+        prompts  <- batchSize prompts (seeded order, a pure function of the step)
+        rollout  <- sample responses, cut at EOS, score them, log-probs of policy and
+                    reference, values, per-token rewards = -beta * KL (+ score at the last token)
+        GAE      -> advantages, returns
+        update   <- ppoEpochs x miniBatches steps of clipped policy loss + vfCoef * clipped value loss
+        beta     <- KL controller (fixed or adaptive)
+        report, samples, guardrails, checkpoint
+
+The arithmetic lives in trainer/ppo_math.py (pure, unit tested); this file only
+wires models, data and the loop.  docs/ppo.md explains every knob and metric.
+
+Tensor shapes: b = sequences on this process, p = prompt tokens (left-padded),
+t = response tokens (right-padded after the stop token), v = vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer import ppo_math
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.data import load_prompt_rows
+from trainer.modeling import (disable_dropout, load_causal_lm, load_sequence_classifier, load_tokenizer,
+                              resolve_model_source, save_final)
+from trainer.rewards import CompositeReward, RewardError, load_normalization
+from trainer.runtime import StageContext, StageFailed
+from trainer.schedule import StepPlan, linear_warmup_decay
+
+SAMPLES_FILE = "samples.jsonl"
+SAMPLES_REPORTED = 4
+"""How many of the latest held-out samples travel in a progress event."""
+
+
+# ---------------------------------------------------------------------------
+# models
+
+
+class ValueModel(torch.nn.Module):
+    """A transformer backbone and a linear head giving one value per token.
+
+    The head starts at zero (Huang et al.: value head initialised to 0), so the first
+    advantages are the plain discounted rewards and the value loss starts from a known point.
+    """
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(backbone.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_pretrained(cls, source: str, *, dtype: torch.dtype) -> "ValueModel":
+        """Backbone of any transformers checkpoint (causal LM or sequence classifier); its head is dropped."""
+        from transformers import AutoModel
+
+        return cls(AutoModel.from_pretrained(source, dtype=dtype))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state  # (b, s, d)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (b, s)
+
+
+def _has_model(path: str | None) -> bool:
+    return bool(path) and (Path(path) / "config.json").is_file()
+
+
+def build_reward(ctx: StageContext, tokenizer) -> CompositeReward:
+    """Heuristic functions from job.reward.functions, plus the reward model when job.rewardModel has one."""
+    job = ctx.job
+    reward_model, normalization = None, (0.0, 1.0)
+    if _has_model(job.reward_model):
+        reward_model = load_sequence_classifier(job.reward_model, dtype=ctx.dtype,
+                                                pad_token_id=tokenizer.pad_token_id)
+        reward_model.to(ctx.device).eval().requires_grad_(False)
+        normalization = load_normalization(job.reward_model)
+    try:
+        return CompositeReward(job.reward.functions, tokenizer=tokenizer, reward_model=reward_model,
+                               normalization=normalization, reward_model_weight=job.ppo.reward_model_weight,
+                               max_length=job.ppo.max_seq_length_tokens, device=ctx.device)
+    except RewardError as exc:
+        raise StageFailed(str(exc)) from exc
+
+
+# ---------------------------------------------------------------------------
+# rollouts
+
+
+@dataclass
+class Rollouts:
+    """One batch of episodes on this process; every tensor is detached."""
+
+    prompts: list[str]
+    responses_text: list[str]
+    input_ids: torch.Tensor  # (b, p + t) prompt (left-padded) + response (pad after the stop token)
+    attention_mask: torch.Tensor  # (b, p + t)
+    prompt_length: int  # p
+    responses: torch.Tensor  # (b, t)
+    mask: torch.Tensor  # (b, t) 1 on real response tokens, stop token included
+    logprobs: torch.Tensor  # (b, t) policy at sampling time ("old" log-probs)
+    ref_logprobs: torch.Tensor  # (b, t)
+    values: torch.Tensor  # (b, t) V(state before each response token)
+    scores: torch.Tensor  # (b,) reward score, missing-EOS penalty applied
+    has_stop: torch.Tensor  # (b,) bool
+    entropy: torch.Tensor  # (b, t) policy entropy per position
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: 0 at the first real token."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def left_pad(token_lists: list[list[int]], *, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (b, p), prompts aligned to the right so generation continues each one."""
+    width = max(len(x) for x in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        if tokens:
+            ids[row, width - len(tokens):] = torch.tensor(tokens)
+            mask[row, width - len(tokens):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def response_logits(model, input_ids, attention_mask, *, response_length: int, temperature: float) -> torch.Tensor:
+    """Logits predicting each response token, divided by the sampling temperature: (b, t, v) float32.
+
+    The logits at position p - 1 + i predict response token i; ``logits_to_keep`` avoids
+    materialising the vocabulary-sized logits of the prompt.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                logits_to_keep=response_length + 1)
+    return out.logits[:, :-1].float() / temperature
+
+
+def response_values(value_model, input_ids, attention_mask, *, prompt_length: int) -> torch.Tensor:
+    """V(prompt + response[:i]) for each response token i: (b, t) float32."""
+    values = value_model(input_ids, attention_mask, positions(attention_mask))  # (b, p + t)
+    return values[:, prompt_length - 1:-1].float()
+
+
+class PromptEncoder:
+    """Tokenises prompt text like the SFT stage does (special tokens on, the end of long prompts kept)."""
+
+    def __init__(self, tokenizer, *, max_prompt_tokens: int):
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def __call__(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        lists = [self.tokenizer(p, add_special_tokens=True)["input_ids"][-self.max_prompt_tokens:] for p in prompts]
+        return left_pad(lists, pad_id=self.tokenizer.pad_token_id, device=device)
+
+
+@torch.no_grad()
+def generate(policy, query, query_mask, *, cfg, stop_token_id, pad_token_id) -> torch.Tensor:
+    """Sample responses: (b, t) new tokens, t <= responseLengthTokens (generation stops when all rows stopped)."""
+    out = policy.generate(
+        input_ids=query, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
+        top_k=cfg.top_k or 0, top_p=1.0, max_new_tokens=cfg.response_length_tokens,
+        eos_token_id=stop_token_id, pad_token_id=pad_token_id,
+    )
+    return out[:, query.shape[1]:]
+
+
+@torch.no_grad()
+def collect_rollouts(ctx: StageContext, *, prompts: list[str], policy, reference, value_model,
+                     reward: CompositeReward, encoder: PromptEncoder, timings: dict[str, float]) -> Rollouts:
+    """Generate, cut at the stop token, score and evaluate one batch (no gradients)."""
+    cfg = ctx.job.ppo
+    acc = ctx.accelerator
+    tokenizer = encoder.tokenizer
+    stop_id = tokenizer.eos_token_id if cfg.stop_token == "eos" else None
+    device = ctx.device
+
+    tick = _now(device)
+    query, query_mask = encoder(prompts, device)  # (b, p)
+    policy_module = acc.unwrap_model(policy)
+    policy_module.eval()
+    with acc.autocast():
+        raw = generate(policy_module, query, query_mask, cfg=cfg, stop_token_id=stop_id,
+                       pad_token_id=tokenizer.pad_token_id)  # (b, t)
+    timings["generation"] = _now(device) - tick
+
+    tick = _now(device)
+    responses, mask, has_stop = ppo_math.truncate_at_stop_token(raw, stop_token_id=stop_id,
+                                                                pad_token_id=tokenizer.pad_token_id)
+    input_ids = torch.cat([query, responses], 1)  # (b, p + t)
+    attention_mask = torch.cat([query_mask, mask], 1)
+    t = responses.shape[1]
+    with acc.autocast():
+        logits = response_logits(policy_module, input_ids, attention_mask, response_length=t,
+                                 temperature=cfg.temperature)  # (b, t, v)
+        logprobs = ppo_math.logprobs_from_logits(logits, responses)
+        entropy = ppo_math.entropy_from_logits(logits)
+        del logits
+        ref_logits = response_logits(reference, input_ids, attention_mask, response_length=t,
+                                     temperature=cfg.temperature)
+        ref_logprobs = ppo_math.logprobs_from_logits(ref_logits, responses)
+        del ref_logits
+        values = response_values(acc.unwrap_model(value_model), input_ids, attention_mask,
+                                 prompt_length=query.shape[1])
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    scores = reward.score(prompts, texts).to(device)
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * (~has_stop).float()
+    timings["scoring"] = _now(device) - tick
+    return Rollouts(prompts=prompts, responses_text=texts, input_ids=input_ids, attention_mask=attention_mask,
+                    prompt_length=query.shape[1], responses=responses, mask=mask.float(),
+                    logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
+                    has_stop=has_stop, entropy=entropy)
+
+
+# ---------------------------------------------------------------------------
+# optimisation
+
+
+def ppo_update(ctx: StageContext, ro: Rollouts, *, advantages, returns, policy, value_model, optimizer,
+               params) -> dict[str, float]:
+    """ppoEpochs passes of miniBatches clipped-PPO steps over this batch; mean statistics of all of them.
+
+    Advantages are whitened per minibatch (Huang et al. detail; equal to per batch when
+    miniBatches = 1).  A minibatch is split into gradientAccumulationSteps micro-batches.
+    """
+    cfg = ctx.job.ppo
+    acc = ctx.accelerator
+    b = ro.input_ids.shape[0]
+    mb_size = b // cfg.mini_batches
+    micro = mb_size // cfg.gradient_accumulation_steps
+    if micro < 1 or mb_size % cfg.gradient_accumulation_steps:
+        raise StageFailed(f"ppo: minibatch size batchSize/miniBatches = {mb_size} is not divisible by "
+                          f"gradientAccumulationSteps ({cfg.gradient_accumulation_steps})")
+    t = ro.responses.shape[1]
+    sums: dict[str, float] = {}
+    updates = 0
+    policy.train()
+    value_model.train()
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(b, device=ctx.device)
+        for start in range(0, b, mb_size):
+            mb = order[start:start + mb_size]
+            mb_adv = ppo_math.masked_whiten(advantages[mb], ro.mask[mb])
+            for m_start in range(0, mb_size, micro):
+                idx = mb[m_start:m_start + micro]
+                local = slice(m_start, m_start + micro)
+                with acc.autocast():
+                    logits = response_logits(policy, ro.input_ids[idx], ro.attention_mask[idx],
+                                             response_length=t, temperature=cfg.temperature)
+                    new_logprobs = ppo_math.logprobs_from_logits(logits, ro.responses[idx])  # (m, t)
+                    del logits
+                    new_values = response_values(value_model, ro.input_ids[idx], ro.attention_mask[idx],
+                                                 prompt_length=ro.prompt_length)
+                pl = ppo_math.clipped_policy_loss(new_logprobs, ro.logprobs[idx], mb_adv[local], ro.mask[idx],
+                                                  clip_range=cfg.clip_range)
+                vf_loss, vf_clip = ppo_math.clipped_value_loss(new_values, ro.values[idx], returns[idx],
+                                                               ro.mask[idx], clip_range_value=cfg.clip_range_value)
+                loss = pl.loss + cfg.vf_coef * vf_loss
+                acc.backward(loss / cfg.gradient_accumulation_steps)
+                for name, value in (("policy_loss", pl.loss), ("value_loss", vf_loss), ("loss", loss),
+                                    ("policy_clip_fraction", pl.clip_fraction), ("approx_kl", pl.approx_kl),
+                                    ("ratio_mean", pl.ratio_mean), ("value_clip_fraction", vf_clip)):
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                updates += 1
+            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {name: total / updates for name, total in sums.items()}
+
+
+# ---------------------------------------------------------------------------
+# guardrails
+
+
+def check_finite(values: dict[str, float], *, step: int) -> None:
+    """Raise StageFailed naming every non-finite value (NaN or inf in a loss, reward, KL ...)."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        listed = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        raise StageFailed(f"ppo: non-finite values at step {step}: {listed}; lower ppo.learningRate, check the "
+                          "reward functions and reward model, or use precision fp32")
+
+
+def check_kl(kl: float, *, max_kl: float | None, step: int) -> None:
+    """Raise StageFailed when the mean KL per sequence exceeds ppo.maxKl (the policy ran away from SFT)."""
+    if max_kl is not None and kl > max_kl:
+        raise StageFailed(f"ppo: KL divergence from the reference (SFT) model is {kl:.3f} nats per sequence at "
+                          f"step {step}, above ppo.maxKl={max_kl}; the policy is drifting (reward hacking?): "
+                          "raise ppo.klCoef, lower ppo.learningRate, or raise ppo.maxKl")
+
+
+# ---------------------------------------------------------------------------
+# held-out samples
+
+
+@torch.no_grad()
+def sample_held_out(ctx: StageContext, *, step: int, prompts: list[str], policy, reference,
+                    reward: CompositeReward, encoder: PromptEncoder) -> list[dict]:
+    """Sample one response per held-out prompt and record prompt, response, reward and KL.
+
+    Sampled (not greedy) at the training temperature, with the same seed every time, so
+    the recorded reward estimates what PPO optimises and successive steps are compared on
+    the same random draws.  Appends to <outputDir>/samples.jsonl; main process only.
+    """
+    cfg = ctx.job.ppo
+    acc = ctx.accelerator
+    tokenizer = encoder.tokenizer
+    stop_id = tokenizer.eos_token_id if cfg.stop_token == "eos" else None
+    policy_module = acc.unwrap_model(policy)
+    policy_module.eval()
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + 7919)
+        query, query_mask = encoder(prompts, ctx.device)
+        with acc.autocast():
+            raw = generate(policy_module, query, query_mask, cfg=cfg, stop_token_id=stop_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    responses, mask, has_stop = ppo_math.truncate_at_stop_token(raw, stop_token_id=stop_id,
+                                                                pad_token_id=tokenizer.pad_token_id)
+    input_ids = torch.cat([query, responses], 1)
+    attention_mask = torch.cat([query_mask, mask], 1)
+    t = responses.shape[1]
+    with acc.autocast():
+        logp = ppo_math.logprobs_from_logits(response_logits(
+            policy_module, input_ids, attention_mask, response_length=t, temperature=cfg.temperature), responses)
+        ref_logp = ppo_math.logprobs_from_logits(response_logits(
+            reference, input_ids, attention_mask, response_length=t, temperature=cfg.temperature), responses)
+    kl = (ppo_math.kl_per_token(logp, ref_logp, estimator=cfg.kl_estimator) * mask).sum(1)  # (b,)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    scores = reward.score(prompts, texts)
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * (~has_stop).float().cpu()
+    samples = [{"step": step, "prompt": p, "response": r, "reward": float(s), "kl": float(k)}
+               for p, r, s, k in zip(prompts, texts, scores.tolist(), kl.tolist())]
+    with open(ctx.output_dir / SAMPLES_FILE, "a", encoding="utf-8") as handle:
+        for sample in samples:
+            handle.write(json.dumps(sample) + "\n")
+    return samples
+
+
+def _report_samples(ctx, samples: list[dict], *, step: int, total: int) -> None:
+    metrics = {"eval_reward_mean": sum(s["reward"] for s in samples) / len(samples),
+               "eval_kl": sum(s["kl"] for s in samples) / len(samples)}
+    ctx.report("samples", step=step, total_steps=total, metrics=metrics, samples=samples[:SAMPLES_REPORTED])
+
+
+# ---------------------------------------------------------------------------
+# the stage
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def step_seed(seed: int, *, rank: int, step: int) -> int:
+    """Sampling seed of one step on one process: distinct per rank (Huang et al.), a pure function of the step
+    so a resumed run draws exactly the samples the interrupted one would have."""
+    return (seed * 1_000_003 + rank * 100_003 + step) % (2**63)
+
+
+def split_prompts(prompts: list[str], *, held_out: int, source: str) -> tuple[list[str], list[str]]:
+    """(held-out, training): the first ``held_out`` rows are never trained on."""
+    if len(prompts) <= held_out:
+        raise StageFailed(f"{source}: {len(prompts)} prompts, but ppo.samplePrompts={held_out} are held out "
+                          "for samples; provide more prompts or lower ppo.samplePrompts")
+    return prompts[:held_out], prompts[held_out:]
+
+
+def run(ctx: StageContext) -> Path:
+    """Run PPO; return the final policy directory (<outputDir>/final, a plain causal LM)."""
+    job, cfg, acc = ctx.job, ctx.job.ppo, ctx.accelerator
+    if not job.data.prompts:
+        raise StageFailed("ppo needs data.prompts (a JSON Lines file of {\"prompt\": ...} rows)")
+    held_out, train_prompts = split_prompts(load_prompt_rows(job.data.prompts), held_out=cfg.sample_prompts,
+                                            source=job.data.prompts)
+    model_source = resolve_model_source(job.model)
+    tokenizer = load_tokenizer(model_source)
+    encoder = PromptEncoder(tokenizer, max_prompt_tokens=max(1, cfg.max_seq_length_tokens - cfg.response_length_tokens))
+
+    # Trained models keep fp32 master weights (autocast does the low precision); frozen ones load in ctx.dtype.
+    torch.manual_seed(cfg.seed)
+    policy = load_causal_lm(model_source, dtype=torch.float32, lora=cfg.lora)
+    reference = load_causal_lm(model_source, dtype=ctx.dtype)
+    value_source = resolve_model_source(job.reward_model) if _has_model(job.reward_model) else model_source
+    value_model = ValueModel.from_pretrained(value_source, dtype=torch.float32)
+    for model in (policy, reference, value_model):
+        disable_dropout(model)
+    reference.to(ctx.device).eval().requires_grad_(False)
+    reward = build_reward(ctx, tokenizer)
+
+    params = [p for p in policy.parameters() if p.requires_grad] + list(value_model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(
+        s, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
+    policy, value_model, optimizer = acc.prepare(policy, value_model, optimizer)
+    # Not prepared: accelerate's scheduler wrapper steps once per process; ours steps once per PPO iteration.
+    acc.register_for_checkpointing(scheduler)
+    params = [p for p in acc.unwrap_model(policy).parameters() if p.requires_grad] + \
+        list(acc.unwrap_model(value_model).parameters())
+
+    if cfg.adaptive_kl is not None:
+        kl_ctl = ppo_math.AdaptiveKLController(cfg.kl_coef, target=cfg.adaptive_kl.target_kl,
+                                               horizon=cfg.adaptive_kl.horizon)
+    else:
+        kl_ctl = ppo_math.FixedKLController(cfg.kl_coef)
+
+    world, rank = acc.num_processes, acc.process_index
+    global_batch = cfg.batch_size * world
+    plan = StepPlan(num_examples=len(train_prompts), batch_size=cfg.batch_size, accumulation=1, world_size=world,
+                    epochs=math.ceil(cfg.steps * global_batch / len(train_prompts)) + 1, seed=cfg.seed)
+
+    start = 0
+    resume_from = latest_checkpoint(ctx.output_dir)
+    if resume_from is not None:
+        state = load_checkpoint(ctx, resume_from)
+        start = int(state["step"])
+        kl_ctl.load_state_dict(state["kl_controller"])
+        print(f"[ppo] resumed from {resume_from} at step {start}", flush=True)
+    ctx.report("progress", step=start, total_steps=cfg.steps)
+    if start == 0 and acc.is_main_process:  # the SFT model's samples: the baseline to compare with
+        samples = sample_held_out(ctx, step=0, prompts=held_out, policy=policy, reference=reference,
+                                  reward=reward, encoder=encoder)
+        _report_samples(ctx, samples, step=0, total=cfg.steps)
+
+    for step in range(start + 1, cfg.steps + 1):
+        torch.manual_seed(step_seed(cfg.seed, rank=rank, step=step))
+        indices = plan.step_micro_batches(step - 1, rank=rank)[0]
+        timings: dict[str, float] = {}
+        ro = collect_rollouts(ctx, prompts=[train_prompts[i] for i in indices], policy=policy,
+                              reference=reference, value_model=value_model, reward=reward, encoder=encoder,
+                              timings=timings)
+
+        tick = _now(ctx.device)
+        kl = ppo_math.kl_per_token(ro.logprobs, ro.ref_logprobs, estimator=cfg.kl_estimator) * ro.mask  # (b, t)
+        rewards, non_score = ppo_math.per_token_rewards(ro.scores, kl, ro.mask, kl_coef=kl_ctl.value)
+        if cfg.whiten_rewards:
+            rewards = ppo_math.masked_whiten(rewards, ro.mask, shift_mean=False)
+        advantages, returns = ppo_math.gae(rewards, ro.values, ro.mask, gamma=cfg.gamma, lam=cfg.lam)
+        rollout_stats = _reduce_mean(acc, {
+            "kl": kl.sum(1).mean(), "score_mean": ro.scores.mean(),
+            "non_score_reward": non_score.sum(1).mean(),
+            "reward_mean": (ro.scores + non_score.sum(1)).mean(),
+            "entropy": ppo_math.masked_mean(ro.entropy, ro.mask),
+            "response_length": ro.mask.sum(1).mean(), "eos_fraction": ro.has_stop.float().mean(),
+            "value_mean": ppo_math.masked_mean(ro.values, ro.mask),
+        })
+        check_finite(rollout_stats, step=step)
+        check_kl(rollout_stats["kl"], max_kl=cfg.max_kl, step=step)
+
+        update_stats = ppo_update(ctx, ro, advantages=advantages, returns=returns, policy=policy,
+                                  value_model=value_model, optimizer=optimizer, params=params)
+        update_stats = _reduce_mean(acc, update_stats)
+        check_finite(update_stats, step=step)
+        learning_rate = scheduler.get_last_lr()[0]
+        scheduler.step()
+        # Ziegler et al.: beta follows the KL of the rollouts just collected, over all processes' episodes.
+        kl_ctl.update(rollout_stats["kl"], global_batch)
+        timings["optimisation"] = _now(ctx.device) - tick
+
+        seconds = sum(timings.values())
+        tokens = float(_reduce_sum(acc, ro.mask.sum()))
+        ctx.metrics.count(tokens=int(tokens), episodes=global_batch)
+        if step % cfg.log_every_steps == 0 or step == cfg.steps:
+            ctx.report("progress", step=step, total_steps=cfg.steps, metrics={
+                **rollout_stats, **update_stats, "kl_coef": kl_ctl.value, "learning_rate": learning_rate,
+                "episodes_per_second": global_batch / seconds, "tokens_per_second": tokens / seconds,
+                "generation_seconds": timings["generation"], "scoring_seconds": timings["scoring"],
+                "optimisation_seconds": timings["optimisation"],
+            })
+        if acc.is_main_process and (step % cfg.sample_every_steps == 0 or step == cfg.steps):
+            samples = sample_held_out(ctx, step=step, prompts=held_out, policy=policy, reference=reference,
+                                      reward=reward, encoder=encoder)
+            _report_samples(ctx, samples, step=step, total=cfg.steps)
+        if step % cfg.checkpoint_every_steps == 0 and step < cfg.steps:
+            path = save_checkpoint(ctx, step=step, extra_state={
+                "step": step, "kl_controller": kl_ctl.state_dict(), "data_position": plan.position(step),
+            })
+            ctx.report("checkpoint", step=step, total_steps=cfg.steps, checkpoint=str(path))
+
+    return save_final(ctx, policy, tokenizer)
+
+
+def _reduce_mean(acc, values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Average each scalar over processes (one collective for all of them)."""
+    names = sorted(values)
+    stacked = torch.tensor([float(values[n]) for n in names], device=acc.device)
+    if acc.num_processes > 1:
+        stacked = acc.reduce(stacked, reduction="mean")
+    return dict(zip(names, stacked.tolist()))
+
+
+def _reduce_sum(acc, value: torch.Tensor) -> float:
+    value = value.detach().float().reshape(1).to(acc.device)
+    if acc.num_processes > 1:
+        value = acc.reduce(value, reduction="sum")
+    return float(value)

@@ -1,0 +1,193 @@
+"""Reward model: a one-output sequence classifier trained on preference pairs (Bradley-Terry).
+
+The model starts from the SFT output (``job.model``) with a new score head and
+reads its score at the last non-pad token. After training it is scored over
+the training pairs to get normalisation statistics, which PPO uses to bring
+scores to mean 0, std 1 (Huang et al., "The N Implementation Details of RLHF
+with PPO", reward normalisation).
+
+Without preference data but with heuristic reward functions there is nothing to
+train: ``final/`` then holds only ``reward_functions.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+
+from trainer.checkpoint import resume_from_latest, save_checkpoint
+from trainer.data import PreferenceRow, encode_for_reward, load_preference_rows, pad_right, split_for_eval
+from trainer.modeling import load_sequence_classifier, load_tokenizer, resolve_model_source, save_final
+from trainer.runtime import StageContext, StageFailed
+from trainer.schedule import StepPlan, build_optimizer
+
+NORMALIZATION_FILE = "reward_normalization.json"
+FUNCTIONS_FILE = "reward_functions.json"
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: torch.Tensor | None = None,
+                       center_coefficient: float = 0.0) -> torch.Tensor:
+    """-log sigmoid(r_c - r_r - margin), plus center_coefficient * mean((r_c + r_r)^2).
+
+    The second term (TRL's ``center_rewards_coefficient``, Eisenstein et al.
+    2023) keeps scores near zero; Bradley-Terry alone only fixes differences.
+    chosen, rejected, margin: (b,).
+    """
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_coefficient:
+        loss = loss + center_coefficient * torch.mean((chosen + rejected) ** 2)
+    return loss
+
+
+def encode_pairs(rows: list[PreferenceRow], *, tokenizer, max_length: int) -> list[tuple[list[int], list[int], float]]:
+    """(chosen ids, rejected ids, margin) per row, encoded exactly as PPO will score responses."""
+    return [(encode_for_reward(tokenizer, prompt=r.prompt, response=r.chosen, max_length=max_length),
+             encode_for_reward(tokenizer, prompt=r.prompt, response=r.rejected, max_length=max_length),
+             r.margin) for r in rows]
+
+
+def score(model, sequences: list[list[int]], *, pad_token_id: int, device) -> torch.Tensor:
+    """Scalar score per sequence, (n,); right padding, read at the last non-pad token by transformers."""
+    ids = torch.tensor(pad_right(sequences, pad_value=pad_token_id), device=device)  # (n, t)
+    mask = torch.tensor(pad_right([[1] * len(s) for s in sequences], pad_value=0), device=device)
+    return model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()  # (n,)
+
+
+@torch.no_grad()
+def evaluate(ctx: StageContext, model, pairs, *, pad_token_id: int, batch_size: int) -> dict[str, float]:
+    """Held-out accuracy (share of pairs with r_c > r_r) and mean margin r_c - r_r, over all processes."""
+    accelerator = ctx.accelerator
+    mine = pairs[accelerator.process_index::accelerator.num_processes]
+    totals = torch.zeros(3, device=ctx.device)  # correct, margin sum, count
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        scores = score(model, [c for c, _, _ in chunk] + [r for _, r, _ in chunk],
+                       pad_token_id=pad_token_id, device=ctx.device)
+        chosen, rejected = scores[:len(chunk)], scores[len(chunk):]
+        totals += torch.stack([(chosen > rejected).float().sum(), (chosen - rejected).sum(),
+                               torch.tensor(float(len(chunk)), device=ctx.device)])
+    totals = accelerator.reduce(totals, "sum")
+    count = max(float(totals[2]), 1.0)
+    return {"reward_model_accuracy": float(totals[0]) / count, "eval_margin": float(totals[1]) / count}
+
+
+@torch.no_grad()
+def normalization_stats(ctx: StageContext, model, pairs, *, pad_token_id: int, batch_size: int) -> dict[str, float]:
+    """{"mean", "std"} of the scores of every chosen and rejected response of ``pairs``."""
+    accelerator = ctx.accelerator
+    mine = pairs[accelerator.process_index::accelerator.num_processes]
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # sum, sum of squares, count
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        scores = score(model, [c for c, _, _ in chunk] + [r for _, r, _ in chunk],
+                       pad_token_id=pad_token_id, device=ctx.device).double()
+        totals += torch.stack([scores.sum(), (scores ** 2).sum(),
+                               torch.tensor(float(scores.numel()), dtype=torch.float64, device=ctx.device)])
+    totals = accelerator.reduce(totals, "sum")
+    n = float(totals[2])
+    mean = float(totals[0]) / n
+    variance = max(float(totals[1]) / n - mean ** 2, 0.0)
+    return {"mean": mean, "std": math.sqrt(variance)}
+
+
+def _functions_only(ctx: StageContext) -> Path:
+    functions = [f.model_dump(mode="json", by_alias=True, exclude_none=True) for f in ctx.job.reward.functions]
+    return save_final(ctx, None, None, extra_files={FUNCTIONS_FILE: {"functions": functions}})
+
+
+def run(ctx: StageContext) -> Path:
+    job, cfg, accelerator = ctx.job, ctx.job.reward, ctx.accelerator
+    if job.data.preferences is None:
+        if cfg.functions:
+            return _functions_only(ctx)
+        raise StageFailed("reward stage needs data.preferences or reward.functions")
+    source = resolve_model_source(job.model)
+    tokenizer = load_tokenizer(source)
+    rows = load_preference_rows(job.data.preferences)
+    train_rows, eval_rows = split_for_eval(rows, fraction=cfg.eval_fraction, seed=cfg.seed)
+    train = encode_pairs(train_rows, tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens)
+    held_out = encode_pairs(eval_rows, tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens)
+    pad = tokenizer.pad_token_id
+
+    set_seed(cfg.seed)  # identical score-head initialisation on every process
+    model = load_sequence_classifier(source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora,
+                                     pad_token_id=pad)
+    plan = StepPlan(num_examples=len(train), batch_size=cfg.batch_size,
+                    accumulation=cfg.gradient_accumulation_steps, world_size=accelerator.num_processes,
+                    epochs=cfg.epochs, seed=cfg.seed, max_steps=cfg.max_steps)
+    total = plan.total_steps
+    optimizer, scheduler = build_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                           warmup_steps=cfg.warmup_steps, total_steps=total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    set_seed(cfg.seed + accelerator.process_index)
+    start, _ = resume_from_latest(ctx, expect={"examples": len(train)})
+    ctx.report("progress", step=start, total_steps=total)
+    model.train()
+    window = torch.zeros(3, device=ctx.device)  # loss sum, correct pairs, pairs
+    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    for step in range(start, total):
+        micro_batches = plan.step_micro_batches(step, rank=accelerator.process_index)
+        for i, indices in enumerate(micro_batches):
+            chunk = [train[j] for j in indices]
+            last = i == len(micro_batches) - 1
+            with nullcontext() if last else accelerator.no_sync(model):
+                # Chosen and rejected in one forward pass: (2b,) scores, chosen first.
+                scores = score(model, [c for c, _, _ in chunk] + [r for _, r, _ in chunk],
+                               pad_token_id=pad, device=ctx.device)
+                chosen, rejected = scores[:len(chunk)], scores[len(chunk):]
+                margin = (torch.tensor([m for _, _, m in chunk], device=ctx.device) if cfg.margin_loss else None)
+                loss = bradley_terry_loss(chosen, rejected, margin=margin,
+                                          center_coefficient=cfg.center_rewards_coefficient) / len(micro_batches)
+                accelerator.backward(loss)
+            window += torch.stack([loss.detach(),
+                                   (chosen > rejected).float().sum().detach(),
+                                   torch.tensor(float(len(chunk)), device=ctx.device)])
+            window_tokens += sum(len(c) + len(r) for c, r, _ in chunk)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_steps += 1
+        done = step + 1
+
+        if done % cfg.log_every_steps == 0 or done == total:
+            stats = accelerator.reduce(torch.cat([window, torch.tensor([float(window_tokens)], device=ctx.device)]),
+                                       "sum")
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            ctx.metrics.count(tokens=int(stats[3]), samples=int(stats[2]))
+            ctx.report("progress", step=done, total_steps=total, metrics={
+                "loss": float(stats[0]) / (window_steps * accelerator.num_processes),
+                "train_accuracy": float(stats[1]) / max(float(stats[2]), 1.0),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "tokens_per_second": float(stats[3]) / elapsed,
+                "grad_norm": float(grad_norm),
+            })
+            window.zero_()
+            window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+
+        if done % cfg.checkpoint_every_steps == 0 or done == total:
+            path = save_checkpoint(ctx, step=done, extra_state={"examples": len(train), **plan.position(done)})
+            ctx.report("checkpoint", step=done, total_steps=total, checkpoint=str(path))
+
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    if held_out:
+        ctx.report("progress", step=total, total_steps=total,
+                   metrics=evaluate(ctx, unwrapped, held_out, pad_token_id=pad, batch_size=cfg.batch_size))
+    extra_files = {NORMALIZATION_FILE: normalization_stats(ctx, unwrapped, train, pad_token_id=pad,
+                                                           batch_size=cfg.batch_size)}
+    if cfg.functions:
+        extra_files[FUNCTIONS_FILE] = {"functions": [
+            f.model_dump(mode="json", by_alias=True, exclude_none=True) for f in cfg.functions]}
+    return save_final(ctx, model, tokenizer, extra_files=extra_files)
