@@ -32,8 +32,8 @@ import torch
 from trainer import ppo_math
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.data import load_prompt_rows
-from trainer.modeling import (disable_dropout, load_causal_lm, load_sequence_classifier, load_tokenizer,
-                              resolve_model_source, save_final)
+from trainer.modeling import (HUB_SCHEME, disable_dropout, load_causal_lm, load_sequence_classifier,
+                              load_tokenizer, resolve_model_source, save_final)
 from trainer.rewards import CompositeReward, RewardError, load_normalization
 from trainer.runtime import StageContext, StageFailed
 from trainer.schedule import StepPlan, linear_warmup_decay
@@ -75,19 +75,36 @@ class ValueModel(torch.nn.Module):
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (b, s)
 
 
-def _has_model(path: str | None) -> bool:
-    return bool(path) and (Path(path) / "config.json").is_file()
+def reward_model_source(reward_model: str | None) -> str | None:
+    """The ``from_pretrained`` source of job.rewardModel, or None when it holds no trained model.
+
+    A reward-stage output trained without preference data is a directory with only
+    reward_functions.json: no model, not an error. A path that does not exist is an
+    error, so a typo cannot silently run PPO without the reward model.
+    """
+    if not reward_model:
+        return None
+    path = Path(reward_model)
+    if not reward_model.startswith(HUB_SCHEME) and path.is_dir() and not (path / "config.json").is_file():
+        return None
+    try:
+        return resolve_model_source(reward_model)
+    except StageFailed as exc:
+        raise StageFailed(f"rewardModel: {exc}; point it at the reward stage's final/ directory") from exc
 
 
-def build_reward(ctx: StageContext, tokenizer) -> CompositeReward:
-    """Heuristic functions from job.reward.functions, plus the reward model when job.rewardModel has one."""
+def build_reward(ctx: StageContext, tokenizer, *, reward_source: str | None) -> CompositeReward:
+    """Heuristic functions from job.reward.functions, plus the reward model at ``reward_source`` if any."""
     job = ctx.job
     reward_model, normalization = None, (0.0, 1.0)
-    if _has_model(job.reward_model):
-        reward_model = load_sequence_classifier(job.reward_model, dtype=ctx.dtype,
+    if reward_source is not None:
+        reward_model = load_sequence_classifier(reward_source, dtype=ctx.dtype,
                                                 pad_token_id=tokenizer.pad_token_id)
         reward_model.to(ctx.device).eval().requires_grad_(False)
-        normalization = load_normalization(job.reward_model)
+        try:
+            normalization = load_normalization(reward_source)
+        except RewardError as exc:
+            raise StageFailed(f"rewardModel: {exc}") from exc
     try:
         return CompositeReward(job.reward.functions, tokenizer=tokenizer, reward_model=reward_model,
                                normalization=normalization, reward_model_weight=job.ppo.reward_model_weight,
@@ -176,6 +193,14 @@ def generate(policy, query, query_mask, *, cfg, stop_token_id, pad_token_id) -> 
     return out[:, query.shape[1]:]
 
 
+def score_responses(reward: CompositeReward, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """(b,) scores on the CPU; a reward function that returns garbage stops the stage with its name."""
+    try:
+        return reward.score(prompts, responses)
+    except RewardError as exc:
+        raise StageFailed(str(exc)) from exc
+
+
 @torch.no_grad()
 def collect_rollouts(ctx: StageContext, *, prompts: list[str], policy, reference, value_model,
                      reward: CompositeReward, encoder: PromptEncoder, timings: dict[str, float]) -> Rollouts:
@@ -214,7 +239,7 @@ def collect_rollouts(ctx: StageContext, *, prompts: list[str], policy, reference
         values = response_values(acc.unwrap_model(value_model), input_ids, attention_mask,
                                  prompt_length=query.shape[1])
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    scores = reward.score(prompts, texts).to(device)
+    scores = score_responses(reward, prompts, texts).to(device)
     if cfg.missing_eos_penalty is not None:
         scores = scores - cfg.missing_eos_penalty * (~has_stop).float()
     timings["scoring"] = _now(device) - tick
@@ -338,7 +363,7 @@ def sample_held_out(ctx: StageContext, *, step: int, prompts: list[str], policy,
             reference, input_ids, attention_mask, response_length=t, temperature=cfg.temperature), responses)
     kl = (ppo_math.kl_per_token(logp, ref_logp, estimator=cfg.kl_estimator) * mask).sum(1)  # (b,)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    scores = reward.score(prompts, texts)
+    scores = score_responses(reward, prompts, texts)
     if cfg.missing_eos_penalty is not None:
         scores = scores - cfg.missing_eos_penalty * (~has_stop).float().cpu()
     samples = [{"step": step, "prompt": p, "response": r, "reward": float(s), "kl": float(k)}
@@ -394,12 +419,16 @@ def run(ctx: StageContext) -> Path:
     torch.manual_seed(cfg.seed)
     policy = load_causal_lm(model_source, dtype=torch.float32, lora=cfg.lora)
     reference = load_causal_lm(model_source, dtype=ctx.dtype)
-    value_source = resolve_model_source(job.reward_model) if _has_model(job.reward_model) else model_source
+    reward_source = reward_model_source(job.reward_model)
+    # Huang et al.: the value model starts from the reward model, which already judges whole responses.
+    value_source = reward_source or model_source
     value_model = ValueModel.from_pretrained(value_source, dtype=torch.float32)
+    if acc.is_main_process:
+        print(f"[ppo] value model initialised from {value_source}", flush=True)
     for model in (policy, reference, value_model):
         disable_dropout(model)
     reference.to(ctx.device).eval().requires_grad_(False)
-    reward = build_reward(ctx, tokenizer)
+    reward = build_reward(ctx, tokenizer, reward_source=reward_source)
 
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_model.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

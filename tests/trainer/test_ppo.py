@@ -207,3 +207,14 @@ def test_held_out_prompts_must_leave_some_to_train_on():
         ppo.split_prompts(["p"] * 8, held_out=8, source="prompts.jsonl")
     held, train = ppo.split_prompts(list("abcde"), held_out=2, source="x")
     assert held == ["a", "b"] and train == ["c", "d", "e"]
+
+
+def test_a_reward_function_returning_garbage_during_ppo_stops_the_stage_naming_it(tmp_path, monkeypatch):
+    from trainer.config import RewardFunction
+    from trainer.rewards import CompositeReward
+
+    (tmp_path / "garbage_reward.py").write_text("def score(prompt, response):\n    return 'high'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = CompositeReward([RewardFunction(type="python", function="garbage_reward:score")])
+    with pytest.raises(StageFailed, match="python:garbage_reward:score returned str"):
+        ppo.score_responses(reward, ["a prompt"], ["a response"])
