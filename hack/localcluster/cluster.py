@@ -273,7 +273,8 @@ class Cluster:
             log_path=self._path("logs", "kube-controller-manager.log"),
         )
         scheduler_config = self._path("kube-scheduler.yaml")
-        scheduler_config.write_text(yaml.safe_dump(scheduler_configuration(self.kubeconfig)))
+        scheduler_config.write_text(yaml.safe_dump(
+            scheduler_configuration(self.kubeconfig, health_port=free_port())))
         self.processes.spawn(
             [self.bin_dir / "kube-scheduler", f"--config={scheduler_config}",
              "--port=0", "--secure-port=0", "--v=1"],
@@ -344,9 +345,15 @@ VOLUME_PLUGINS = ("VolumeBinding", "VolumeRestrictions", "VolumeZone", "NodeVolu
                   "EBSLimits", "GCEPDLimits", "AzureDiskLimits", "CinderLimits")
 
 
-def scheduler_configuration(kubeconfig: str) -> dict:
+def scheduler_configuration(kubeconfig: str, *, health_port: int) -> dict:
+    """Scheduler settings; with --config its --port flags are ignored, so the
+    health/metrics listener (default 0.0.0.0:10251) is moved to a free loopback
+    port here, letting two clusters run side by side."""
     disabled = {"disabled": [{"name": name} for name in VOLUME_PLUGINS]}
+    address = f"127.0.0.1:{health_port}"
     return {
+        "healthzBindAddress": address,
+        "metricsBindAddress": address,
         "apiVersion": "kubescheduler.config.k8s.io/v1beta1",
         "kind": "KubeSchedulerConfiguration",
         "clientConnection": {"kubeconfig": kubeconfig},

@@ -1,0 +1,478 @@
+"""What to do next for one FineTuneRun: a pure function of (spec, status, observed pods, now).
+
+``decide`` never talks to the API and never reads the clock. It returns the
+actions to apply (create an object, tolerating 409; delete a pod), the new
+status, the Kubernetes events to post and a few observations for metrics.
+Applying the same decision twice is harmless, and so is deciding again from
+a status that was not saved: pod names are deterministic and the observed
+pods win over the recorded attempt number.
+
+Semantics (docs/operator.md has the user's view):
+
+* Stages run in the order sft, reward, ppo; a disabled or unlisted stage is
+  skipped, and a reward stage without preference data is skipped (its
+  functions are still used by PPO).
+* A failed pod is retried with the same output directory (so the trainer
+  resumes from its last checkpoint) until the stage has failed
+  ``backoffLimit + 1`` times; then the run fails with the pod's termination
+  message.
+* A pod that vanishes (deleted from outside) or is evicted is replaced by a
+  new attempt that does **not** count against backoffLimit: the trainer did
+  not fail, and counting it would let routine node maintenance fail runs.
+  ``status.stages.<stage>.disruptions`` counts these.
+* ``suspend: true`` deletes the active pod; resuming starts a new attempt.
+* ``activeDeadlineSeconds`` counts from the start or the last resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from ftoperator import builders, naming
+from ftoperator.api import STAGES, FineTuneRunSpec, FineTuneRunStatus, StageStatus, parse_status
+from ftoperator.builders import RunRef
+from ftoperator.conditions import (
+    CONDITION_TYPES, FAILED, RUNNING, SUCCEEDED, SUSPENDED, WAITING_FOR_RESOURCES, is_true, parse_timestamp,
+    set_condition, timestamp,
+)
+from ftoperator.config import OperatorConfig
+from ftoperator.observe import ObservedPod
+from ftoperator.validation import (
+    RUN_FROZEN_FIELDS, TERMINAL_STATES, check_recorded_digests, describe, field_digest, stage_enabled,
+    trains_reward_model, validate_spec,
+)
+
+IN_PROGRESS_STAGE_STATES = ("Starting", "WaitingForResources", "Running")
+
+
+@dataclass(frozen=True)
+class CreateObject:
+    """Create a namespaced object; AlreadyExists (409) means it is already there and is fine."""
+
+    obj: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.obj["kind"]
+
+    @property
+    def name(self) -> str:
+        return self.obj["metadata"]["name"]
+
+
+@dataclass(frozen=True)
+class DeletePod:
+    """Delete a pod; NotFound (404) is fine."""
+
+    name: str
+    reason: str
+
+
+Action = CreateObject | DeletePod
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes event on the run."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StageTransition:
+    stage: str
+    from_state: str
+    to_state: str
+
+
+@dataclass
+class Decision:
+    status: FineTuneRunStatus
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    transitions: list[StageTransition] = field(default_factory=list)
+    pod_start_seconds: list[tuple[str, float]] = field(default_factory=list)
+    """(stage, seconds from the pod's create request to seeing it Running)."""
+    stage_durations: list[tuple[str, str, float]] = field(default_factory=list)
+    """(stage, Succeeded|Failed, seconds from the stage's first pod request to its end)."""
+    retries: list[tuple[str, str]] = field(default_factory=list)
+    """(stage, failure|disruption) for every replacement pod."""
+    requeue_after: float | None = None
+    """Reconcile again after this many seconds even if nothing changes (deadlines)."""
+
+
+def runs_pod(spec: FineTuneRunSpec, stage: str) -> bool:
+    """Whether the stage has a pod to run (a reward stage without preference data has none)."""
+    if stage == "reward":
+        return trains_reward_model(spec)
+    return stage_enabled(spec, stage)
+
+
+def _skip_reason(spec: FineTuneRunSpec, stage: str) -> tuple[str, str]:
+    if not stage_enabled(spec, stage):
+        return "Disabled", f"spec.stages.{stage}.enabled is false"
+    return "NoPreferenceData", "no spec.data.preferences: no reward model is trained; PPO uses the reward functions"
+
+
+def _seconds(later: datetime, earlier_stamp: str | None) -> float | None:
+    return None if earlier_stamp is None else max(0.0, (later - parse_timestamp(earlier_stamp)).total_seconds())
+
+
+class _Pass:
+    """One reconcile pass; methods mutate ``self.status`` (a private copy) and append to the decision."""
+
+    def __init__(self, *, run: RunRef, status: FineTuneRunStatus, pods: list[ObservedPod], now: datetime,
+                 config: OperatorConfig):
+        self.run = run
+        self.status = status
+        self.pods = pods
+        self.now = now
+        self.stamp = timestamp(now)
+        self.config = config
+        self.decision = Decision(status=status)
+
+    # ------------------------------------------------------------------ small helpers
+
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.decision.events.append(Event(type_, reason, message))
+
+    def condition(self, type_: str, status: Literal["True", "False", "Unknown"], reason: str,
+                  message: str | None = None) -> None:
+        self.status.conditions = set_condition(
+            self.status.conditions, type_=type_, status=status, reason=reason, message=message,
+            now=self.now, generation=self.run.generation)
+
+    def delete_active_pods(self, reason: str, stage: str | None = None) -> list[str]:
+        names = [p.name for p in self.pods if p.active and (stage is None or p.stage == stage)]
+        self.decision.actions.extend(DeletePod(name, reason) for name in names)
+        return names
+
+    # ------------------------------------------------------------------ the pass
+
+    def reconcile(self, raw_spec: dict[str, Any] | None) -> None:
+        status = self.status
+        if self._invalid_spec_was_fixed():
+            self.status = status = FineTuneRunStatus()
+            self.decision.status = status
+        if not status.conditions:
+            self.initialize()
+        status.observed_generation = self.run.generation
+
+        if status.state in TERMINAL_STATES:
+            self.delete_active_pods("the run is finished")
+            return
+
+        spec, errors = validate_spec(raw_spec, max_gpus_per_stage=self.config.max_gpus_per_stage,
+                                     default_image=self.config.trainer_image)
+        if spec is not None:
+            errors += check_recorded_digests(spec, status)
+        if errors or spec is None:
+            self.fail("InvalidSpec", describe(errors))
+            return
+
+        self.plan_stages(spec)
+        if spec.suspend:
+            self.suspend()
+            return
+        if is_true(status.conditions, SUSPENDED):
+            self.resume()
+        if status.start_time is None:
+            self.start(spec)
+        if self.deadline_exceeded(spec):
+            return
+
+        while True:
+            stage = self.next_stage(spec)
+            if stage is None:
+                self.succeed(spec)
+                return
+            outcome = self.advance(spec, stage)
+            if outcome == "failed":
+                return
+            if outcome == "waiting":
+                self.summarize(stage)
+                return
+
+    def _invalid_spec_was_fixed(self) -> bool:
+        # A run rejected as InvalidSpec before any pod ran gets another chance when its spec changes.
+        status = self.status
+        failed = next((c for c in status.conditions if c.type == FAILED), None)
+        return (status.state == "Failed" and failed is not None and failed.reason == "InvalidSpec"
+                and status.observed_generation != self.run.generation
+                and all(getattr(status.stages, s) is None or getattr(status.stages, s).attempts == 0
+                        for s in STAGES))
+
+    def initialize(self) -> None:
+        """Every condition type exists from the first reconcile (API conventions; Kubeflow #2713)."""
+        self.condition(SUCCEEDED, "Unknown", "Initializing", "the run has not started yet")
+        self.condition(RUNNING, "False", "NotRunning")
+        self.condition(WAITING_FOR_RESOURCES, "False", "NotWaiting")
+        self.condition(SUSPENDED, "False", "NotSuspended")
+        self.condition(FAILED, "False", "NotFailed")
+        assert [c.type for c in self.status.conditions] == list(CONDITION_TYPES)
+        self.status.state = "Pending"
+
+    def plan_stages(self, spec: FineTuneRunSpec) -> None:
+        """Mark stages that have not started as Pending or Skipped from the current spec."""
+        for stage in STAGES:
+            current = getattr(self.status.stages, stage)
+            if current is not None and current.state not in ("Pending", "Skipped"):
+                continue  # started: its status is history now
+            if getattr(spec.stages, stage) is None:
+                setattr(self.status.stages, stage, None)
+                continue
+            current = self.status.stage(stage)
+            if runs_pod(spec, stage):
+                current.state, current.reason, current.message = "Pending", None, None
+            else:
+                current.state = "Skipped"
+                current.reason, current.message = _skip_reason(spec, stage)
+
+    def start(self, spec: FineTuneRunSpec) -> None:
+        self.status.start_time = self.status.active_since = self.stamp
+        for frozen in RUN_FROZEN_FIELDS:
+            self.status.spec_digests[frozen] = field_digest(spec, frozen)
+        self.decision.actions.extend(CreateObject(obj) for obj in builders.run_infrastructure(self.run))
+
+    def suspend(self) -> None:
+        deleted = self.delete_active_pods("the run is suspended")
+        for stage in STAGES:
+            current = getattr(self.status.stages, stage)
+            if current is not None and current.state in IN_PROGRESS_STAGE_STATES:
+                current.state, current.reason = "Suspended", "Suspended"
+                current.message = "spec.suspend is true"
+        if not is_true(self.status.conditions, SUSPENDED):
+            detail = f"; deleted pod {', '.join(deleted)}" if deleted else ""
+            self.event("Normal", "RunSuspended", f"spec.suspend is true{detail}")
+        self.condition(SUSPENDED, "True", "Suspended", "spec.suspend is true")
+        self.condition(RUNNING, "False", "Suspended")
+        self.condition(WAITING_FOR_RESOURCES, "False", "Suspended")
+        self.condition(SUCCEEDED, "Unknown", "Suspended", "the run is suspended")
+        self.status.state = "Suspended"
+        self.status.message = "suspended: set spec.suspend to false to resume from the last checkpoint"
+
+    def resume(self) -> None:
+        self.event("Normal", "RunResumed", "spec.suspend is false; the run resumes from its last checkpoint")
+        self.condition(SUSPENDED, "False", "Resumed", "spec.suspend is false")
+        if self.status.start_time is not None:
+            self.status.active_since = self.stamp
+
+    def deadline_exceeded(self, spec: FineTuneRunSpec) -> bool:
+        limit = spec.active_deadline_seconds
+        elapsed = _seconds(self.now, self.status.active_since)
+        if limit is None or elapsed is None:
+            return False
+        if elapsed < limit:
+            self.decision.requeue_after = limit - elapsed
+            return False
+        self.fail("DeadlineExceeded",
+                  f"the run was active for {elapsed:.0f}s, longer than spec.activeDeadlineSeconds ({limit}s)")
+        return True
+
+    def next_stage(self, spec: FineTuneRunSpec) -> str | None:
+        for stage in STAGES:
+            if runs_pod(spec, stage) and self.status.stage(stage).state != "Succeeded":
+                return stage
+        return None
+
+    # ------------------------------------------------------------------ one stage
+
+    def advance(self, spec: FineTuneRunSpec, stage: str) -> Literal["succeeded", "waiting", "failed"]:
+        """Move ``stage`` forward from what its pods show."""
+        current = self.status.stage(stage)
+        mine = [p for p in self.pods if p.stage == stage]
+        attempt = max([current.attempts, *(p.attempt for p in mine)])
+        for stale in mine:
+            if stale.attempt < attempt and stale.active:
+                self.decision.actions.append(DeletePod(stale.name, f"superseded by attempt {attempt}"))
+
+        if attempt == 0:
+            self.start_attempt(spec, stage, 1)
+            self.event("Normal", "StageStarted", f"stage {stage} started: pod {current.pod}")
+            return "waiting"
+
+        pod = next((p for p in mine if p.attempt == attempt), None)
+        if attempt > current.attempts:
+            # The pod was created but the status that said so was never saved (operator restart).
+            current.attempts, current.pod = attempt, naming.pod_name(self.run.name, stage, attempt)
+            current.start_time = current.start_time or self.stamp
+            current.attempt_start_time = current.attempt_start_time or self.stamp
+            if current.state in ("Pending", "Skipped"):
+                current.state = "Starting"
+
+        if pod is None:
+            previous_pod = current.pod
+            current.disruptions += 1
+            if current.state == "Suspended":
+                self.start_attempt(spec, stage, attempt + 1)
+                self.event("Normal", "StageStarted", f"stage {stage} resumed: pod {current.pod}")
+            else:
+                self.decision.retries.append((stage, "disruption"))
+                self.start_attempt(spec, stage, attempt + 1)
+                self.event("Warning", "StageRetrying",
+                           f"pod {previous_pod} disappeared (deleted or evicted); started {current.pod} "
+                           "from the last checkpoint (not counted against backoffLimit)")
+            return "waiting"
+
+        if pod.deleting and pod.phase != "Succeeded":
+            # Deleted by someone (or by a suspension): whatever phase it ends in is not the trainer's
+            # failure. Wait until it is gone, then start a new attempt.
+            current.message = f"pod {pod.name} is being deleted"
+            return "waiting"
+
+        if pod.phase == "Pending":
+            if pod.unschedulable:
+                if current.state != "WaitingForResources":
+                    self.event("Warning", "WaitingForResources", f"pod {pod.name} cannot be scheduled: {pod.unschedulable}")
+                current.state, current.reason, current.message = "WaitingForResources", "Unschedulable", pod.unschedulable
+            else:
+                current.state, current.reason = "Starting", "PodPending"
+                current.message = pod.waiting or f"pod {pod.name} is starting"
+            return "waiting"
+
+        if pod.phase == "Running":
+            current.state, current.reason, current.message = "Running", "PodRunning", f"pod {pod.name} is running"
+            if current.running_time is None:
+                current.running_time = self.stamp
+                latency = _seconds(self.now, current.attempt_start_time)
+                if latency is not None:
+                    self.decision.pod_start_seconds.append((stage, latency))
+            return "waiting"
+
+        if pod.phase == "Succeeded":
+            current.state, current.reason = "Succeeded", "PodSucceeded"
+            current.completion_time = self.stamp
+            current.artifact = builders.stage_artifact_uri(spec, self.run, stage)
+            current.message = f"final model at {current.artifact}"
+            duration = _seconds(self.now, current.start_time)
+            if duration is not None:
+                self.decision.stage_durations.append((stage, "Succeeded", duration))
+            self.event("Normal", "StageSucceeded", f"stage {stage} succeeded; final model at {current.artifact}")
+            return "succeeded"
+
+        if pod.phase == "Failed":
+            return self.pod_failed(spec, stage, pod)
+        return "waiting"  # Unknown: the node is not reporting; wait for it or for the pod to vanish
+
+    def pod_failed(self, spec: FineTuneRunSpec, stage: str, pod: ObservedPod) -> Literal["waiting", "failed"]:
+        current = self.status.stage(stage)
+        if pod.disrupted:
+            current.disruptions += 1
+            self.decision.retries.append((stage, "disruption"))
+            self.start_attempt(spec, stage, pod.attempt + 1)
+            self.event("Warning", "StageRetrying",
+                       f"pod {pod.name} was removed by the cluster ({pod.failure}); started {current.pod} "
+                       "(not counted against backoffLimit)")
+            return "waiting"
+        current.failures += 1
+        if current.failures <= spec.backoff_limit:
+            self.decision.retries.append((stage, "failure"))
+            self.start_attempt(spec, stage, pod.attempt + 1)
+            self.event("Warning", "StageRetrying",
+                       f"pod {pod.name} failed ({current.failures} of {spec.backoff_limit + 1} allowed failures): "
+                       f"{pod.failure}; started {current.pod} from the last checkpoint")
+            return "waiting"
+        current.state, current.reason, current.message = "Failed", "BackoffLimitExceeded", pod.failure
+        current.completion_time = self.stamp
+        duration = _seconds(self.now, current.start_time)
+        if duration is not None:
+            self.decision.stage_durations.append((stage, "Failed", duration))
+        self.event("Warning", "StageFailed",
+                   f"stage {stage} failed {current.failures} times (spec.backoffLimit {spec.backoff_limit}); "
+                   f"last failure: {pod.failure}")
+        self.fail("StageFailed", f"stage {stage} failed: {pod.failure}", stage=stage)
+        return "failed"
+
+    def start_attempt(self, spec: FineTuneRunSpec, stage: str, attempt: int) -> None:
+        current = self.status.stage(stage)
+        current.start_time = current.start_time or self.stamp
+        current.attempts = attempt
+        current.pod = naming.pod_name(self.run.name, stage, attempt)
+        current.state, current.reason = "Starting", "PodCreated"
+        current.message = f"pod {current.pod} created"
+        current.attempt_start_time = self.stamp
+        current.running_time = None
+        frozen = f"spec.stages.{stage}"
+        self.status.spec_digests.setdefault(frozen, field_digest(spec, frozen))
+        self.decision.actions.append(CreateObject(
+            builders.stage_config_map(spec, run=self.run, stage=stage, config=self.config)))
+        self.decision.actions.append(CreateObject(
+            builders.stage_pod(spec, run=self.run, stage=stage, attempt=attempt, config=self.config)))
+
+    # ------------------------------------------------------------------ the run's summary
+
+    def summarize(self, stage: str) -> None:
+        current = self.status.stage(stage)
+        self.status.current_stage = stage
+        self.status.message = f"{stage}: {current.message}" if current.message else stage
+        running = current.state == "Running"
+        waiting = current.state == "WaitingForResources"
+        self.status.state = "Running" if running else "WaitingForResources" if waiting else "Pending"
+        self.condition(RUNNING, "True" if running else "False", "StageRunning" if running else "NotRunning",
+                       f"stage {stage}: pod {current.pod}" if running else None)
+        self.condition(WAITING_FOR_RESOURCES, "True" if waiting else "False",
+                       "Unschedulable" if waiting else "NotWaiting", current.message if waiting else None)
+        self.condition(SUCCEEDED, "Unknown", f"Stage{current.state}", f"stage {stage} is {current.state}")
+
+    def succeed(self, spec: FineTuneRunSpec) -> None:
+        ran = [s for s in STAGES if runs_pod(spec, s)]
+        last = ran[-1] if ran else None
+        artifact = self.status.stage(last).artifact if last else None
+        self.status.state = "Succeeded"
+        self.status.current_stage = last
+        self.status.completion_time = self.stamp
+        self.status.message = f"all stages succeeded; final model at {artifact}"
+        self.condition(SUCCEEDED, "True", "AllStagesSucceeded", self.status.message)
+        self.condition(RUNNING, "False", "Completed")
+        self.condition(WAITING_FOR_RESOURCES, "False", "Completed")
+        self.event("Normal", "RunSucceeded", self.status.message)
+
+    def fail(self, reason: str, message: str, *, stage: str | None = None) -> None:
+        self.delete_active_pods(f"the run failed: {reason}")
+        for name in STAGES:
+            current = getattr(self.status.stages, name)
+            if current is not None and current.state in (*IN_PROGRESS_STAGE_STATES, "Suspended"):
+                current.state, current.reason, current.message = "Failed", reason, message
+                current.completion_time = self.stamp
+                stage = stage or name
+        self.status.state = "Failed"
+        self.status.current_stage = stage or self.status.current_stage
+        self.status.completion_time = self.stamp
+        self.status.message = message
+        self.condition(FAILED, "True", reason, message)
+        self.condition(SUCCEEDED, "False", reason, message)
+        self.condition(RUNNING, "False", reason)
+        self.condition(WAITING_FOR_RESOURCES, "False", reason)
+        self.event("Warning", "RunFailed", message)
+
+
+def _stage_transitions(before: FineTuneRunStatus, after: FineTuneRunStatus) -> list[StageTransition]:
+    transitions = []
+    for stage in STAGES:
+        old: StageStatus | None = getattr(before.stages, stage)
+        new: StageStatus | None = getattr(after.stages, stage)
+        old_state = old.state if old is not None else "Pending"
+        if new is not None and new.state != old_state:
+            transitions.append(StageTransition(stage, old_state, new.state))
+    return transitions
+
+
+def decide(
+    *,
+    run: RunRef,
+    spec: dict[str, Any] | None,
+    status: dict[str, Any] | None,
+    pods: list[ObservedPod],
+    now: datetime,
+    config: OperatorConfig,
+) -> Decision:
+    """The next step for one run. ``spec`` and ``status`` are the raw object's fields."""
+    before = parse_status(status)
+    work = _Pass(run=run, status=before.model_copy(deep=True), pods=pods, now=now, config=config)
+    work.reconcile(spec)
+    work.decision.transitions = _stage_transitions(before, work.status)
+    return work.decision

@@ -1,0 +1,89 @@
+"""Deterministic names and labels of the objects a run owns.
+
+Names are a pure function of (run, stage, attempt) so that a restarted
+operator finds what it created and a repeated create answers 409 instead of
+making a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from ftoperator import GROUP
+
+MAX_NAME = 63
+"""Every child name stays a valid DNS label (pod hostnames, label values, Service-like names)."""
+
+LABEL_RUN = f"{GROUP}/run"
+LABEL_STAGE = f"{GROUP}/stage"
+LABEL_ATTEMPT = f"{GROUP}/attempt"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NAME = "app.kubernetes.io/name"
+MANAGED_BY = "finetune-operator"
+TRAINER_APP = "finetune-trainer"
+COMPONENT_PROGRESS = "progress"
+COMPONENT_TRAINER = "trainer"
+COMPONENT_STAGE_CONFIG = "stage-config"
+
+
+def _digest(text: str, length: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def bounded(base: str, suffix: str = "", *, limit: int = MAX_NAME) -> str:
+    """``base + suffix`` if it fits in ``limit``; else base truncated plus a hash of base, then suffix.
+
+    The hash keeps two long names that share a prefix distinct.
+    """
+    if len(base) + len(suffix) <= limit:
+        return base + suffix
+    keep = limit - len(suffix) - 9  # "-" + 8 hex digits
+    if keep < 1:
+        raise ValueError(f"suffix {suffix!r} leaves no room in a {limit}-character name")
+    return f"{base[:keep].rstrip('-.')}-{_digest(base)}{suffix}"
+
+
+def run_label_value(run: str) -> str:
+    """The value of the finetune.dev/run label (label values are at most 63 characters)."""
+    return bounded(run)
+
+
+def pod_name(run: str, stage: str, attempt: int) -> str:
+    """``<run>-<stage>-<attempt>``, shortened with a hash when the run name is long."""
+    return bounded(run, f"-{stage}-{attempt}")
+
+
+def stage_config_map_name(run: str, stage: str) -> str:
+    """ConfigMap with the stage's StageJob file (the same for every attempt)."""
+    return bounded(run, f"-{stage}-job")
+
+
+def progress_config_map_name(run: str) -> str:
+    """ConfigMap the trainer writes live progress into; the only object it may change."""
+    return bounded(run, "-progress")
+
+
+def trainer_service_account_name(run: str) -> str:
+    """ServiceAccount of the run's stage pods; its Role covers only the progress ConfigMap."""
+    return bounded(run, "-trainer")
+
+
+def run_labels(run: str) -> dict[str, str]:
+    return {LABEL_RUN: run_label_value(run), LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def pod_labels(run: str, stage: str, attempt: int) -> dict[str, str]:
+    """Labels of a stage pod: selectable per run, stage and attempt, and by a PodMonitor."""
+    return {
+        **run_labels(run),
+        LABEL_STAGE: stage,
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_NAME: TRAINER_APP,
+        LABEL_COMPONENT: COMPONENT_TRAINER,
+    }
+
+
+def run_selector(run: str) -> str:
+    """Label selector of everything labelled as belonging to ``run``."""
+    return f"{LABEL_RUN}={run_label_value(run)}"

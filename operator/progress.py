@@ -1,0 +1,140 @@
+"""Copy a trainer's progress ConfigMap into the run's status: sanitised, bounded, pure.
+
+The trainer (``trainer.kube_reporter.KubernetesReporter``) writes one JSON
+document under the key ``progress.json``::
+
+    {"current": "ppo", "updated": "...",
+     "stages": {"ppo": {"kind": "progress", "step": 120, "totalSteps": 500,
+                        "metrics": {"reward_mean": 0.4, ...}, "checkpoint": "...", "updated": "..."}},
+     "samples": [{"stage": "ppo", "step": 120, "prompt": "...", "response": "...", "reward": 0.3, "kl": 0.1}]}
+
+A pod can write anything there, so nothing is trusted: unknown stages and
+malformed values are dropped, metric names must look like metric names, the
+number of metrics and samples is capped and strings are truncated. The result
+is a JSON merge patch for ``status`` touching only progress fields, which the
+reconciler never writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from ftoperator.api import STAGES
+
+PROGRESS_KEY = "progress.json"
+MAX_METRICS = 32
+MAX_SAMPLES = 3
+SAMPLE_CHARS = 500
+_METRIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_./-]{0,63}$")
+# The first of these present in PPO's metrics fills the Reward and KL printer columns.
+# The trainer reports score_mean (the reward model and functions) and reward_mean (score minus the
+# KL penalty); the column shows the score, the KL has its own column.
+REWARD_METRICS = ("score_mean", "reward_mean", "eval_reward_mean")
+KL_METRICS = ("kl", "eval_kl")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _text(value: Any) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None  # left out: the local API server rejects "" in a custom resource as null
+    return value if len(value) <= SAMPLE_CHARS else value[: SAMPLE_CHARS - 3] + "..."
+
+
+def sanitize_metrics(raw: Any) -> dict[str, float]:
+    """At most MAX_METRICS finite numbers with metric-like names; the reward and KL metrics first,
+    then by name, so the cut is stable."""
+    if not isinstance(raw, dict):
+        return {}
+    clean = {}
+    preferred = [k for k in (*REWARD_METRICS, *KL_METRICS) if k in raw]
+    names = preferred + sorted(k for k in raw if isinstance(k, str) and _METRIC_NAME.match(k) and k not in preferred)
+    for name in names:
+        number = _number(raw[name])
+        if number is not None:
+            clean[name] = number
+        if len(clean) == MAX_METRICS:
+            break
+    return clean
+
+
+def _sample(raw: Any) -> dict[str, Any] | None:
+    if not isinstance(raw, dict) or raw.get("stage") not in STAGES:
+        return None
+    sample: dict[str, Any] = {"stage": raw["stage"], "step": _count(raw.get("step")) or 0}
+    for key in ("prompt", "response"):
+        text = _text(raw.get(key))
+        if text is not None:
+            sample[key] = text
+    for key in ("reward", "kl"):
+        number = _number(raw.get(key))
+        if number is not None:
+            sample[key] = number
+    return sample
+
+
+def _first(metrics: dict[str, float], names: tuple[str, ...]) -> float | None:
+    return next((metrics[name] for name in names if name in metrics), None)
+
+
+def progress_text(stage: str, step: int | None, total: int | None) -> str:
+    """The Progress printer column: "ppo 120/500"."""
+    if step is None:
+        return stage
+    return f"{stage} {step}/{total}" if total else f"{stage} {step}"
+
+
+def status_patch(data: dict[str, str] | None) -> dict[str, Any] | None:
+    """A merge patch for the run's status from the ConfigMap's data, or None if there is nothing usable."""
+    try:
+        document = json.loads((data or {}).get(PROGRESS_KEY) or "null")
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(document, dict):
+        return None
+
+    stages: dict[str, Any] = {}
+    raw_stages = document.get("stages") if isinstance(document.get("stages"), dict) else {}
+    for stage in STAGES:
+        entry = raw_stages.get(stage)
+        if not isinstance(entry, dict):
+            continue
+        clean: dict[str, Any] = {"metrics": sanitize_metrics(entry.get("metrics"))}
+        for source, target in (("step", "step"), ("totalSteps", "totalSteps")):
+            count = _count(entry.get(source))
+            if count is not None:
+                clean[target] = count
+        stages[stage] = clean
+    if not stages:
+        return None
+
+    patch: dict[str, Any] = {"stages": stages}
+    current = document.get("current")
+    if current in stages:
+        patch["progress"] = progress_text(current, stages[current].get("step"), stages[current].get("totalSteps"))
+    if "ppo" in stages:
+        reward = _first(stages["ppo"]["metrics"], REWARD_METRICS)
+        kl = _first(stages["ppo"]["metrics"], KL_METRICS)
+        if reward is not None:
+            patch["reward"] = round(reward, 4)
+        if kl is not None:
+            patch["kl"] = round(kl, 4)
+    raw_samples = document.get("samples") if isinstance(document.get("samples"), list) else []
+    samples = [s for s in (_sample(raw) for raw in raw_samples[-MAX_SAMPLES:]) if s is not None]
+    if samples:
+        patch["samples"] = samples
+    return patch

@@ -1,0 +1,165 @@
+"""Fetch -> decide -> apply, for one run at a time; and the per-run loops that drive it.
+
+``RunReconciler.reconcile`` is synchronous (the Kubernetes client blocks) and
+level-based: it reads the run and its pods afresh, asks ``decide`` what to do,
+creates and deletes, then patches the status with the minimal merge patch.
+Objects are created before the status that records them is written, so a
+crash in between leaves a pod that the next pass adopts (names are
+deterministic), never a status that points at nothing.
+
+``RunLoops`` runs one asyncio loop per run (a kopf daemon calls ``run``):
+reconcile, then sleep until nudged by a watch event (the run's spec, one of
+its pods) or until the resync interval. One loop per run means one writer per
+run: two passes for the same run never overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from ftoperator import naming, progress
+from ftoperator.api import dump
+from ftoperator.builders import RunRef
+from ftoperator.config import OperatorConfig
+from ftoperator.decide import CreateObject, Decision, DeletePod, decide
+from ftoperator.kubeapi import ApiError, KubeApi
+from ftoperator.mergepatch import diff
+from ftoperator.metrics import OperatorMetrics
+from ftoperator.observe import observe_pod
+from ftoperator.validation import TERMINAL_STATES
+
+log = logging.getLogger("ftoperator.reconciler")
+
+RunKey = tuple[str, str]  # (namespace, name)
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class RunReconciler:
+    """One level-based pass for one run."""
+
+    def __init__(self, *, api: KubeApi, config: OperatorConfig, metrics: OperatorMetrics,
+                 clock: Callable[[], datetime] = utc_now):
+        self.api = api
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+
+    def reconcile(self, namespace: str, name: str) -> Decision | None:
+        """Do one pass; returns the decision, or None when the run is gone or being deleted."""
+        started = time.monotonic()
+        obj = self.api.get_run(namespace, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return None
+        meta = obj["metadata"]
+        run = RunRef(name=name, namespace=namespace, uid=meta["uid"], generation=meta.get("generation", 1))
+        raw_pods = self.api.list_pods(namespace, label_selector=naming.run_selector(name), owner_uid=run.uid)
+        pods = [p for p in (observe_pod(raw) for raw in raw_pods) if p is not None]
+        old_status = obj.get("status") or {}
+        now = self.clock()
+        decision = decide(run=run, spec=obj.get("spec"), status=old_status, pods=pods, now=now, config=self.config)
+
+        for action in decision.actions:
+            if isinstance(action, CreateObject):
+                if not self.api.create(action.obj):
+                    log.debug("%s/%s: %s %s already exists", namespace, name, action.kind, action.name)
+            elif isinstance(action, DeletePod):
+                log.info("%s/%s: deleting pod %s: %s", namespace, name, action.name, action.reason)
+                self.api.delete_pod(namespace, action.name)
+
+        patch = diff(old_status, dump(decision.status))
+        if patch:
+            self.api.patch_run_status(namespace, name, patch)
+        for event in decision.events:
+            log.info("%s/%s: %s %s: %s", namespace, name, event.type, event.reason, event.message)
+            try:
+                self.api.post_event(obj, type_=event.type, reason=event.reason, message=event.message, now=now)
+            except ApiError as exc:  # an event lost is not worth a failed pass
+                log.warning("%s/%s: cannot post event %s: %s", namespace, name, event.reason, exc)
+
+        self.metrics.observe(decision)
+        self.metrics.set_run_state((namespace, name), decision.status.state)
+        self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+        return decision
+
+    def copy_progress(self, namespace: str, run_name: str, data: dict[str, str] | None) -> bool:
+        """Copy a progress ConfigMap's data into the run's status; False if there was nothing to copy."""
+        patch = progress.status_patch(data)
+        if patch is None:
+            return False
+        return self.api.patch_run_status(namespace, run_name, patch) is not None
+
+
+class RunLoops:
+    """One reconcile loop per run, woken by nudges; at most one pass per run at a time."""
+
+    def __init__(self, reconciler: RunReconciler, *, resync_seconds: float = 30.0,
+                 finished_resync_seconds: float = 600.0, debounce_seconds: float = 0.2,
+                 max_backoff_seconds: float = 60.0, workers: int = 16):
+        self.reconciler = reconciler
+        # Passes block on HTTP, not on CPU: more threads than asyncio's default (cores + 4) keep
+        # a burst of runs from queueing behind each other's API round trips.
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                              thread_name_prefix="reconcile")
+        self.resync_seconds = resync_seconds
+        self.finished_resync_seconds = finished_resync_seconds
+        self.debounce_seconds = debounce_seconds
+        self.max_backoff_seconds = max_backoff_seconds
+        self._wakeups: dict[RunKey, asyncio.Event] = {}
+
+    def nudge(self, namespace: str, name: str) -> None:
+        """Wake the run's loop now (no-op if it has none yet: the loop's first pass is immediate)."""
+        wakeup = self._wakeups.get((namespace, name))
+        if wakeup is not None:
+            wakeup.set()
+
+    def _next_wait(self, decision: Decision | None) -> float:
+        if decision is None:
+            return self.resync_seconds
+        if decision.status.state in TERMINAL_STATES:
+            return self.finished_resync_seconds
+        if decision.requeue_after is not None:
+            return max(0.5, min(self.resync_seconds, decision.requeue_after + 0.5))
+        return self.resync_seconds
+
+    async def run(self, *, namespace: str, name: str, stopped: Any, logger: logging.Logger | Any = log) -> None:
+        """The loop of one run, until kopf stops the daemon (deletion or operator exit)."""
+        key = (namespace, name)
+        wakeup = self._wakeups.setdefault(key, asyncio.Event())
+        # Return when kopf says stop (deletion, shutdown) instead of being cancelled mid-wait.
+        stopping = asyncio.ensure_future(stopped.wait())
+        failures = 0
+        try:
+            while not stopped:
+                wakeup.clear()
+                try:
+                    decision = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self.reconciler.reconcile, namespace, name)
+                    wait = self._next_wait(decision)
+                    failures = 0
+                except Exception as exc:  # keep the loop alive; the next pass starts from scratch
+                    failures += 1
+                    wait = min(self.max_backoff_seconds, 2.0 ** failures)
+                    self.reconciler.metrics.reconcile_errors.labels(handler="reconcile").inc()
+                    logger.warning(f"reconcile of {namespace}/{name} failed ({exc!r}); retrying in {wait:.0f}s")
+                woken = asyncio.ensure_future(wakeup.wait())
+                done, _ = await asyncio.wait({woken, stopping}, timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if woken in done and stopping not in done:
+                    await asyncio.sleep(self.debounce_seconds)  # let a burst of pod events coalesce
+                woken.cancel()
+        finally:
+            stopping.cancel()
+            if self._wakeups.get(key) is wakeup:
+                del self._wakeups[key]
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The run is deleted: drop it from the state gauge."""
+        self.reconciler.metrics.set_run_state((namespace, name), None)

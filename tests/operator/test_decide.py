@@ -1,0 +1,376 @@
+"""Every transition of the pure reconcile function ``ftoperator.decide.decide``."""
+
+from __future__ import annotations
+
+import yaml
+
+from ftoperator.api import dump
+from ftoperator.decide import CreateObject, DeletePod, decide
+
+
+def reconcile(spec, status, pods, *, run, config, at):
+    """One pass; returns (decision, status as the API would store it)."""
+    decision = decide(run=run, spec=spec, status=status, pods=pods, now=at, config=config)
+    return decision, dump(decision.status)
+
+
+def created(decision, kind="Pod"):
+    return [a.name for a in decision.actions if isinstance(a, CreateObject) and a.kind == kind]
+
+
+def deleted(decision):
+    return [a.name for a in decision.actions if isinstance(a, DeletePod)]
+
+
+def reasons(decision):
+    return [e.reason for e in decision.events]
+
+
+def condition(status, type_):
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def job_of(decision, stage):
+    config_map = next(a.obj for a in decision.actions
+                      if isinstance(a, CreateObject) and a.kind == "ConfigMap" and a.name == f"demo-{stage}-job")
+    return yaml.safe_load(config_map["data"]["job.yaml"])
+
+
+# ----------------------------------------------------------------------------- start
+
+
+def test_fresh_run_sets_every_condition_and_creates_access_objects_then_the_sft_pod(spec, run, config, now):
+    decision, status = reconcile(spec, None, [], run=run, config=config, at=now())
+
+    assert [c["type"] for c in status["conditions"]] == [
+        "Succeeded", "Running", "WaitingForResources", "Suspended", "Failed"]
+    assert condition(status, "Succeeded")["status"] == "Unknown"
+    assert all(condition(status, t)["status"] == "False" for t in ("Running", "Failed", "Suspended"))
+    assert all(c["observedGeneration"] == 1 for c in status["conditions"])
+    assert status["observedGeneration"] == 1
+    assert status["state"] == "Pending" and status["currentStage"] == "sft"
+    kinds = [(a.kind, a.name) for a in decision.actions]
+    assert kinds == [
+        ("ServiceAccount", "demo-trainer"), ("Role", "demo-trainer"), ("RoleBinding", "demo-trainer"),
+        ("ConfigMap", "demo-progress"), ("ConfigMap", "demo-sft-job"), ("Pod", "demo-sft-1")]
+    assert status["stages"]["sft"]["state"] == "Starting"
+    assert status["stages"]["sft"]["attempts"] == 1
+    assert status["stages"]["reward"]["state"] == "Pending"
+    assert reasons(decision) == ["StageStarted"]
+    assert set(status["specDigests"]) == {
+        "spec.model", "spec.data", "spec.artifacts", "spec.image", "spec.stages.sft"}
+
+
+def test_deciding_twice_from_an_unsaved_status_asks_for_the_same_objects(spec, run, config, now):
+    first, _ = reconcile(spec, None, [], run=run, config=config, at=now())
+    second, _ = reconcile(spec, None, [], run=run, config=config, at=now(1))
+    assert [(a.kind, a.name) for a in first.actions] == [(a.kind, a.name) for a in second.actions]
+
+
+def test_restarted_operator_adopts_the_pod_whose_status_was_never_saved(spec, run, config, now, pod):
+    # The pod exists but the status patch that recorded it was lost.
+    decision, status = reconcile(spec, None, [pod("sft", 1, "Running")], run=run, config=config, at=now())
+    assert created(decision) == []
+    assert status["stages"]["sft"]["attempts"] == 1
+    assert status["stages"]["sft"]["state"] == "Running"
+
+
+# ----------------------------------------------------------------------------- pod phases
+
+
+def test_unschedulable_pod_makes_the_run_wait_for_resources_with_the_schedulers_message(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    waiting = pod("sft", 1, "Pending", unschedulable=message)
+    decision, status = reconcile(spec, status, [waiting], run=run, config=config, at=now(5))
+
+    assert status["state"] == "WaitingForResources"
+    assert condition(status, "WaitingForResources")["status"] == "True"
+    assert condition(status, "WaitingForResources")["message"] == message
+    assert condition(status, "Running")["status"] == "False"
+    assert reasons(decision) == ["WaitingForResources"]
+    assert message in decision.events[0].message
+
+    again, _ = reconcile(spec, status, [waiting], run=run, config=config, at=now(10))
+    assert again.events == [], "the event is posted once per transition"
+
+
+def test_pending_pod_that_is_scheduled_is_starting(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    _, status = reconcile(spec, status, [pod("sft", 1, "Pending")], run=run, config=config, at=now(1))
+    assert status["stages"]["sft"]["state"] == "Starting"
+    assert status["state"] == "Pending"
+
+
+def test_image_pull_error_is_shown_while_the_pod_is_stuck(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    stuck = pod("sft", 1, "Pending", waiting="ImagePullBackOff: no such image")
+    _, status = reconcile(spec, status, [stuck], run=run, config=config, at=now(1))
+    assert "ImagePullBackOff" in status["message"]
+
+
+def test_running_pod_makes_the_run_running_and_records_the_start_latency(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    decision, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(7))
+    assert status["state"] == "Running"
+    assert condition(status, "Running")["status"] == "True"
+    assert condition(status, "Succeeded")["status"] == "Unknown"
+    assert decision.pod_start_seconds == [("sft", 7.0)]
+    assert [(t.stage, t.from_state, t.to_state) for t in decision.transitions] == [("sft", "Starting", "Running")]
+
+    again, _ = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(9))
+    assert again.pod_start_seconds == [] and again.actions == [] and again.events == []
+
+
+def test_succeeded_pod_completes_the_stage_and_starts_the_next_in_the_same_pass(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    _, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(1))
+    decision, status = reconcile(spec, status, [pod("sft", 1, "Succeeded")], run=run, config=config, at=now(60))
+
+    sft = status["stages"]["sft"]
+    assert sft["state"] == "Succeeded"
+    assert sft["artifact"] == "pvc://runs/team-a/demo/sft/final"
+    assert created(decision) == ["demo-reward-1"]
+    assert reasons(decision) == ["StageSucceeded", "StageStarted"]
+    assert decision.stage_durations == [("sft", "Succeeded", 60.0)]
+    assert status["currentStage"] == "reward"
+    assert job_of(decision, "reward")["model"] == "/artifacts/team-a/demo/sft/final"
+
+
+def test_all_stages_succeeded_makes_the_run_succeeded(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    pods = [pod("sft", 1, "Succeeded")]
+    _, status = reconcile(spec, status, pods, run=run, config=config, at=now(1))
+    pods.append(pod("reward", 1, "Succeeded"))
+    decision, status = reconcile(spec, status, pods, run=run, config=config, at=now(2))
+    assert job_of(decision, "ppo")["rewardModel"] == "/artifacts/team-a/demo/reward/final"
+    pods.append(pod("ppo", 1, "Succeeded"))
+    decision, status = reconcile(spec, status, pods, run=run, config=config, at=now(3))
+
+    assert status["state"] == "Succeeded"
+    assert condition(status, "Succeeded")["status"] == "True"
+    assert condition(status, "Running")["status"] == "False"
+    assert status["completionTime"] == "2025-01-01T12:00:03Z"
+    assert reasons(decision) == ["StageSucceeded", "RunSucceeded"]
+    assert "pvc://runs/team-a/demo/ppo/final" in status["message"]
+
+    idle, _ = reconcile(spec, status, pods, run=run, config=config, at=now(4))
+    assert idle.actions == [] and idle.events == []
+
+
+# ----------------------------------------------------------------------------- skipping
+
+
+def test_disabled_sft_is_skipped_and_reward_starts_from_the_base_model(spec, run, config, now):
+    spec["stages"]["sft"]["enabled"] = False
+    decision, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    assert status["stages"]["sft"]["state"] == "Skipped"
+    assert status["stages"]["sft"]["reason"] == "Disabled"
+    assert created(decision) == ["demo-reward-1"]
+    assert job_of(decision, "reward")["model"] == "/data/models/base-1b"
+
+
+def test_reward_functions_without_preferences_skip_the_reward_pod_and_reach_ppo(spec, run, config, now, pod):
+    del spec["data"]["preferences"]
+    spec["stages"]["reward"] = {"functions": [{"type": "length", "targetLengthTokens": 20, "weight": 0.5}]}
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    assert status["stages"]["reward"]["state"] == "Skipped"
+    assert status["stages"]["reward"]["reason"] == "NoPreferenceData"
+    decision, status = reconcile(spec, status, [pod("sft", 1, "Succeeded")], run=run, config=config, at=now(1))
+    assert created(decision) == ["demo-ppo-1"]
+    job = job_of(decision, "ppo")
+    assert job["rewardModel"] is None
+    assert job["reward"]["functions"][0]["targetLengthTokens"] == 20
+
+
+def test_unlisted_stage_has_no_status(spec, run, config, now):
+    del spec["stages"]["ppo"]
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    assert "ppo" not in status["stages"]
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_failed_pod_is_retried_with_the_same_output_dir_until_backoff_limit_then_the_run_fails(
+        spec, run, config, now, pod):
+    spec["backoffLimit"] = 1
+    first, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    failed = pod("sft", 1, "Failed", failure="CUDA out of memory", exit_code=1)
+    retry, status = reconcile(spec, status, [failed], run=run, config=config, at=now(10))
+
+    assert created(retry) == ["demo-sft-2"]
+    assert reasons(retry) == ["StageRetrying"]
+    assert "CUDA out of memory" in retry.events[0].message
+    assert retry.retries == [("sft", "failure")]
+    assert status["stages"]["sft"]["failures"] == 1
+    assert status["stages"]["sft"]["attempts"] == 2
+    assert job_of(retry, "sft")["outputDir"] == job_of(first, "sft")["outputDir"] == "/artifacts/team-a/demo/sft"
+
+    pods = [failed, pod("sft", 2, "Failed", failure="CUDA out of memory again", exit_code=1)]
+    final, status = reconcile(spec, status, pods, run=run, config=config, at=now(20))
+    assert created(final) == []
+    assert status["state"] == "Failed"
+    assert status["stages"]["sft"]["state"] == "Failed"
+    assert condition(status, "Failed") | {"lastTransitionTime": None} == {
+        "type": "Failed", "status": "True", "reason": "StageFailed",
+        "message": "stage sft failed: CUDA out of memory again", "lastTransitionTime": None,
+        "observedGeneration": 1}
+    assert condition(status, "Succeeded")["status"] == "False"
+    assert reasons(final) == ["StageFailed", "RunFailed"]
+    assert final.stage_durations == [("sft", "Failed", 20.0)]
+
+
+def test_vanished_pod_gets_a_new_attempt_that_does_not_count_against_backoff(spec, run, config, now, pod):
+    spec["backoffLimit"] = 0
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    _, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(1))
+    decision, status = reconcile(spec, status, [], run=run, config=config, at=now(2))
+    assert created(decision) == ["demo-sft-2"]
+    assert status["stages"]["sft"]["failures"] == 0
+    assert status["stages"]["sft"]["disruptions"] == 1
+    assert reasons(decision) == ["StageRetrying"]
+    assert decision.retries == [("sft", "disruption")]
+
+
+def test_evicted_pod_is_a_disruption_not_a_failure(spec, run, config, now, pod):
+    spec["backoffLimit"] = 0
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    evicted = pod("sft", 1, "Failed", failure="Evicted: node out of memory", disrupted=True)
+    decision, status = reconcile(spec, status, [evicted], run=run, config=config, at=now(1))
+    assert created(decision) == ["demo-sft-2"]
+    assert status["state"] != "Failed"
+
+
+def test_pod_being_deleted_is_waited_for_whatever_its_phase(spec, run, config, now, pod):
+    spec["backoffLimit"] = 0
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    dying = pod("sft", 1, "Failed", failure="Error (exit code 143)", deleting=True)
+    decision, status = reconcile(spec, status, [dying], run=run, config=config, at=now(1))
+    assert decision.actions == []
+    assert status["stages"]["sft"]["failures"] == 0
+
+
+def test_stale_pod_of_an_older_attempt_is_deleted(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    pods = [pod("sft", 1, "Running"), pod("sft", 2, "Running")]
+    decision, _ = reconcile(spec, status, pods, run=run, config=config, at=now(1))
+    assert deleted(decision) == ["demo-sft-1"]
+
+
+# ----------------------------------------------------------------------------- suspend and resume
+
+
+def test_suspend_deletes_the_pod_and_resume_starts_a_new_attempt(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    _, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(1))
+
+    spec["suspend"] = True
+    suspended, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(2))
+    assert deleted(suspended) == ["demo-sft-1"]
+    assert reasons(suspended) == ["RunSuspended"]
+    assert status["state"] == "Suspended"
+    assert condition(status, "Suspended")["status"] == "True"
+    assert condition(status, "Running")["status"] == "False"
+    assert status["stages"]["sft"]["state"] == "Suspended"
+
+    still, status = reconcile(spec, status, [], run=run, config=config, at=now(3))
+    assert still.events == [] and still.actions == []
+
+    spec["suspend"] = False
+    resumed, status = reconcile(spec, status, [], run=run, config=config, at=now(4))
+    assert reasons(resumed) == ["RunResumed", "StageStarted"]
+    assert created(resumed) == ["demo-sft-2"]
+    assert condition(status, "Suspended")["status"] == "False"
+    assert condition(status, "Suspended")["reason"] == "Resumed"
+    assert status["state"] == "Pending", "the summary must not keep saying Suspended (Kubeflow #3666)"
+    assert status["stages"]["sft"]["failures"] == 0
+    assert status["activeSince"] == "2025-01-01T12:00:04Z"
+
+
+def test_run_created_suspended_creates_nothing_until_resumed(spec, run, config, now):
+    spec["suspend"] = True
+    decision, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    assert decision.actions == []
+    assert status["state"] == "Suspended"
+    spec["suspend"] = False
+    decision, status = reconcile(spec, status, [], run=run, config=config, at=now(1))
+    assert created(decision) == ["demo-sft-1"]
+
+
+# ----------------------------------------------------------------------------- deadline
+
+
+def test_active_deadline_requeues_before_and_fails_the_run_after(spec, run, config, now, pod):
+    spec["activeDeadlineSeconds"] = 100
+    first, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    assert first.requeue_after == 100
+    _, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(40))
+    decision, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(100))
+    assert deleted(decision) == ["demo-sft-1"]
+    assert status["state"] == "Failed"
+    assert condition(status, "Failed")["reason"] == "DeadlineExceeded"
+    assert "activeDeadlineSeconds" in condition(status, "Failed")["message"]
+    assert status["stages"]["sft"]["state"] == "Failed"
+
+
+def test_finished_run_only_cleans_up_leftover_pods(spec, run, config, now, pod):
+    spec["activeDeadlineSeconds"] = 1
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    _, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(5))
+    decision, _ = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(6))
+    assert decision.events == []
+    assert deleted(decision) == ["demo-sft-1"]
+
+
+# ----------------------------------------------------------------------------- invalid specs
+
+
+def test_invalid_spec_fails_the_run_with_the_field_name_when_the_webhook_is_off(spec, run, config, now):
+    del spec["data"]["prompts"]
+    decision, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    assert decision.actions == []
+    assert status["state"] == "Failed"
+    assert condition(status, "Failed")["reason"] == "InvalidSpec"
+    assert "spec.data.prompts" in condition(status, "Failed")["message"]
+
+
+def test_fixing_an_invalid_spec_that_never_ran_starts_the_run(spec, run, config, now):
+    broken = {**spec, "data": {}}
+    _, status = reconcile(broken, None, [], run=run, config=config, at=now())
+    fixed_run = type(run)(run.name, run.namespace, run.uid, generation=2)
+    decision, status = reconcile(spec, status, [], run=fixed_run, config=config, at=now(1))
+    assert created(decision) == ["demo-sft-1"]
+    assert status["state"] == "Pending"
+
+
+def test_changing_a_frozen_field_while_running_fails_the_run_naming_the_field(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    _, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(1))
+    spec["model"]["source"] = "pvc://models/other"
+    decision, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(2))
+    assert deleted(decision) == ["demo-sft-1"]
+    assert status["state"] == "Failed"
+    assert condition(status, "Failed")["message"].startswith("spec.model: cannot change")
+
+
+def test_mutable_fields_may_change_while_running(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    spec["backoffLimit"] = 5
+    spec["resources"]["memory"] = "32Gi"
+    spec["stages"]["sft"]["resources"] = {"gpus": 2}
+    _, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(1))
+    assert status["state"] == "Running"
+
+
+# ----------------------------------------------------------------------------- conditions
+
+
+def test_condition_transition_time_moves_only_when_the_status_changes(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    _, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(10))
+    running_since = condition(status, "Running")["lastTransitionTime"]
+    failed_since = condition(status, "Failed")["lastTransitionTime"]
+    _, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(20))
+    assert condition(status, "Running")["lastTransitionTime"] == running_since == "2025-01-01T12:00:10Z"
+    assert condition(status, "Failed")["lastTransitionTime"] == failed_since == "2025-01-01T12:00:00Z"

@@ -1,0 +1,370 @@
+"""End to end: the operator as a process against the local control plane, stage pods running the real trainer.
+
+The operator runs as ``python -m ftoperator --webhook-url https://127.0.0.1:<port>`` (the API server
+calls that URL; the operator registers the ValidatingWebhookConfiguration itself) and watches only
+this module's namespaces. Every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "finetuneruns.finetune.dev.yaml"
+EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
+NAMESPACE_PREFIX = "ftop-e2e-"
+MAX_GPUS = 4  # the local node has 2 GPUs: 4 passes admission but cannot be scheduled
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 120.0, interval: float = 0.3) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def import_root() -> Path:
+    """A directory with links to the packages only: the repository root would shadow stdlib `operator`."""
+    root = Path(tempfile.gettempdir()) / f"ftoperator-e2e-import-{os.getuid()}"
+    root.mkdir(exist_ok=True)
+    for name, target in (("ftoperator", REPO / "operator"), ("trainer", REPO / "trainer")):
+        link = root / name
+        if not link.exists():
+            try:
+                link.symlink_to(target, target_is_directory=True)
+            except FileExistsError:
+                pass
+    return root
+
+
+class OperatorProcess:
+    """``python -m ftoperator`` as a child process that can be killed and started again."""
+
+    def __init__(self, *, kubeconfig: str, workdir: Path):
+        self.kubeconfig = kubeconfig
+        self.workdir = workdir
+        self.webhook_port, self.metrics_port, self.liveness_port = free_port(), free_port(), free_port()
+        self.process: subprocess.Popen | None = None
+        self.log_path = workdir / "operator.log"
+        self.starts = 0
+
+    def start(self) -> None:
+        env = dict(os.environ, KUBECONFIG=self.kubeconfig)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(import_root()), env.get("PYTHONPATH")]))
+        self.starts += 1
+        log = open(self.log_path, "a")
+        log.write(f"\n===== start {self.starts} =====\n")
+        log.flush()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ftoperator", "--namespace", f"{NAMESPACE_PREFIX}*",
+             "--webhook-url", f"https://127.0.0.1:{self.webhook_port}",
+             "--metrics-port", str(self.metrics_port), "--liveness-port", str(self.liveness_port),
+             "--max-gpus-per-stage", str(MAX_GPUS), "--trainer-image", "local/finetune-trainer",
+             "--trainer-metrics-port", "0", "--report-interval-seconds", "0.5", "--resync-seconds", "10"],
+            cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        wait_for("the operator's liveness endpoint", self.alive, timeout=60)
+
+    def alive(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            raise AssertionError(f"the operator exited; log:\n{self.log()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as answer:
+            return answer.read().decode()
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, as when a node dies."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def operator(kube_cluster, tmp_path_factory):
+    kube_cluster.kubectl("apply", "-f", str(CRD))
+    kube_cluster.kubectl("wait", "--for=condition=Established", "crd/finetuneruns.finetune.dev", "--timeout=60s")
+    process = OperatorProcess(kubeconfig=kube_cluster.kubeconfig, workdir=tmp_path_factory.mktemp("operator"))
+    process.start()
+    wait_for("the webhook configuration", lambda: kube_cluster.kubectl(
+        "get", "validatingwebhookconfiguration", "finetune.dev", check=False).returncode == 0, timeout=30)
+    try:
+        yield process
+    finally:
+        process.stop()
+        # The configuration outlives the operator (failurePolicy Fail): remove it for other test modules.
+        for kind in ("validatingwebhookconfiguration", "mutatingwebhookconfiguration"):
+            kube_cluster.kubectl("delete", kind, "finetune.dev", "--ignore-not-found", check=False)
+        print(f"operator log: {process.log_path}")
+
+
+@pytest.fixture(scope="module")
+def api(kube_cluster):
+    from ftoperator.kubeapi import KubeApi
+
+    return KubeApi(kube_cluster.api_client())
+
+
+@pytest.fixture
+def namespace(kube_cluster, tiny_model_dir, operator):
+    """A fresh namespace with the tiny model on `models` and toy datasets on `datasets`."""
+    import shutil
+
+    name = f"{NAMESPACE_PREFIX}{uuid.uuid4().hex[:6]}"
+    kube_cluster.kubectl("create", "namespace", name)
+    shutil.copytree(tiny_model_dir, kube_cluster.pvc_dir(name, "models") / "tiny")
+    datasets = kube_cluster.pvc_dir(name, "datasets")
+    topics = ["cats", "dogs", "tea", "rain", "music", "books", "snow", "trains"]
+    rows = {
+        "sft.jsonl": [{"prompt": f"Tell me about {t}.", "completion": f"Sure, {t} are nice."} for t in topics],
+        "preferences.jsonl": [{"prompt": f"Tell me about {t}.", "chosen": f"Thanks for asking! {t} are great.",
+                               "rejected": f"No. {t} are terrible."} for t in topics],
+        "prompts.jsonl": [{"prompt": f"What do you think of {t}?"} for t in topics],
+        "broken.jsonl": [{"question": "no prompt field here"}],
+    }
+    for file, content in rows.items():
+        (datasets / file).write_text("".join(json.dumps(row) + "\n" for row in content))
+    yield name
+    # Runs first, while the operator is up to remove its finalizer; then the namespace.
+    kube_cluster.kubectl("delete", "ftr", "--all", "-n", name, "--timeout=60s", check=False)
+    kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def example(name: str, **spec_changes: Any) -> dict:
+    run = yaml.safe_load(EXAMPLE.read_text())
+    run = copy.deepcopy(run)
+    run["metadata"]["name"] = name
+    run["spec"].update(spec_changes)
+    return run
+
+
+def ppo_only(name: str, *, steps: int) -> dict:
+    """No SFT, heuristic reward functions, a PPO long enough to interrupt."""
+    run = example(name)
+    run["spec"]["data"] = {"prompts": "pvc://datasets/prompts.jsonl"}
+    run["spec"]["stages"] = {
+        "reward": {"functions": [{"type": "length", "targetLengthTokens": 6}]},
+        "ppo": {**run["spec"]["stages"]["ppo"], "steps": steps, "checkpointEverySteps": 2, "sampleEverySteps": 1000},
+    }
+    return run
+
+
+def apply(kube_cluster, namespace: str, run: dict, *, check: bool = True) -> subprocess.CompletedProcess:
+    return kube_cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(run), check=check)
+
+
+def get_run(api, namespace: str, name: str) -> dict:
+    return api.get_run(namespace, name) or {}
+
+
+def status_of(api, namespace: str, name: str) -> dict:
+    return get_run(api, namespace, name).get("status") or {}
+
+
+def condition(status: dict, type_: str) -> dict:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
+
+
+def wait_state(api, namespace: str, name: str, *states: str, timeout: float = 180) -> dict:
+    return wait_for(f"{namespace}/{name} to reach {states}",
+                    lambda: (lambda s: s if s.get("state") in states else None)(status_of(api, namespace, name)),
+                    timeout=timeout)
+
+
+def pod_names(api, namespace: str, name: str) -> list[str]:
+    return sorted(p["metadata"]["name"] for p in api.list_pods(namespace, label_selector=f"finetune.dev/run={name}"))
+
+
+def events(kube_cluster, namespace: str, name: str) -> list[dict]:
+    answer = kube_cluster.kubectl("get", "events", "-n", namespace, "-o", "json",
+                                  "--field-selector", f"involvedObject.name={name},involvedObject.kind=FineTuneRun")
+    return json.loads(answer.stdout)["items"]
+
+
+def event_reasons(kube_cluster, namespace: str, name: str) -> set[str]:
+    return {e["reason"] for e in events(kube_cluster, namespace, name)}
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_three_stage_run_succeeds_with_sensible_columns_and_a_loadable_model(kube_cluster, operator, api, namespace):
+    apply(kube_cluster, namespace, example("tiny"))
+    status = wait_state(api, namespace, "tiny", "Succeeded", "Failed", timeout=240)
+    assert status["state"] == "Succeeded", json.dumps(status, indent=1)[-3000:]
+
+    row = kube_cluster.kubectl("get", "ftr", "tiny", "-n", namespace, "--no-headers").stdout.split()
+    # NAME STAGE PROGRESS(2 words) REWARD KL STATUS AGE
+    assert row[:4] == ["tiny", "ppo", "ppo", "4/4"], row
+    float(row[4]), float(row[5])
+    assert row[6] == "Succeeded"
+    assert condition(status, "Succeeded")["status"] == "True"
+    assert {c["type"] for c in status["conditions"]} == {
+        "Succeeded", "Running", "WaitingForResources", "Suspended", "Failed"}
+    for stage in ("sft", "reward", "ppo"):
+        assert status["stages"][stage]["state"] == "Succeeded"
+        assert status["stages"][stage]["attempts"] == 1
+        assert status["stages"][stage]["metrics"], f"no metrics copied for {stage}"
+    assert status["stages"]["ppo"]["step"] == 4 and status["stages"]["ppo"]["totalSteps"] == 4
+    assert 1 <= len(status["samples"]) <= 3
+    assert {"StageStarted", "StageSucceeded", "RunSucceeded"} <= event_reasons(kube_cluster, namespace, "tiny")
+    assert pod_names(api, namespace, "tiny") == ["tiny-ppo-1", "tiny-reward-1", "tiny-sft-1"]
+
+    from transformers import AutoModelForCausalLM
+
+    final = kube_cluster.pvc_dir(namespace, "runs") / namespace / "tiny" / "ppo" / "final"
+    assert AutoModelForCausalLM.from_pretrained(final) is not None
+
+    metrics = operator.metrics()
+    assert 'finetune_operator_stage_transitions_total{stage="ppo",to_state="Succeeded"}' in metrics
+    assert "finetune_operator_pod_start_seconds_bucket" in metrics
+    assert 'finetune_operator_runs{state="Succeeded"}' in metrics
+
+
+def test_failing_stage_is_retried_then_the_run_fails_with_the_termination_message(kube_cluster, api, namespace):
+    run = example("broken", backoffLimit=1)
+    run["spec"]["data"]["sft"] = "pvc://datasets/broken.jsonl"
+    apply(kube_cluster, namespace, run)
+    status = wait_state(api, namespace, "broken", "Succeeded", "Failed", timeout=180)
+
+    assert status["state"] == "Failed"
+    failed = condition(status, "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "StageFailed"
+    assert "broken.jsonl:1" in failed["message"], failed["message"]
+    assert status["stages"]["sft"]["failures"] == 2 and status["stages"]["sft"]["attempts"] == 2
+    assert pod_names(api, namespace, "broken") == ["broken-sft-1", "broken-sft-2"]
+    assert {"StageRetrying", "StageFailed", "RunFailed"} <= event_reasons(kube_cluster, namespace, "broken")
+
+
+def test_pod_deleted_mid_ppo_is_replaced_and_resumes_from_its_checkpoint(kube_cluster, api, namespace):
+    apply(kube_cluster, namespace, ppo_only("resume", steps=60))
+    checkpoints = kube_cluster.pvc_dir(namespace, "runs") / namespace / "resume" / "ppo" / "checkpoints"
+    wait_for("a PPO checkpoint", lambda: any(checkpoints.glob("step-*/COMPLETE")) if checkpoints.exists() else False,
+             timeout=120, interval=0.2)
+    kube_cluster.kubectl("delete", "pod", "resume-ppo-1", "-n", namespace, "--wait=false")
+
+    status = wait_state(api, namespace, "resume", "Succeeded", "Failed", timeout=240)
+    assert status["state"] == "Succeeded", status.get("message")
+    ppo = status["stages"]["ppo"]
+    assert (ppo["attempts"], ppo["failures"], ppo["disruptions"]) == (2, 0, 1)
+    assert "resumed from" in kube_cluster.pod_log(namespace, "resume-ppo-2")
+    assert "StageRetrying" in event_reasons(kube_cluster, namespace, "resume")
+
+
+def test_operator_killed_mid_run_and_restarted_creates_no_duplicate_pods(kube_cluster, operator, api, namespace):
+    apply(kube_cluster, namespace, ppo_only("restart", steps=30))
+    wait_state(api, namespace, "restart", "Running", timeout=120)
+    operator.kill()  # the pod keeps running while nobody reconciles
+    operator.start()
+    status = wait_state(api, namespace, "restart", "Succeeded", "Failed", timeout=240)
+    assert status["state"] == "Succeeded", status.get("message")
+    assert pod_names(api, namespace, "restart") == ["restart-ppo-1"]
+    assert status["stages"]["ppo"]["attempts"] == 1
+
+
+def test_suspend_deletes_the_pod_and_resume_continues_in_a_new_attempt(kube_cluster, api, namespace):
+    apply(kube_cluster, namespace, ppo_only("pause", steps=60))
+    wait_state(api, namespace, "pause", "Running", timeout=120)
+    kube_cluster.kubectl("patch", "ftr", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    status = wait_state(api, namespace, "pause", "Suspended", timeout=60)
+    assert condition(status, "Suspended")["status"] == "True"
+    wait_for("the suspended pod to go", lambda: pod_names(api, namespace, "pause") == [], timeout=60)
+
+    kube_cluster.kubectl("patch", "ftr", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    status = wait_state(api, namespace, "pause", "Succeeded", "Failed", timeout=240)
+    assert status["state"] == "Succeeded", status.get("message")
+    assert condition(status, "Suspended")["status"] == "False"
+    assert status["stages"]["ppo"]["attempts"] == 2 and status["stages"]["ppo"]["failures"] == 0
+    assert {"RunSuspended", "RunResumed"} <= event_reasons(kube_cluster, namespace, "pause")
+    row = kube_cluster.kubectl("get", "ftr", "pause", "-n", namespace, "--no-headers").stdout
+    assert "Suspended" not in row, "the Status column must not keep showing Suspended (Kubeflow #3666)"
+
+
+def test_too_many_gpus_waits_for_resources_and_frozen_fields_are_rejected_while_active(kube_cluster, api, namespace):
+    run = example("greedy")
+    run["spec"]["resources"] = {"gpus": MAX_GPUS}
+    apply(kube_cluster, namespace, run)
+    status = wait_state(api, namespace, "greedy", "WaitingForResources", timeout=60)
+    waiting = condition(status, "WaitingForResources")
+    assert waiting["status"] == "True" and "nvidia.com/gpu" in waiting["message"], waiting
+    assert "WaitingForResources" in event_reasons(kube_cluster, namespace, "greedy")
+
+    run["spec"]["model"]["source"] = "pvc://models/other"
+    rejected = apply(kube_cluster, namespace, run, check=False)
+    assert rejected.returncode != 0 and "spec.model" in rejected.stderr, rejected.stderr
+
+
+def test_deleting_a_run_deletes_everything_it_owns(kube_cluster, api, namespace):
+    apply(kube_cluster, namespace, ppo_only("doomed", steps=200))
+    wait_state(api, namespace, "doomed", "Running", timeout=120)
+    kube_cluster.kubectl("delete", "ftr", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
+
+    def leftovers() -> list[str]:
+        answer = kube_cluster.kubectl("get", "pods,configmaps,serviceaccounts,roles,rolebindings", "-n", namespace,
+                                      "-l", "finetune.dev/run=doomed", "-o", "name")
+        return answer.stdout.split()
+
+    wait_for("garbage collection of the run's children", lambda: leftovers() == [], timeout=90)
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda spec: spec["stages"].pop("reward") and spec["data"].pop("preferences"), "spec.stages.ppo"),
+    (lambda spec: spec["resources"].update(gpus=MAX_GPUS * 4), "spec.resources.gpus"),
+    (lambda spec: spec["resources"].update(gpus=-1), "spec.resources.gpus"),
+    (lambda spec: spec["data"].pop("prompts"), "spec.data.prompts"),
+    (lambda spec: spec["stages"]["ppo"].update(miniBatches=3), "spec.stages.ppo"),
+], ids=["ppo-without-reward", "gpus-above-operator-max", "negative-gpus", "ppo-without-prompts",
+        "batch-not-divisible"])
+def test_bad_manifests_are_rejected_at_apply_with_the_field_name(kube_cluster, namespace, change, field):
+    run = example("rejected")
+    change(run["spec"])
+    answer = apply(kube_cluster, namespace, run, check=False)
+    assert answer.returncode != 0, "kubectl apply should have failed"
+    assert field in answer.stderr, answer.stderr

@@ -1,0 +1,56 @@
+"""Reading what matters out of a raw Pod."""
+
+from __future__ import annotations
+
+from ftoperator.observe import observe_pod
+
+
+def raw_pod(phase, *, conditions=(), containers=(), reason=None, deleting=False, labels=None):
+    meta = {"name": "demo-sft-1", "creationTimestamp": "2025-01-01T12:00:00Z",
+            "labels": labels if labels is not None else {"finetune.dev/stage": "sft", "finetune.dev/attempt": "1"}}
+    if deleting:
+        meta["deletionTimestamp"] = "2025-01-01T12:01:00Z"
+    status = {"phase": phase, "conditions": list(conditions), "containerStatuses": list(containers)}
+    if reason:
+        status["reason"] = reason
+    return {"metadata": meta, "status": status}
+
+
+def test_unschedulable_pod_carries_the_schedulers_message():
+    pod = observe_pod(raw_pod("Pending", conditions=[{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}]))
+    assert pod.unschedulable == "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    assert pod.active and (pod.stage, pod.attempt) == ("sft", 1)
+
+
+def test_failed_pod_reason_is_the_termination_message_else_reason_and_exit_code():
+    with_message = observe_pod(raw_pod("Failed", containers=[{"state": {"terminated": {
+        "exitCode": 1, "reason": "Error", "message": "sft: dataset /data/x.jsonl line 3: missing 'prompt'\n"}}}]))
+    assert with_message.failure == "sft: dataset /data/x.jsonl line 3: missing 'prompt'"
+    assert with_message.exit_code == 1 and not with_message.active
+    bare = observe_pod(raw_pod("Failed", containers=[{"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]))
+    assert bare.failure == "OOMKilled (exit code 137)"
+
+
+def test_long_failure_messages_keep_their_end():
+    text = "x" * 5000 + "THE REASON"
+    pod = observe_pod(raw_pod("Failed", containers=[{"state": {"terminated": {"exitCode": 1, "message": text}}}]))
+    assert len(pod.failure) <= 1000 and pod.failure.endswith("THE REASON")
+
+
+def test_evicted_pod_is_a_disruption():
+    pod = observe_pod(raw_pod("Failed", reason="Evicted"))
+    assert pod.disrupted and pod.failure.startswith("Evicted")
+
+
+def test_image_pull_trouble_is_reported_while_pending():
+    pod = observe_pod(raw_pod("Pending", containers=[{"state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": "pull access denied"}}}]))
+    assert pod.waiting == "ImagePullBackOff: pull access denied"
+
+
+def test_deleting_pod_is_not_active_and_foreign_pods_are_ignored():
+    assert not observe_pod(raw_pod("Running", deleting=True)).active
+    assert observe_pod(raw_pod("Running", labels={"app": "other"})) is None
+    assert observe_pod(raw_pod("Running", labels={"finetune.dev/stage": "sft", "finetune.dev/attempt": "x"})) is None

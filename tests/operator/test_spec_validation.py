@@ -1,0 +1,151 @@
+"""The pure validation shared by the admission webhook and the reconciler."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftoperator.validation import describe, validate_admission, validate_spec
+
+
+def errors_of(spec, **kwargs):
+    kwargs.setdefault("max_gpus_per_stage", 8)
+    _, errors = validate_spec(spec, **kwargs)
+    return {e.field: e.message for e in errors}
+
+
+def test_the_reference_spec_is_valid(spec):
+    assert errors_of(spec) == {}
+
+
+def test_ppo_without_any_reward_source_is_rejected(spec):
+    del spec["stages"]["reward"]
+    errors = errors_of(spec)
+    assert set(errors) == {"spec.stages.ppo"}
+    assert "no reward" in errors["spec.stages.ppo"]
+
+
+def test_ppo_with_a_disabled_reward_stage_and_no_functions_is_rejected(spec):
+    spec["stages"]["reward"]["enabled"] = False
+    assert "spec.stages.ppo" in errors_of(spec)
+
+
+def test_ppo_with_reward_functions_only_is_valid(spec):
+    del spec["data"]["preferences"]
+    spec["stages"]["reward"] = {"functions": [{"type": "keywords", "keywords": ["thanks"]}]}
+    assert errors_of(spec) == {}
+
+
+@pytest.mark.parametrize(("stage", "dataset"), [("sft", "sft"), ("ppo", "prompts")])
+def test_enabled_stage_without_its_dataset_is_rejected(spec, stage, dataset):
+    del spec["data"][dataset]
+    errors = errors_of(spec)
+    assert f"spec.data.{dataset}" in errors
+    assert f"spec.stages.{stage} is enabled" in errors[f"spec.data.{dataset}"]
+
+
+def test_reward_stage_without_preferences_or_functions_is_rejected(spec):
+    del spec["data"]["preferences"]
+    del spec["stages"]["ppo"]
+    assert "spec.data.preferences" in errors_of(spec)
+
+
+def test_disabled_stage_needs_no_dataset(spec):
+    del spec["data"]["sft"]
+    spec["stages"]["sft"]["enabled"] = False
+    assert errors_of(spec) == {}
+
+
+def test_no_enabled_stage_is_rejected(spec):
+    spec["stages"] = {}
+    assert "spec.stages" in errors_of(spec)
+
+
+def test_more_gpus_than_the_operator_allows_is_rejected_naming_the_stage_field(spec):
+    spec["stages"]["ppo"]["resources"] = {"gpus": 16}
+    errors = errors_of(spec, max_gpus_per_stage=8)
+    assert set(errors) == {"spec.stages.ppo.resources.gpus"}
+    assert "at most 8" in errors["spec.stages.ppo.resources.gpus"]
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("gpus", -1, "greater than or equal to 0"),
+    ("memory", "-1Gi", "negative"),
+    ("memory", "lots", "not a Kubernetes quantity"),
+    ("cpu", "0", "zero"),
+])
+def test_impossible_resources_are_rejected(spec, field, value, expected):
+    spec["resources"][field] = value
+    errors = errors_of(spec)
+    assert expected in errors[f"spec.resources.{field}"]
+
+
+def test_integer_cpu_is_a_quantity(spec):
+    spec["resources"]["cpu"] = 4
+    assert errors_of(spec) == {}
+
+
+def test_schema_errors_carry_kubernetes_field_paths(spec):
+    spec["stages"]["ppo"]["miniBatches"] = 3  # batchSize 8 is not divisible by 3
+    spec["stages"]["reward"]["functions"] = [{"type": "length"}]
+    spec["stages"]["sft"]["epochz"] = 1
+    errors = errors_of(spec)
+    assert "divisible" in errors["spec.stages.ppo"]
+    assert "targetLengthTokens" in errors["spec.stages.reward.functions[0]"]
+    assert "spec.stages.sft.epochz" in errors
+
+
+def test_bad_uris_are_rejected(spec):
+    spec["model"]["source"] = "s3://bucket/model"
+    spec["data"]["sft"] = "relative/path.jsonl"
+    assert {"spec.model.source", "spec.data.sft"} <= set(errors_of(spec))
+
+
+def test_missing_image_without_an_operator_default_is_rejected(spec):
+    del spec["image"]
+    assert errors_of(spec, default_image="trainer:1") == {}
+    assert "spec.image" in errors_of(spec, default_image=None)
+
+
+# ----------------------------------------------------------------------------- admission UPDATE
+
+ACTIVE = {"startTime": "2025-01-01T00:00:00Z", "state": "Running",
+          "stages": {"sft": {"state": "Running", "attempts": 1}, "reward": {"state": "Pending"}}}
+
+
+def admit(old, new, old_status, operation="UPDATE"):
+    return validate_admission(operation=operation, new_spec=new, old_spec=old, old_status=old_status,
+                              max_gpus_per_stage=8, default_image="trainer:1")
+
+
+def test_changing_the_model_of_an_active_run_is_rejected(spec):
+    new = {**spec, "model": {"source": "pvc://models/other"}}
+    errors = admit(spec, new, ACTIVE)
+    assert [e.field for e in errors] == ["spec.model"]
+    assert "cannot change while the run is active" in describe(errors)
+
+
+def test_changing_a_started_stage_is_rejected_but_a_pending_stage_may_change(spec):
+    new = {**spec, "stages": {**spec["stages"], "sft": {"epochs": 3}, "reward": {"epochs": 2}}}
+    assert [e.field for e in admit(spec, new, ACTIVE)] == ["spec.stages.sft"]
+
+
+def test_resources_suspend_and_backoff_may_change_while_active(spec):
+    new = {**spec, "suspend": True, "backoffLimit": 5, "resources": {"gpus": 2},
+           "stages": {**spec["stages"], "sft": {**spec["stages"]["sft"], "resources": {"gpus": 1}}}}
+    assert admit(spec, new, ACTIVE) == []
+
+
+def test_everything_may_change_before_start_and_after_the_end(spec):
+    new = {**spec, "model": {"source": "pvc://models/other"}}
+    assert admit(spec, new, None) == []
+    assert admit(spec, new, {**ACTIVE, "state": "Succeeded"}) == []
+
+
+def test_create_is_checked_like_any_spec(spec):
+    del spec["data"]["prompts"]
+    assert [e.field for e in admit(None, spec, None, operation="CREATE")] == ["spec.data.prompts"]
+
+
+def test_update_that_leaves_the_spec_alone_is_admitted_even_if_the_spec_is_invalid(spec):
+    del spec["data"]["prompts"]  # admitted while the webhook was off
+    assert admit(spec, dict(spec), ACTIVE) == [], "finalizer and label updates must never be blocked"
