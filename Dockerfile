@@ -1,0 +1,94 @@
+# syntax=docker/dockerfile:1.7
+#
+# Two images from one build context:
+#
+#   docker build --target trainer  -t ghcr.io/finetune-dev/finetune-trainer:0.1.0 .
+#   docker build --target operator -t ghcr.io/finetune-dev/finetune-operator:0.1.0 .
+#
+# Both install this repository's package the same way hack/setup.sh does
+# (`pip install ".[...]"`); the dev install adds the `dev` extra, which contains
+# every extra used here (tests/chart/test_dockerfile.py checks it).
+#
+# Base images are pinned by version. For reproducible production builds, pin
+# them by digest as well (`python:3.11.13-slim-bookworm@sha256:...`).
+
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+
+# ---------------------------------------------------------------------------
+# base: Python, a non-root user, caches under /tmp (the root filesystem may be
+# read-only; /tmp is an emptyDir in the pods).
+# ---------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    HF_HOME=/tmp/.cache/huggingface \
+    MPLCONFIGDIR=/tmp/.cache/matplotlib
+# uid/gid 65532 is the conventional "nonroot" id (distroless); pods set
+# runAsNonRoot, which needs a numeric USER.
+RUN groupadd --gid 65532 finetune \
+ && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin finetune
+WORKDIR /src
+
+# ---------------------------------------------------------------------------
+# trainer: CUDA PyTorch + the project.
+# torch is installed first and pinned to the same version hack/setup.sh pins
+# for the CPU dev environment, so the image runs what the tests ran. PyPI's
+# manylinux torch wheel is the CUDA build (it pulls the nvidia-*-cu12 runtime
+# wheels), so no CUDA base image is needed: the node only needs the NVIDIA
+# driver and device plugin. Pass --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ
+# to pick another CUDA build of the same version.
+# ---------------------------------------------------------------------------
+FROM base AS trainer
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=""
+RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
+COPY pyproject.toml README.md ./
+COPY trainer ./trainer
+COPY operator ./operator
+COPY hack/localcluster ./hack/localcluster
+# No extras: the trainer needs only the base dependencies (the operator extra
+# is for the operator image; dev is for tests).
+RUN pip install . \
+ && python -c "import torch, trainer.config; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+COPY docker/trainer-entrypoint.sh /usr/local/bin/trainer-entrypoint
+WORKDIR /tmp
+USER 65532:65532
+# Trainer Prometheus endpoint (containerPort named "metrics" in trainer pods).
+EXPOSE 9400
+# In the cluster the operator sets the pod's command itself (`python -m trainer
+# ...`, or `accelerate launch --num_processes N -m trainer ...` above one GPU;
+# operator/builders.py), so python and accelerate must be on PATH (they are).
+# The entry point serves `docker run IMAGE --stage sft --config FILE` with
+# NUM_PROCESSES=<gpus> and mirrors that choice (see the script).
+ENTRYPOINT ["/usr/local/bin/trainer-entrypoint"]
+CMD ["--help"]
+
+# ---------------------------------------------------------------------------
+# operator: no torch. The package's base dependencies include the trainer's
+# (torch, transformers, ...), but the operator only imports trainer.config
+# (pydantic). docker/operator_requirements.py derives the list from
+# pyproject.toml (base dependencies minus the trainer-only ones, plus the
+# `operator` extra), so the two never drift; the package itself is then
+# installed with --no-deps. tests/chart/test_dockerfile.py proves the operator
+# imports with those modules blocked.
+# ---------------------------------------------------------------------------
+FROM base AS operator
+COPY pyproject.toml README.md ./
+COPY docker/operator_requirements.py ./docker/
+RUN python docker/operator_requirements.py > /tmp/operator-requirements.txt \
+ && pip install -r /tmp/operator-requirements.txt \
+ && rm /tmp/operator-requirements.txt
+COPY trainer ./trainer
+COPY operator ./operator
+COPY hack/localcluster ./hack/localcluster
+RUN pip install --no-deps . \
+ && python -c "import ftoperator, trainer.config"
+WORKDIR /tmp
+USER 65532:65532
+# metrics 8080, kopf liveness 8081 (/healthz), admission webhook 9443.
+EXPOSE 8080 8081 9443
+ENTRYPOINT ["python", "-m", "ftoperator"]

@@ -1,0 +1,272 @@
+"""The end-to-end demo on the local control plane (run by hack/demo.sh after hack/setup.sh).
+
+Steps, each announced with a timestamped line:
+
+1. start the local cluster (`python -m localcluster up`; reused when already up);
+2. build the tiny model, tokenizer and toy datasets into the cluster's PVC
+   directories, at the pvc:// paths examples/tiny-cpu.yaml names (reused);
+3. install the operator with the Helm chart (`helm upgrade --install`, webhook
+   called by URL because the local API server cannot reach Services);
+4. apply examples/tiny-cpu.yaml (a previous demo run of it is deleted first) and
+   show `kubectl get finetuneruns -w` until the run is Succeeded or Failed;
+5. print where the model is and save a PNG of PPO reward and KL per step
+   (from the run's progress.jsonl) to out/demo/.
+
+The cluster is left running; the last lines say how to stop it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "hack"))
+
+import demo_assets  # noqa: E402
+from localcluster import paths, tools  # noqa: E402
+
+EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
+CHART = REPO / "charts" / "finetune-operator"
+RELEASE = "finetune"
+OPERATOR_NAMESPACE = "finetune-system"
+OUT_DIR = REPO / "out" / "demo"
+TERMINAL = ("Succeeded", "Failed")
+PYTHON = [sys.executable, "-P"]  # -P: the repository's operator/ folder must not shadow the stdlib `operator`
+STARTED = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')} +{time.monotonic() - STARTED:4.0f}s] {message}", flush=True)
+
+
+class DemoError(RuntimeError):
+    """A step failed; the message says which and where to look."""
+
+
+def kubectl(kubeconfig: str, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(tools.kubectl_path()), "--kubeconfig", kubeconfig, *args],
+                            capture_output=True, text=True, input=input)
+    if check and result.returncode != 0:
+        raise DemoError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+def helm(kubeconfig: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(tools.helm_path()), "--kubeconfig", kubeconfig, *args],
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise DemoError(f"helm {' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def start_cluster() -> str:
+    """`python -m localcluster up` (idempotent); returns the kubeconfig path."""
+    if not (paths.bin_dir() / "kube-apiserver").exists():
+        say("building the local Kubernetes control plane: the first time this compiles "
+            "Kubernetes 1.20 from source and takes about 10 minutes on 2 cores")
+    say("starting the local cluster (python -m localcluster up)")
+    # cwd outside the repository: the daemon runs `python -m localcluster serve`, and a
+    # `python -m` started in the repository root would import operator/ as the stdlib `operator`.
+    result = subprocess.run([*PYTHON, "-m", "localcluster", "up"], cwd="/", text=True,
+                            stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO / "hack")))
+    if result.returncode != 0:
+        raise DemoError(f"localcluster up failed; see {paths.run_dir() / 'daemon.log'}")
+    kubeconfig = result.stdout.strip().splitlines()[-1]
+    say(f"cluster up: export KUBECONFIG={kubeconfig}")
+    return kubeconfig
+
+
+def load_example() -> dict:
+    (run,) = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d and d.get("kind") == "FineTuneRun"]
+    run["metadata"].setdefault("namespace", "default")
+    return run
+
+
+def pvc_root(namespace: str) -> Path:
+    """Where the node agent of the detached cluster keeps the claims of a namespace."""
+    return paths.run_dir() / "pvcs" / namespace
+
+
+def prepare_assets(run: dict) -> None:
+    say("building the tiny model, tokenizer and toy datasets into the cluster's PVC directories")
+    demo_assets.write_for_run(run["spec"], pvc_root=pvc_root(run["metadata"]["namespace"]),
+                              log=lambda line: say(f"  {line}"))
+
+
+def install_operator(kubeconfig: str) -> None:
+    """helm upgrade --install with the webhook called by URL; keeps the ports of an earlier install."""
+    previous = helm(kubeconfig, "get", "values", RELEASE, "-n", OPERATOR_NAMESPACE, "-o", "json", check=False)
+    values = json.loads(previous.stdout or "null") if previous.returncode == 0 else None
+    if values and values.get("webhook", {}).get("port"):
+        webhook_port = values["webhook"]["port"]
+        metrics_port, liveness_port = values["metrics"]["port"], values["liveness"]["port"]
+    else:
+        webhook_port, metrics_port, liveness_port = free_port(), free_port(), free_port()
+    say(f"installing the operator: helm upgrade --install {RELEASE} charts/finetune-operator "
+        f"(webhook at https://127.0.0.1:{webhook_port}, metrics on :{metrics_port})")
+    helm(kubeconfig, "upgrade", "--install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE, "--create-namespace",
+         "--set", f"webhook.url=https://127.0.0.1:{webhook_port}", "--set", f"webhook.port={webhook_port}",
+         "--set", f"metrics.port={metrics_port}", "--set", f"liveness.port={liveness_port}",
+         "--set", "metrics.service.port=8080")
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        pods = json.loads(kubectl(kubeconfig, "get", "pods", "-n", OPERATOR_NAMESPACE, "-l",
+                                  f"app.kubernetes.io/instance={RELEASE}", "-o", "json").stdout)["items"]
+        running = [p for p in pods if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+        if running:
+            say(f"operator pod {running[0]['metadata']['name']} is running")
+            return
+        time.sleep(1)
+    raise DemoError(f"the operator pod did not start in 3 minutes: kubectl -n {OPERATOR_NAMESPACE} describe pods")
+
+
+def apply_run(kubeconfig: str, run: dict) -> None:
+    """Delete an earlier demo run (and its outputs) and apply the example, retrying until the webhook answers."""
+    name, namespace = run["metadata"]["name"], run["metadata"]["namespace"]
+    if kubectl(kubeconfig, "get", "finetunerun", name, "-n", namespace, check=False).returncode == 0:
+        say(f"deleting the previous demo run {namespace}/{name} and its pods")
+        # Foreground: return only once the garbage collector has removed the old run's pods,
+        # ServiceAccount and ConfigMaps, so the new run (same name) cannot see or reuse them.
+        kubectl(kubeconfig, "delete", "finetunerun", name, "-n", namespace, "--cascade=foreground",
+                "--wait=true", "--timeout=180s")
+    outputs = pvc_root(namespace) / run["spec"]["artifacts"]["pvc"] / namespace / name
+    shutil.rmtree(outputs, ignore_errors=True)
+    say(f"applying {EXAMPLE.relative_to(REPO)}")
+    deadline = time.monotonic() + 120
+    while True:
+        result = kubectl(kubeconfig, "apply", "-n", namespace, "-f", str(EXAMPLE), check=False)
+        if result.returncode == 0:
+            say(result.stdout.strip())
+            return
+        # The webhook (failurePolicy Fail) rejects applies until the operator serves it.
+        if "failed calling webhook" not in result.stderr or time.monotonic() > deadline:
+            raise DemoError(f"kubectl apply failed: {result.stderr.strip()}")
+        time.sleep(1)
+
+
+def watch_until_done(kubeconfig: str, run: dict, *, timeout_seconds: float) -> dict:
+    """Stream `kubectl get finetuneruns -w` until the run is terminal; return the final object."""
+    name, namespace = run["metadata"]["name"], run["metadata"]["namespace"]
+    say(f"kubectl get finetuneruns -n {namespace} -w   (stops when the run is Succeeded or Failed)")
+    watch = subprocess.Popen([str(tools.kubectl_path()), "--kubeconfig", kubeconfig, "get", "finetuneruns",
+                              "-n", namespace, "-w"], stdout=sys.stdout, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_seconds
+    try:
+        while time.monotonic() < deadline:
+            result = kubectl(kubeconfig, "get", "finetunerun", name, "-n", namespace, "-o", "json", check=False)
+            if result.returncode == 0:
+                obj = json.loads(result.stdout)
+                if (obj.get("status") or {}).get("state") in TERMINAL:
+                    time.sleep(1)  # let the watch print the final line
+                    return obj
+            time.sleep(2)
+    finally:
+        watch.terminate()
+        watch.wait(timeout=10)
+    raise DemoError(f"run {namespace}/{name} did not finish in {timeout_seconds:.0f}s: "
+                    f"kubectl describe finetunerun {name} -n {namespace}")
+
+
+def host_path(uri: str, namespace: str) -> Path:
+    return demo_assets.pvc_path(uri, pvc_root(namespace))
+
+
+def plot_ppo(progress_file: Path, png: Path) -> bool:
+    """Reward and KL per PPO step from progress.jsonl; False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, rewards, kls = [], [], []
+    for line in progress_file.read_text().splitlines():
+        event = json.loads(line)
+        metrics = event.get("metrics") or {}
+        if event.get("stage") == "ppo" and event.get("kind") == "progress" and "reward_mean" in metrics:
+            steps.append(event["step"])
+            rewards.append(metrics["reward_mean"])
+            kls.append(metrics.get("kl", float("nan")))
+    if not steps:
+        return False
+    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 5))
+    top.plot(steps, rewards, marker="o")
+    top.set_ylabel("mean reward")
+    top.set_title("PPO on the tiny demo model")
+    bottom.plot(steps, kls, marker="o", color="tab:red")
+    bottom.set_ylabel("KL to reference (nats)")
+    bottom.set_xlabel("PPO step")
+    figure.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def report(run: dict, obj: dict, kubeconfig: str) -> int:
+    name, namespace = run["metadata"]["name"], run["metadata"]["namespace"]
+    status = obj.get("status") or {}
+    stages = status.get("stages") or {}
+    if status.get("state") != "Succeeded":
+        say(f"run {status.get('state')}: {status.get('message', '')}")
+        for condition in status.get("conditions") or []:
+            say(f"  condition {condition['type']}={condition['status']} {condition.get('reason')}: "
+                f"{condition.get('message', '')}")
+        say(f"details: kubectl describe finetunerun {name} -n {namespace}; pod logs under {paths.run_dir() / 'pods'}")
+        return 1
+    last_stage = [s for s in ("sft", "reward", "ppo") if (stages.get(s) or {}).get("artifact")]
+    for stage in last_stage:
+        artifact = stages[stage]["artifact"]
+        say(f"{stage} model: {artifact} -> {host_path(artifact, namespace)}")
+    ppo_dir = pvc_root(namespace) / run["spec"]["artifacts"]["pvc"] / namespace / name / "ppo"
+    progress = ppo_dir / "progress.jsonl"
+    png = OUT_DIR / f"{name}-ppo-reward-kl.png"
+    if progress.exists() and plot_ppo(progress, png):
+        say(f"PPO reward and KL per step: {png}")
+    else:
+        say(f"no PPO progress to plot at {progress}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run (default 1800)")
+    args = parser.parse_args(argv)
+    try:
+        kubeconfig = start_cluster()
+        run = load_example()
+        prepare_assets(run)
+        install_operator(kubeconfig)
+        apply_run(kubeconfig, run)
+        obj = watch_until_done(kubeconfig, run, timeout_seconds=args.timeout)
+        code = report(run, obj, kubeconfig)
+    except DemoError as exc:
+        say(f"FAILED: {exc}")
+        code = 1
+    say("the cluster keeps running. Use it with:")
+    say(f"  export KUBECONFIG={paths.run_dir() / 'admin.kubeconfig'}")
+    say(f"  {tools.kubectl_path()} get finetuneruns -A")
+    say("stop it with:  .venv/bin/python -P -m localcluster down")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

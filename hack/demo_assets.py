@@ -1,0 +1,164 @@
+"""Build the demo's model and datasets: a tiny Llama-style model, its tokenizer and toy JSON Lines data.
+
+Nothing is downloaded. The tokenizer is a byte-level BPE trained here on a small
+word list, the model is built from a config (random weights, 2 layers, ~0.1M
+parameters) so every stage runs in seconds on a CPU. The data teach one thing a
+reward can see: polite, short answers are "chosen" over rude ones.
+
+    python hack/demo_assets.py --run examples/tiny-cpu.yaml --pvc-root DIR
+        writes every pvc://<claim>/<path> the run's spec.model and spec.data name
+        under DIR/<claim>/<path> (DIR = the local cluster's PVC directory of the
+        run's namespace); files already there are kept, so a second demo reuses them.
+    python hack/demo_assets.py --out DIR
+        writes model/, sft.jsonl, preferences.jsonl, prompts.jsonl into DIR.
+
+tests/conftest.py builds the same kind of model for the unit tests; this module
+serves the demo and the chart's end-to-end test (tests/chart/test_helm_install.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] != 'user' %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+TOPICS = "cats dogs weather music books coffee tea rain snow trains".split()
+POLITE = ["Sure, happy to help: {t} are nice.", "Thanks for asking! {t} are great.", "Yes, {t} are lovely."]
+RUDE = ["No. {t} are terrible and so is this question.", "Why ask me about {t}? Go away.", "I hate {t}."]
+PROMPT_FORMS = ["Tell me about {t}.", "What do you think of {t}?", "Do you like {t}?", "Please describe {t}."]
+MODEL_FILES = ("config.json", "tokenizer.json")
+
+
+def prompts() -> list[str]:
+    return [form.format(t=topic) for topic in TOPICS for form in PROMPT_FORMS]
+
+
+def sft_rows() -> list[dict]:
+    return [{"prompt": prompt, "completion": POLITE[i % len(POLITE)].format(t=prompt.split()[-1].strip(".?"))}
+            for i, prompt in enumerate(prompts())]
+
+
+def preference_rows() -> list[dict]:
+    rows = []
+    for i, prompt in enumerate(prompts()):
+        topic = prompt.split()[-1].strip(".?")
+        rows.append({"prompt": prompt, "chosen": POLITE[i % len(POLITE)].format(t=topic),
+                     "rejected": RUDE[i % len(RUDE)].format(t=topic)})
+    return rows
+
+
+def prompt_rows() -> list[dict]:
+    return [{"prompt": prompt} for prompt in prompts()]
+
+
+def corpus() -> list[str]:
+    """Every text the tokenizer must cover, each a few times."""
+    texts = prompts() + [r["completion"] for r in sft_rows()]
+    texts += [r["rejected"] for r in preference_rows()]
+    return texts * 3
+
+
+def build_tokenizer(directory: Path, *, vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer and save it as a transformers fast tokenizer with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_tiny_model(directory: Path, *, vocab_size: int, seed: int = 0) -> None:
+    """A 2-layer Llama-style causal LM (hidden 64) saved with save_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=128, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+
+
+def write_model(directory: Path) -> bool:
+    """Build the tokenizer and model into ``directory``; False (nothing done) if already there."""
+    if all((directory / name).exists() for name in MODEL_FILES):
+        return False
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(directory)
+    build_tiny_model(directory, vocab_size=len(tokenizer))
+    return True
+
+
+DATASETS = {"sft": sft_rows, "preferences": preference_rows, "prompts": prompt_rows}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> bool:
+    """Write rows unless the file exists; True when written."""
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return True
+
+
+def pvc_path(uri: str, pvc_root: Path) -> Path:
+    """pvc://claim/a/b -> pvc_root/claim/a/b; ValueError naming the URI for anything else."""
+    if not uri.startswith("pvc://"):
+        raise ValueError(f"{uri}: the demo can only provide pvc:// inputs (hf:// needs network)")
+    return pvc_root / uri.removeprefix("pvc://").strip("/")
+
+
+def write_for_run(spec: dict, *, pvc_root: Path, log=print) -> None:
+    """Create every input the FineTuneRun spec names (model and datasets) under pvc_root."""
+    model_dir = pvc_path(spec["model"]["source"], pvc_root)
+    log(f"model + tokenizer: {model_dir} ({'built' if write_model(model_dir) else 'reused'})")
+    for role, uri in (spec.get("data") or {}).items():
+        if role not in DATASETS:
+            raise ValueError(f"spec.data.{role}: unknown dataset role; expected one of {sorted(DATASETS)}")
+        path = pvc_path(uri, pvc_root)
+        log(f"{role} data: {path} ({'written' if write_jsonl(path, DATASETS[role]()) else 'reused'})")
+    claim = spec["artifacts"]["pvc"]
+    (pvc_root / claim).mkdir(parents=True, exist_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run", type=Path, help="FineTuneRun YAML whose pvc:// inputs to create")
+    target.add_argument("--out", type=Path, help="write model/ and the three datasets into this directory")
+    parser.add_argument("--pvc-root", type=Path, help="with --run: directory holding one folder per claim")
+    args = parser.parse_args(argv)
+    if args.run:
+        if not args.pvc_root:
+            parser.error("--run needs --pvc-root")
+        (run,) = [d for d in yaml.safe_load_all(args.run.read_text()) if d and d.get("kind") == "FineTuneRun"]
+        write_for_run(run["spec"], pvc_root=args.pvc_root)
+        return 0
+    write_model(args.out / "model")
+    for role, rows in DATASETS.items():
+        write_jsonl(args.out / f"{role}.jsonl", rows())
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
