@@ -61,7 +61,7 @@ USER 65532:65532
 EXPOSE 9400
 # In the cluster the operator sets the pod's command itself (`python -m trainer
 # ...`, or `accelerate launch --num_processes N -m trainer ...` above one GPU;
-# operator/builders.py), so python and accelerate must be on PATH (they are).
+# operator/ftoperator/builders.py), so python and accelerate must be on PATH (they are).
 # The entry point serves `docker run IMAGE --stage sft --config FILE` with
 # NUM_PROCESSES=<gpus> and mirrors that choice (see the script).
 ENTRYPOINT ["/usr/local/bin/trainer-entrypoint"]

@@ -58,7 +58,7 @@ def import_root() -> Path:
     """Links to the packages only: the repository root would shadow the stdlib's `operator`."""
     root = Path(tempfile.gettempdir()) / f"ftoperator-bench-import-{os.getuid()}"
     root.mkdir(exist_ok=True)
-    for name, target in (("ftoperator", REPO / "operator"), ("trainer", REPO / "trainer"),
+    for name, target in (("ftoperator", REPO / "operator" / "ftoperator"), ("trainer", REPO / "trainer"),
                          ("localcluster", REPO / "hack" / "localcluster")):
         if not (root / name).exists():
             (root / name).symlink_to(target, target_is_directory=True)

@@ -4,7 +4,7 @@
 #   trainer-entrypoint --stage sft|reward|ppo --config FILE
 #
 # For `docker run`: in the cluster the operator sets the pod command directly
-# (operator/builders.py trainer_command) with the same choice as here.
+# (operator/ftoperator/builders.py trainer_command) with the same choice as here.
 # NUM_PROCESSES (the GPUs to use, default 1):
 #   1  -> `python -m trainer ...` directly, so SIGTERM from the kubelet reaches
 #         the trainer (it checkpoints on SIGTERM) without a launcher in between.

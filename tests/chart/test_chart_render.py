@@ -229,7 +229,7 @@ def test_webhook_path_matches_the_operators_validating_handler():
     # kopf serves an admission handler at /<id>; the chart hard-codes the path.
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
     path = re.search(r'define "finetune-operator.webhookPath" -}}\s*(\S+)', helpers).group(1)
-    sources = "\n".join(p.read_text() for p in (REPO / "operator").glob("*.py"))
+    sources = "\n".join(p.read_text() for p in (REPO / "operator" / "ftoperator").glob("*.py"))
     assert "on.validate" in sources, "the operator has no @kopf.on.validate handler yet"
     assert re.search(rf"""id\s*=\s*["']{re.escape(path.lstrip('/'))}["']""", sources) or \
         re.search(rf"""["']{re.escape(path.lstrip('/'))}["']""", sources), \

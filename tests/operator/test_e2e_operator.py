@@ -55,7 +55,7 @@ def import_root() -> Path:
     """A directory with links to the packages only: the repository root would shadow stdlib `operator`."""
     root = Path(tempfile.gettempdir()) / f"ftoperator-e2e-import-{os.getuid()}"
     root.mkdir(exist_ok=True)
-    for name, target in (("ftoperator", REPO / "operator"), ("trainer", REPO / "trainer")):
+    for name, target in (("ftoperator", REPO / "operator" / "ftoperator"), ("trainer", REPO / "trainer")):
         link = root / name
         if not link.exists():
             try:

@@ -1,4 +1,4 @@
-"""The operator's layers (operator/__init__.py): the pure core never reaches the API, the clock or kopf."""
+"""The operator's layers (operator/ftoperator/__init__.py): the pure core never reaches the API, the clock or kopf."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "operator"
+PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "ftoperator"
 PURE = ["api", "naming", "conditions", "validation", "builders", "observe", "decide", "progress", "mergepatch",
         "crdgen", "config"]
 FORBIDDEN_IN_PURE = {"kopf", "kubernetes", "ftoperator.kubeapi", "ftoperator.reconciler", "ftoperator.handlers",

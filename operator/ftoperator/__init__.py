@@ -1,4 +1,4 @@
-"""The FineTuneRun operator (import name ``ftoperator``; the source folder is ``operator/``).
+"""The FineTuneRun operator (import name ``ftoperator``; the source folder is ``operator/ftoperator/``).
 
 Layers, bottom to top (each imports only from the layers below it):
 
