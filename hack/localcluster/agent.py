@@ -15,7 +15,6 @@ import base64
 import datetime
 import os
 import pathlib
-import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import threading
 import time
 
 from localcluster import podspec
+from localcluster.container_launcher import Bind, command_line
 from localcluster.processes import ProcessGroups, signal_group
 
 HEARTBEAT_SECONDS = 10
@@ -508,9 +508,12 @@ class PodWorker(threading.Thread):
         termination_file.parent.mkdir(parents=True, exist_ok=True)
         termination_file.write_text("")
         binds = self._binds(container, termination_file)
+        # Without a workingDir (an image's WORKDIR is unknown here) the command
+        # runs in the pod's own dir rather than in the host's `/`.
         workdir = container.get("workingDir") or str(self.dir)
         run.process = self.agent.processes.spawn(
-            launcher_argv(binds=binds, workdir=workdir, argv=argv),
+            command_line(binds=binds, workdir=workdir, argv=argv,
+                         workdir_on_host=not container.get("workingDir")),
             log_path=self.dir / "logs" / f"{run.name}.log", env=env,
         )
         run.state = {"running": {"startedAt": now_rfc3339()}}
@@ -527,7 +530,7 @@ class PodWorker(threading.Thread):
         return env
 
     def _binds(self, container: dict, termination_file: pathlib.Path) -> list:
-        """[(host_path, container_path, read_only, is_file)] in mount order (parents first)."""
+        """The container's `Bind`s in mount order: parents first, the termination file last."""
         binds = []
         for mount in container.get("volumeMounts") or []:
             source = pathlib.Path(self.volume_paths[mount["name"]])
@@ -535,11 +538,11 @@ class PodWorker(threading.Thread):
                 source = source / mount["subPath"]
                 if not source.exists():
                     source.mkdir(parents=True)
-            binds.append((str(source), mount["mountPath"], bool(mount.get("readOnly")),
-                          source.is_file()))
-        binds.sort(key=lambda b: len(pathlib.PurePath(b[1]).parts))
+            binds.append(Bind(source=str(source), target=mount["mountPath"],
+                              read_only=bool(mount.get("readOnly"))))
+        binds.sort(key=lambda b: len(pathlib.PurePath(b.target).parts))
         target = container.get("terminationMessagePath") or podspec.DEFAULT_TERMINATION_MESSAGE_PATH
-        binds.append((str(termination_file), target, False, True))
+        binds.append(Bind(source=str(termination_file), target=target, optional=True))
         return binds
 
     def _kill_all(self) -> None:
@@ -705,33 +708,6 @@ def shadowed_interpreter_mounts(container: dict) -> list:
     protected = {prefix, *prefix.parents} - {pathlib.PurePath("/")}
     return [m["mountPath"] for m in container.get("volumeMounts") or []
             if pathlib.PurePath(os.path.normpath(m["mountPath"])) in protected]
-
-
-def launcher_argv(*, binds: list, workdir: str, argv: list) -> list:
-    """argv that bind-mounts `binds` in a private mount namespace, cds, then execs argv.
-
-    `unshare` execs (no fork) and so does the shell, so the pid we hold is the
-    container's main process. Without root (no mount namespaces) volumes are
-    not mounted and the command runs directly.
-    """
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        return ["/bin/sh", "-c", f"cd {shlex.quote(workdir)} && exec \"$@\"", "sh", *argv]
-    lines = ["set -e"]
-    for source, target, read_only, is_file in binds:
-        q_source, q_target = shlex.quote(source), shlex.quote(target)
-        optional = target == binds[-1][1] and is_file  # the termination-log file: best effort
-        if is_file:
-            step = (f"mkdir -p {shlex.quote(os.path.dirname(target) or '/')} && "
-                    f"{{ [ -e {q_target} ] || : > {q_target}; }} && mount --bind {q_source} {q_target}")
-        else:
-            step = f"mkdir -p {q_target} && mount --bind {q_source} {q_target}"
-        if read_only:
-            step += f" && mount -o remount,bind,ro {q_target}"
-        lines.append(f"{{ {step}; }}" + (" 2>/dev/null || true" if optional else ""))
-    lines.append(f"mkdir -p {shlex.quote(workdir)} && cd {shlex.quote(workdir)}")
-    lines.append('exec "$@"')
-    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
-            "\n".join(lines), "sh", *argv]
 
 
 def _write_atomic(path: pathlib.Path, content: bytes) -> None:

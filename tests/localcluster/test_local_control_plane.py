@@ -7,6 +7,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from localcluster.cluster import Cluster
 from localcluster.polling import wait_for
 
 CRD = """
@@ -125,3 +126,14 @@ def test_deleting_owner_garbage_collects_the_owned_pod(kube_cluster, namespace):
         return False
 
     wait_for(gone, timeout=45, what="garbage collection of the owned pod")
+
+
+def test_a_second_cluster_runs_beside_the_first(kube_cluster):
+    # Every component listens on a free loopback port, so nothing collides.
+    if not kube_cluster.uses_node_agent:
+        pytest.skip("starts a second local cluster; pointless against kind or an existing one")
+    with Cluster(log=lambda message: None) as second:
+        assert second.server != kube_cluster.server
+        for cluster in (kube_cluster, second):
+            nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+            assert [n["metadata"]["name"] for n in nodes] == ["local-gpu-0"]

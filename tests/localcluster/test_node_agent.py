@@ -212,3 +212,33 @@ def test_in_cluster_service_account_token_can_read_own_pod(agent_cluster, core, 
     assert finished.status.phase == "Succeeded", terminated.message
     assert (f"service account reader uid {created.metadata.uid}"
             in agent_cluster.pod_log(namespace, "self-reader"))
+
+
+def test_pod_with_empty_dir_at_tmp_still_sees_its_other_volumes_and_token(core, namespace):
+    # The fixture keeps every volume's host dir under /tmp/localcluster-*; the
+    # emptyDir at /tmp must not hide them (the chart's operator pod mounts one).
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "tmp-cfg"},
+                                                  "data": {"mode": "strict"}})
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "tmp-sec"},
+                                              "stringData": {"password": "hunter2"}})
+    code = ("import os\n"
+            "from kubernetes import client, config\n"
+            "assert sorted(os.listdir('/tmp')) == ['creds'], os.listdir('/tmp')\n"
+            "assert open('/etc/app/mode').read() == 'strict'\n"
+            "assert open('/tmp/creds/password').read() == 'hunter2'\n"
+            "open('/tmp/scratch', 'w').write('ok')\n"
+            "config.load_incluster_config()\n"
+            "print('apiserver', client.VersionApi().get_code().git_version)\n")
+    pod = python_pod("tmp-empty-dir", code, terminationMessagePolicy="FallbackToLogsOnError",
+                     volumeMounts=[{"name": "tmp", "mountPath": "/tmp"},
+                                   {"name": "cfg", "mountPath": "/etc/app", "readOnly": True},
+                                   {"name": "sec", "mountPath": "/tmp/creds", "readOnly": True}])
+    pod["spec"]["volumes"] = [{"name": "tmp", "emptyDir": {}},
+                              {"name": "cfg", "configMap": {"name": "tmp-cfg"}},
+                              {"name": "sec", "secret": {"secretName": "tmp-sec"}}]
+    core.create_namespaced_pod(namespace, pod)
+
+    finished = wait_finished(core, namespace, "tmp-empty-dir")
+
+    terminated = finished.status.container_statuses[0].state.terminated
+    assert finished.status.phase == "Succeeded", terminated.message
