@@ -54,17 +54,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def import_root() -> Path:
-    """Links to the packages only: the repository root would shadow the stdlib's `operator`."""
-    root = Path(tempfile.gettempdir()) / f"ftoperator-bench-import-{os.getuid()}"
-    root.mkdir(exist_ok=True)
-    for name, target in (("ftoperator", REPO / "operator" / "ftoperator"), ("trainer", REPO / "trainer"),
-                         ("localcluster", REPO / "hack" / "localcluster")):
-        if not (root / name).exists():
-            (root / name).symlink_to(target, target_is_directory=True)
-    return root
-
-
 def run_manifest(name: str) -> dict:
     return {
         "apiVersion": "finetune.dev/v1alpha1",
@@ -174,7 +163,6 @@ def summary(values: list[float]) -> dict:
 
 
 def benchmark(*, runs: int, kubeconfig: str, webhook: bool, timeout: float, log_dir: Path) -> dict:
-    sys.path.insert(0, str(import_root()))
     from kubernetes import config as kube_config
 
     from ftoperator.kubeapi import KubeApi
@@ -186,8 +174,7 @@ def benchmark(*, runs: int, kubeconfig: str, webhook: bool, timeout: float, log_
                                                      "metadata": {"name": namespace}})
 
     metrics_port, liveness_port, webhook_port = free_port(), free_port(), free_port()
-    env = dict(os.environ, KUBECONFIG=kubeconfig,
-               PYTHONPATH=os.pathsep.join(filter(None, [str(import_root()), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, KUBECONFIG=kubeconfig)
     command = [sys.executable, "-m", "ftoperator", "--namespace", namespace, "--trainer-image", "local/trainer",
                "--metrics-port", str(metrics_port), "--liveness-port", str(liveness_port),
                "--trainer-metrics-port", "0", "--stage-command-override", STAGE_COMMAND]
@@ -275,7 +262,7 @@ def _ensure_crd(api) -> None:
         if exc.status != 409:
             raise
     _wait(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in
-                      api.request("GET", f"{path}/{crd['metadata']['name']}").get("status", {}).get("conditions", [])),
+                      api.request("GET", f"{path}/{crd['metadata']['name']}").get("status", {}).get("conditions") or []),
           60, "the CRD to be established")
 
 
@@ -322,7 +309,6 @@ def main(argv: list[str] | None = None) -> int:
     cluster = None
     kubeconfig = args.kubeconfig
     if kubeconfig is None:
-        sys.path.insert(0, str(import_root()))
         from localcluster.cluster import Cluster
 
         cluster = Cluster(log=lambda line: None).start()

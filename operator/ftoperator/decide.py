@@ -1,7 +1,7 @@
-"""What to do next for one FineTuneRun: a pure function of (spec, status, observed pods, now).
+"""What to do next for one FineTuneRun: a pure function of (spec, status, observed children, now).
 
 ``decide`` never talks to the API and never reads the clock. It returns the
-actions to apply (create an object, tolerating 409; delete a pod), the new
+actions to apply (create an object -- a 409 is fine only for the run's own; delete a pod), the new
 status, the Kubernetes events to post and a few observations for metrics.
 Applying the same decision twice is harmless, and so is deciding again from
 a status that was not saved: pod names are deterministic and the observed
@@ -22,6 +22,12 @@ Semantics (docs/operator.md has the user's view):
   ``status.stages.<stage>.disruptions`` counts these.
 * ``suspend: true`` deletes the active pod; resuming starts a new attempt.
 * ``activeDeadlineSeconds`` counts from the start or the last resume.
+* Every pass of an active run re-creates whichever of its ServiceAccount, Role,
+  RoleBinding, progress ConfigMap and current stage ConfigMap is missing.
+* An object with one of the run's child names that the run does not own (left by a
+  deleted run of the same name until the garbage collector removes it), or that is
+  being deleted, is not "already there": the run creates nothing and polls until it
+  is gone (``WaitingForCleanup``), then creates its own.
 """
 
 from __future__ import annotations
@@ -38,18 +44,22 @@ from ftoperator.conditions import (
     set_condition, timestamp,
 )
 from ftoperator.config import OperatorConfig
-from ftoperator.observe import ObservedPod
+from ftoperator.observe import ObservedChild, ObservedPod, leftover_reason
 from ftoperator.validation import (
     RUN_FROZEN_FIELDS, TERMINAL_STATES, check_recorded_digests, describe, field_digest, stage_enabled,
     trains_reward_model, validate_spec,
 )
 
 IN_PROGRESS_STAGE_STATES = ("Starting", "WaitingForResources", "Running")
+CLEANUP_POLL_SECONDS = 1.0
+"""How often a run waiting for leftovers of an earlier run looks again (their deletion may wake no watch)."""
+LEFTOVERS_LISTED = 3
+"""Leftovers named in the status message; the rest are counted."""
 
 
 @dataclass(frozen=True)
 class CreateObject:
-    """Create a namespaced object; AlreadyExists (409) means it is already there and is fine."""
+    """Create a namespaced object; AlreadyExists (409) is fine only if the existing one is the run's own."""
 
     obj: dict[str, Any]
 
@@ -102,7 +112,11 @@ class Decision:
     retries: list[tuple[str, str]] = field(default_factory=list)
     """(stage, failure|disruption) for every replacement pod."""
     requeue_after: float | None = None
-    """Reconcile again after this many seconds even if nothing changes (deadlines)."""
+    """Reconcile again after this many seconds even if nothing changes (deadlines, leftovers)."""
+
+    def requeue(self, seconds: float) -> None:
+        """Ask for a pass within ``seconds`` (the earliest of all requests wins)."""
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
 
 def runs_pod(spec: FineTuneRunSpec, stage: str) -> bool:
@@ -125,11 +139,14 @@ def _seconds(later: datetime, earlier_stamp: str | None) -> float | None:
 class _Pass:
     """One reconcile pass; methods mutate ``self.status`` (a private copy) and append to the decision."""
 
-    def __init__(self, *, run: RunRef, status: FineTuneRunStatus, pods: list[ObservedPod], now: datetime,
-                 config: OperatorConfig):
+    def __init__(self, *, run: RunRef, status: FineTuneRunStatus, pods: list[ObservedPod],
+                 children: list[ObservedChild], now: datetime, config: OperatorConfig):
         self.run = run
         self.status = status
         self.pods = pods
+        self.leftovers = [reason for reason in (leftover_reason(c, run.uid) for c in children) if reason]
+        # What exists and is ours; a create of anything else is needed (once per pass).
+        self.present = {(c.kind, c.name) for c in children if leftover_reason(c, run.uid) is None}
         self.now = now
         self.stamp = timestamp(now)
         self.config = config
@@ -145,6 +162,17 @@ class _Pass:
         self.status.conditions = set_condition(
             self.status.conditions, type_=type_, status=status, reason=reason, message=message,
             now=self.now, generation=self.run.generation)
+
+    def ensure(self, obj: dict[str, Any]) -> None:
+        """Create ``obj`` unless the run's own object of that kind and name was observed."""
+        key = (obj["kind"], obj["metadata"]["name"])
+        if key not in self.present:
+            self.present.add(key)
+            self.decision.actions.append(CreateObject(obj))
+
+    def ensure_stage_config(self, spec: FineTuneRunSpec, stage: str) -> None:
+        if ("ConfigMap", naming.stage_config_map_name(self.run.name, stage)) not in self.present:
+            self.ensure(builders.stage_config_map(spec, run=self.run, stage=stage, config=self.config))
 
     def delete_active_pods(self, reason: str, stage: str | None = None) -> list[str]:
         names = [p.name for p in self.pods if p.active and (stage is None or p.stage == stage)]
@@ -180,10 +208,14 @@ class _Pass:
             return
         if is_true(status.conditions, SUSPENDED):
             self.resume()
-        if status.start_time is None:
-            self.start(spec)
         if self.deadline_exceeded(spec):
             return
+        if self.wait_for_leftovers():
+            return
+        if status.start_time is None:
+            self.start(spec)
+        for obj in builders.run_infrastructure(self.run):
+            self.ensure(obj)
 
         while True:
             stage = self.next_stage(spec)
@@ -236,7 +268,24 @@ class _Pass:
         self.status.start_time = self.status.active_since = self.stamp
         for frozen in RUN_FROZEN_FIELDS:
             self.status.spec_digests[frozen] = field_digest(spec, frozen)
-        self.decision.actions.extend(CreateObject(obj) for obj in builders.run_infrastructure(self.run))
+        if spec.active_deadline_seconds is not None:
+            self.decision.requeue(spec.active_deadline_seconds)
+
+    def wait_for_leftovers(self) -> bool:
+        """True (create nothing this pass) while objects with the run's child names are not its own."""
+        if not self.leftovers:
+            return False
+        listed = "; ".join(self.leftovers[:LEFTOVERS_LISTED])
+        more = len(self.leftovers) - LEFTOVERS_LISTED
+        message = (f"waiting for objects with this run's child names to be deleted before creating its own: {listed}"
+                   f"{f' (and {more} more)' if more > 0 else ''}. The garbage collector removes a deleted run's "
+                   "objects within seconds; delete any that stays")
+        if self.status.message != message:
+            self.event("Normal", "WaitingForCleanup", message)
+        self.status.message = message
+        self.condition(SUCCEEDED, "Unknown", "WaitingForCleanup", message)
+        self.decision.requeue(CLEANUP_POLL_SECONDS)
+        return True
 
     def suspend(self) -> None:
         deleted = self.delete_active_pods("the run is suspended")
@@ -267,7 +316,7 @@ class _Pass:
         if limit is None or elapsed is None:
             return False
         if elapsed < limit:
-            self.decision.requeue_after = limit - elapsed
+            self.decision.requeue(limit - elapsed)
             return False
         self.fail("DeadlineExceeded",
                   f"the run was active for {elapsed:.0f}s, longer than spec.activeDeadlineSeconds ({limit}s)")
@@ -317,6 +366,9 @@ class _Pass:
                            f"pod {previous_pod} disappeared (deleted or evicted); started {current.pod} "
                            "from the last checkpoint (not counted against backoffLimit)")
             return "waiting"
+
+        if pod.active:
+            self.ensure_stage_config(spec, stage)  # a pending pod cannot start without it
 
         if pod.deleting and pod.phase != "Succeeded":
             # Deleted by someone (or by a suspension): whatever phase it ends in is not the trainer's
@@ -398,8 +450,7 @@ class _Pass:
         current.running_time = None
         frozen = f"spec.stages.{stage}"
         self.status.spec_digests.setdefault(frozen, field_digest(spec, frozen))
-        self.decision.actions.append(CreateObject(
-            builders.stage_config_map(spec, run=self.run, stage=stage, config=self.config)))
+        self.ensure_stage_config(spec, stage)
         self.decision.actions.append(CreateObject(
             builders.stage_pod(spec, run=self.run, stage=stage, attempt=attempt, config=self.config)))
 
@@ -467,12 +518,20 @@ def decide(
     spec: dict[str, Any] | None,
     status: dict[str, Any] | None,
     pods: list[ObservedPod],
+    children: list[ObservedChild],
     now: datetime,
     config: OperatorConfig,
 ) -> Decision:
-    """The next step for one run. ``spec`` and ``status`` are the raw object's fields."""
+    """The next step for one run. ``spec`` and ``status`` are the raw object's fields.
+
+    ``pods`` are the run's own stage pods (controlled by ``run.uid``). ``children`` is every
+    object observed under one of the run's child names -- pods, ConfigMaps, the ServiceAccount,
+    Role and RoleBinding -- whoever owns it: what is the run's own is not created again, what is
+    not holds the run in ``WaitingForCleanup``.
+    """
     before = parse_status(status)
-    work = _Pass(run=run, status=before.model_copy(deep=True), pods=pods, now=now, config=config)
+    work = _Pass(run=run, status=before.model_copy(deep=True), pods=pods, children=children, now=now,
+                 config=config)
     work.reconcile(spec)
     work.decision.transitions = _stage_transitions(before, work.status)
     return work.decision

@@ -1,7 +1,8 @@
 """The only module that talks to the Kubernetes API (besides kopf's own watches).
 
-Objects travel as plain dicts. Creates tolerate 409 AlreadyExists and deletes
-tolerate 404 NotFound, so applying a decision twice is harmless. Every
+Objects travel as plain dicts. Creates report 409 AlreadyExists (the caller checks
+whose the existing object is) and deletes tolerate 404 NotFound, so applying a
+decision twice is harmless. Every
 request is counted by verb for the metrics and the scale benchmark.
 """
 
@@ -123,17 +124,31 @@ class KubeApi:
 
     # --------------------------------------------------------------------- children
 
-    def list_pods(self, namespace: str, *, label_selector: str, owner_uid: str | None = None) -> list[dict[str, Any]]:
-        """Pods matching the selector (and controlled by ``owner_uid`` when given)."""
-        answer = self.request("GET", _path("Pod", namespace), query=[("labelSelector", label_selector)])
-        pods = answer.get("items") or []
-        if owner_uid is None:
-            return pods
-        return [p for p in pods if any(ref.get("uid") == owner_uid
-                                       for ref in (p.get("metadata") or {}).get("ownerReferences") or [])]
+    def list_objects(self, kind: str, namespace: str, *, label_selector: str) -> list[dict[str, Any]]:
+        """Objects of ``kind`` matching the selector, whoever owns them, each with its ``kind`` set."""
+        answer = self.request("GET", _path(kind, namespace), query=[("labelSelector", label_selector)])
+        items = answer.get("items") or []
+        for item in items:  # list items come without kind
+            item.setdefault("kind", kind)
+        return items
+
+    def list_pods(self, namespace: str, *, label_selector: str) -> list[dict[str, Any]]:
+        """Pods matching the selector, whoever owns them."""
+        return self.list_objects("Pod", namespace, label_selector=label_selector)
+
+    def get_object(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """One namespaced object (with its ``kind`` set), or None if there is none."""
+        try:
+            obj = self.request("GET", _path(kind, namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        obj.setdefault("kind", kind)
+        return obj
 
     def create(self, obj: dict[str, Any]) -> bool:
-        """Create a namespaced object; False if it already existed (409)."""
+        """Create a namespaced object; False if one of that name already existed (409), whoever owns it."""
         meta = obj["metadata"]
         try:
             self.request("POST", _path(obj["kind"], meta["namespace"]), body=obj)

@@ -1,4 +1,10 @@
-"""What the reconciler needs to know about a stage pod, extracted from the raw Pod object (pure)."""
+"""What the reconciler needs to know about a run's children, extracted from the raw objects (pure).
+
+* ``observe_pod``: a stage pod's stage, attempt, phase and why it failed or waits;
+* ``observe_child``: any object that has one of a run's child names (pod, ConfigMap,
+  ServiceAccount, Role, RoleBinding), who controls it and whether it is being deleted;
+  ``leftover_reason`` says why a run may not count such an object as its own.
+"""
 
 from __future__ import annotations
 
@@ -103,3 +109,50 @@ def observe_pod(pod: dict[str, Any]) -> ObservedPod | None:
         exit_code=exit_code,
         disrupted=disrupted,
     )
+
+
+# ----------------------------------------------------------------------------- any child
+
+
+def controller_uid(obj: dict[str, Any]) -> str | None:
+    """The uid in the object's controller owner reference, or None when nothing controls it."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+@dataclass(frozen=True)
+class ObservedChild:
+    """An object that has the name of one of a run's children; it may belong to someone else."""
+
+    kind: str
+    name: str
+    controller_uid: str | None
+    """The uid of the object that controls it: the run's own uid, an earlier run's of the same name, or None."""
+    deleting: bool = False
+
+
+def observe_child(obj: dict[str, Any]) -> ObservedChild:
+    meta = obj.get("metadata") or {}
+    return ObservedChild(kind=obj.get("kind", ""), name=meta.get("name", ""), controller_uid=controller_uid(obj),
+                         deleting=meta.get("deletionTimestamp") is not None)
+
+
+def leftover_reason(child: ObservedChild, run_uid: str) -> str | None:
+    """Why the run with ``run_uid`` may not count ``child`` as its own, or None when it may.
+
+    An object controlled by another uid is typically left by a deleted run of the same name
+    that the garbage collector has not removed yet; creating ours answers 409 until it is gone.
+    A run's own ServiceAccount, Role, RoleBinding or ConfigMap that is being deleted is about
+    to vanish too. A run's own pod that is being deleted is not a leftover: attempts have their
+    own names, and the stage logic waits for such a pod by itself.
+    """
+    what = f"{child.kind} {child.name}"
+    if child.controller_uid is None:
+        return f"{what} exists but is not owned by this run"
+    if child.controller_uid != run_uid:
+        return f"{what} belongs to another owner (uid {child.controller_uid}), likely a deleted run of the same name"
+    if child.deleting and child.kind != "Pod":
+        return f"{what} is being deleted"
+    return None

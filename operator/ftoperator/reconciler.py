@@ -1,11 +1,16 @@
 """Fetch -> decide -> apply, for one run at a time; and the per-run loops that drive it.
 
 ``RunReconciler.reconcile`` is synchronous (the Kubernetes client blocks) and
-level-based: it reads the run and its pods afresh, asks ``decide`` what to do,
-creates and deletes, then patches the status with the minimal merge patch.
+level-based: it reads the run and its children afresh (pods and ConfigMaps by the
+run's label, the ServiceAccount, Role and RoleBinding by name -- whoever owns
+them), asks ``decide`` what to do, creates and deletes, then patches the status
+with the minimal merge patch.
 Objects are created before the status that records them is written, so a
 crash in between leaves a pod that the next pass adopts (names are
-deterministic), never a status that points at nothing.
+deterministic), never a status that points at nothing. A create that answers
+409 for an object the run does not own (one that appeared since it was listed,
+or carries no run label) ends the pass before the status is written
+(``ChildConflict``); the next pass sees the object and waits for it to go.
 
 ``RunLoops`` runs one asyncio loop per run (a kopf daemon calls ``run``):
 reconcile, then sleep until nudged by a watch event (the run's spec, one of
@@ -22,7 +27,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from ftoperator import naming, progress
+from ftoperator import builders, naming, progress
 from ftoperator.api import dump
 from ftoperator.builders import RunRef
 from ftoperator.config import OperatorConfig
@@ -30,12 +35,16 @@ from ftoperator.decide import CreateObject, Decision, DeletePod, decide
 from ftoperator.kubeapi import ApiError, KubeApi
 from ftoperator.mergepatch import diff
 from ftoperator.metrics import OperatorMetrics
-from ftoperator.observe import observe_pod
+from ftoperator.observe import ObservedChild, controller_uid, leftover_reason, observe_child, observe_pod
 from ftoperator.validation import TERMINAL_STATES
 
 log = logging.getLogger("ftoperator.reconciler")
 
 RunKey = tuple[str, str]  # (namespace, name)
+
+
+class ChildConflict(Exception):
+    """A create answered 409 for an object the run cannot count as its own; the pass is abandoned."""
 
 
 def utc_now() -> datetime:
@@ -60,16 +69,18 @@ class RunReconciler:
             return None
         meta = obj["metadata"]
         run = RunRef(name=name, namespace=namespace, uid=meta["uid"], generation=meta.get("generation", 1))
-        raw_pods = self.api.list_pods(namespace, label_selector=naming.run_selector(name), owner_uid=run.uid)
-        pods = [p for p in (observe_pod(raw) for raw in raw_pods) if p is not None]
+        raw_pods = self.api.list_pods(namespace, label_selector=naming.run_selector(name))
+        pods = [p for p in (observe_pod(raw) for raw in raw_pods if controller_uid(raw) == run.uid) if p is not None]
+        children = self._observe_other_children(run) + [observe_child(raw) for raw in raw_pods]
         old_status = obj.get("status") or {}
         now = self.clock()
-        decision = decide(run=run, spec=obj.get("spec"), status=old_status, pods=pods, now=now, config=self.config)
+        decision = decide(run=run, spec=obj.get("spec"), status=old_status, pods=pods, children=children, now=now,
+                          config=self.config)
 
         for action in decision.actions:
             if isinstance(action, CreateObject):
                 if not self.api.create(action.obj):
-                    log.debug("%s/%s: %s %s already exists", namespace, name, action.kind, action.name)
+                    self._check_existing_is_ours(run, action)
             elif isinstance(action, DeletePod):
                 log.info("%s/%s: deleting pod %s: %s", namespace, name, action.name, action.reason)
                 self.api.delete_pod(namespace, action.name)
@@ -88,6 +99,27 @@ class RunReconciler:
         self.metrics.set_run_state((namespace, name), decision.status.state)
         self.metrics.reconcile_seconds.observe(time.monotonic() - started)
         return decision
+
+    def _observe_other_children(self, run: RunRef) -> list[ObservedChild]:
+        """The run's ConfigMaps (by label) and its ServiceAccount, Role and RoleBinding (by name)."""
+        selector = naming.run_selector(run.name)
+        found = [observe_child(raw) for raw in self.api.list_objects("ConfigMap", run.namespace,
+                                                                     label_selector=selector)]
+        for access in builders.trainer_access(run):
+            raw = self.api.get_object(access["kind"], run.namespace, access["metadata"]["name"])
+            if raw is not None:
+                found.append(observe_child(raw))
+        return found
+
+    def _check_existing_is_ours(self, run: RunRef, action: CreateObject) -> None:
+        """After a 409: fine if the existing object is the run's own, else raise ``ChildConflict``."""
+        existing = self.api.get_object(action.kind, run.namespace, action.name)
+        reason = (f"{action.kind} {action.name} was deleted right after the create answered 409"
+                  if existing is None else leftover_reason(observe_child(existing), run.uid))
+        if reason is not None:
+            raise ChildConflict(f"{run.namespace}/{run.name}: {reason}; the run's own is created once it is gone "
+                                "(delete it if it stays)")
+        log.debug("%s/%s: %s %s already exists", run.namespace, run.name, action.kind, action.name)
 
     def copy_progress(self, namespace: str, run_name: str, data: dict[str, str] | None) -> bool:
         """Copy a progress ConfigMap's data into the run's status; False if there was nothing to copy."""

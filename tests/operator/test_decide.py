@@ -4,13 +4,30 @@ from __future__ import annotations
 
 import yaml
 
+from ftoperator import builders, naming
 from ftoperator.api import dump
 from ftoperator.decide import CreateObject, DeletePod, decide
+from ftoperator.observe import ObservedChild
 
 
-def reconcile(spec, status, pods, *, run, config, at):
-    """One pass; returns (decision, status as the API would store it)."""
-    decision = decide(run=run, spec=spec, status=status, pods=pods, now=at, config=config)
+def owned_children(run, pods):
+    """What a started run owns: its access objects, progress ConfigMap, and each observed pod with its ConfigMap."""
+    children = [ObservedChild(obj["kind"], obj["metadata"]["name"], run.uid)
+                for obj in builders.run_infrastructure(run)]
+    for p in pods:
+        children.append(ObservedChild("Pod", p.name, run.uid, deleting=p.deleting))
+        children.append(ObservedChild("ConfigMap", naming.stage_config_map_name(run.name, p.stage), run.uid))
+    return children
+
+
+def reconcile(spec, status, pods, *, run, config, at, children=None):
+    """One pass; returns (decision, status as the API would store it).
+
+    ``children`` defaults to what a started run owns (``owned_children``); pass ``[]`` for a brand-new run.
+    """
+    if children is None:
+        children = owned_children(run, pods)
+    decision = decide(run=run, spec=spec, status=status, pods=pods, children=children, now=at, config=config)
     return decision, dump(decision.status)
 
 
@@ -36,11 +53,17 @@ def job_of(decision, stage):
     return yaml.safe_load(config_map["data"]["job.yaml"])
 
 
+def output_dir_env(decision, pod_name):
+    pod = next(a.obj for a in decision.actions if isinstance(a, CreateObject) and a.name == pod_name)
+    env = pod["spec"]["containers"][0]["env"]
+    return next(e["value"] for e in env if e["name"] == "FINETUNE_OUTPUT_DIR")
+
+
 # ----------------------------------------------------------------------------- start
 
 
 def test_fresh_run_sets_every_condition_and_creates_access_objects_then_the_sft_pod(spec, run, config, now):
-    decision, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    decision, status = reconcile(spec, None, [], run=run, config=config, at=now(), children=[])
 
     assert [c["type"] for c in status["conditions"]] == [
         "Succeeded", "Running", "WaitingForResources", "Suspended", "Failed"]
@@ -62,8 +85,8 @@ def test_fresh_run_sets_every_condition_and_creates_access_objects_then_the_sft_
 
 
 def test_deciding_twice_from_an_unsaved_status_asks_for_the_same_objects(spec, run, config, now):
-    first, _ = reconcile(spec, None, [], run=run, config=config, at=now())
-    second, _ = reconcile(spec, None, [], run=run, config=config, at=now(1))
+    first, _ = reconcile(spec, None, [], run=run, config=config, at=now(), children=[])
+    second, _ = reconcile(spec, None, [], run=run, config=config, at=now(1), children=[])
     assert [(a.kind, a.name) for a in first.actions] == [(a.kind, a.name) for a in second.actions]
 
 
@@ -73,6 +96,86 @@ def test_restarted_operator_adopts_the_pod_whose_status_was_never_saved(spec, ru
     assert created(decision) == []
     assert status["stages"]["sft"]["attempts"] == 1
     assert status["stages"]["sft"]["state"] == "Running"
+
+
+# ----------------------------------------------------------------------------- children: missing and leftovers
+
+
+def leftovers_of_a_deleted_run(run, uid="uid-old"):
+    """What a deleted run of the same name leaves until the garbage collector removes it."""
+    old = [ObservedChild(obj["kind"], obj["metadata"]["name"], uid) for obj in builders.run_infrastructure(run)]
+    return old + [ObservedChild("ConfigMap", "demo-sft-job", uid), ObservedChild("Pod", "demo-sft-1", uid)]
+
+
+def test_recreated_run_creates_nothing_while_a_deleted_runs_children_with_its_names_remain(spec, run, config, now):
+    decision, status = reconcile(spec, None, [], run=run, config=config, at=now(),
+                                 children=leftovers_of_a_deleted_run(run))
+
+    assert decision.actions == []
+    assert status["state"] == "Pending" and status.get("startTime") is None
+    assert "ServiceAccount demo-trainer belongs to another owner (uid uid-old)" in status["message"]
+    assert "(and 3 more)" in status["message"]
+    assert condition(status, "Succeeded")["reason"] == "WaitingForCleanup"
+    assert reasons(decision) == ["WaitingForCleanup"]
+    assert decision.requeue_after == 1.0
+
+    again, status = reconcile(spec, status, [], run=run, config=config, at=now(1),
+                              children=leftovers_of_a_deleted_run(run))
+    assert again.actions == [] and again.events == [], "the same wait is announced once"
+
+
+def test_recreated_run_creates_all_its_children_once_the_leftovers_are_gone(spec, run, config, now):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now(), children=leftovers_of_a_deleted_run(run))
+    # The garbage collector has removed some: still waiting for the rest.
+    remaining = [c for c in leftovers_of_a_deleted_run(run) if c.kind in ("Pod", "RoleBinding")]
+    decision, status = reconcile(spec, status, [], run=run, config=config, at=now(2), children=remaining)
+    assert decision.actions == []
+
+    decision, status = reconcile(spec, status, [], run=run, config=config, at=now(4), children=[])
+    assert [(a.kind, a.name) for a in decision.actions] == [
+        ("ServiceAccount", "demo-trainer"), ("Role", "demo-trainer"), ("RoleBinding", "demo-trainer"),
+        ("ConfigMap", "demo-progress"), ("ConfigMap", "demo-sft-job"), ("Pod", "demo-sft-1")]
+    assert all(a.obj["metadata"]["ownerReferences"][0]["uid"] == run.uid for a in decision.actions)
+    assert status["stages"]["sft"]["state"] == "Starting" and status["startTime"] is not None
+
+
+def test_an_unowned_object_with_a_child_name_holds_the_run_and_says_to_delete_it(spec, run, config, now):
+    decision, status = reconcile(spec, None, [], run=run, config=config, at=now(),
+                                 children=[ObservedChild("ServiceAccount", "demo-trainer", None)])
+    assert decision.actions == []
+    assert "ServiceAccount demo-trainer exists but is not owned by this run" in status["message"]
+    assert "delete any that stays" in status["message"]
+
+
+def test_a_missing_child_of_a_running_run_is_created_again(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now(), children=[])
+    running = [pod("sft", 1, "Running")]
+    without_account = [c for c in owned_children(run, running) if c.kind != "ServiceAccount"]
+    decision, status = reconcile(spec, status, running, run=run, config=config, at=now(5), children=without_account)
+    assert [(a.kind, a.name) for a in decision.actions] == [("ServiceAccount", "demo-trainer")]
+    assert status["state"] == "Running"
+
+
+def test_a_pending_pods_missing_stage_config_map_is_created_again(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now(), children=[])
+    pending = [pod("sft", 1, "Pending")]
+    without_job = [c for c in owned_children(run, pending) if c.name != "demo-sft-job"]
+    decision, _ = reconcile(spec, status, pending, run=run, config=config, at=now(5), children=without_job)
+    assert [(a.kind, a.name) for a in decision.actions] == [("ConfigMap", "demo-sft-job")]
+
+
+def test_the_runs_own_config_map_being_deleted_is_waited_for_then_created_again(spec, run, config, now, pod):
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now(), children=[])
+    running = [pod("sft", 1, "Running")]
+    children = [ObservedChild(c.kind, c.name, c.controller_uid, deleting=c.name == "demo-progress")
+                for c in owned_children(run, running)]
+    decision, status = reconcile(spec, status, running, run=run, config=config, at=now(5), children=children)
+    assert decision.actions == [] and "ConfigMap demo-progress is being deleted" in status["message"]
+
+    gone = [c for c in children if c.name != "demo-progress"]
+    decision, status = reconcile(spec, status, running, run=run, config=config, at=now(6), children=gone)
+    assert [(a.kind, a.name) for a in decision.actions] == [("ConfigMap", "demo-progress")]
+    assert status["state"] == "Running" and condition(status, "Succeeded")["reason"] == "StageRunning"
 
 
 # ----------------------------------------------------------------------------- pod phases
@@ -205,7 +308,9 @@ def test_failed_pod_is_retried_with_the_same_output_dir_until_backoff_limit_then
     assert retry.retries == [("sft", "failure")]
     assert status["stages"]["sft"]["failures"] == 1
     assert status["stages"]["sft"]["attempts"] == 2
-    assert job_of(retry, "sft")["outputDir"] == job_of(first, "sft")["outputDir"] == "/artifacts/team-a/demo/sft"
+    # The retry reuses the stage's ConfigMap (it exists), so it reads the same output directory and resumes.
+    assert created(retry, "ConfigMap") == []
+    assert job_of(first, "sft")["outputDir"] == output_dir_env(retry, "demo-sft-2") == "/artifacts/team-a/demo/sft"
 
     pods = [failed, pod("sft", 2, "Failed", failure="CUDA out of memory again", exit_code=1)]
     final, status = reconcile(spec, status, pods, run=run, config=config, at=now(20))

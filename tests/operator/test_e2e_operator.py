@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -28,7 +27,6 @@ pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "finetuneruns.finetune.dev.yaml"
-EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
 NAMESPACE_PREFIX = "ftop-e2e-"
 MAX_GPUS = 4  # the local node has 2 GPUs: 4 passes admission but cannot be scheduled
 
@@ -51,20 +49,6 @@ def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 120.0, int
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
-def import_root() -> Path:
-    """A directory with links to the packages only: the repository root would shadow stdlib `operator`."""
-    root = Path(tempfile.gettempdir()) / f"ftoperator-e2e-import-{os.getuid()}"
-    root.mkdir(exist_ok=True)
-    for name, target in (("ftoperator", REPO / "operator" / "ftoperator"), ("trainer", REPO / "trainer")):
-        link = root / name
-        if not link.exists():
-            try:
-                link.symlink_to(target, target_is_directory=True)
-            except FileExistsError:
-                pass
-    return root
-
-
 class OperatorProcess:
     """``python -m ftoperator`` as a child process that can be killed and started again."""
 
@@ -78,7 +62,6 @@ class OperatorProcess:
 
     def start(self) -> None:
         env = dict(os.environ, KUBECONFIG=self.kubeconfig)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(import_root()), env.get("PYTHONPATH")]))
         self.starts += 1
         log = open(self.log_path, "a")
         log.write(f"\n===== start {self.starts} =====\n")
@@ -127,7 +110,10 @@ class OperatorProcess:
 @pytest.fixture(scope="module")
 def operator(kube_cluster, tmp_path_factory):
     kube_cluster.kubectl("apply", "-f", str(CRD))
-    kube_cluster.kubectl("wait", "--for=condition=Established", "crd/finetuneruns.finetune.dev", "--timeout=60s")
+    # Polled rather than `kubectl wait`: that fails outright if it reads the CRD before it has any conditions.
+    wait_for("the CRD to be established", lambda: kube_cluster.kubectl(
+        "get", "crd", "finetuneruns.finetune.dev", "-o", 'jsonpath={.status.conditions[?(@.type=="Established")].status}',
+        check=False).stdout == "True", timeout=60)
     process = OperatorProcess(kubeconfig=kube_cluster.kubeconfig, workdir=tmp_path_factory.mktemp("operator"))
     process.start()
     wait_for("the webhook configuration", lambda: kube_cluster.kubectl(
@@ -177,12 +163,34 @@ def namespace(kube_cluster, tiny_model_dir, operator):
 # ----------------------------------------------------------------------------- helpers
 
 
+# Its own manifest, not examples/tiny-cpu.yaml: the demo's run is tuned to show learning, these tests
+# need the quickest run with all three stages (a few steps each, on the 8 toy prompts of `namespace`).
+TINY_SPEC = yaml.safe_load("""
+model: {source: pvc://models/tiny}
+data:
+  sft: pvc://datasets/sft.jsonl
+  preferences: pvc://datasets/preferences.jsonl
+  prompts: pvc://datasets/prompts.jsonl
+artifacts: {pvc: runs}
+image: ghcr.io/finetune-dev/finetune-trainer:0.1.0
+resources: {cpu: "1", memory: 2Gi}
+backoffLimit: 2
+activeDeadlineSeconds: 1800
+stages:
+  sft: {maxSteps: 4, batchSize: 4, learningRate: 1.0e-3, maxSeqLengthTokens: 64, checkpointEverySteps: 2,
+        precision: fp32}
+  reward: {maxSteps: 4, batchSize: 4, learningRate: 1.0e-3, maxSeqLengthTokens: 64, checkpointEverySteps: 2,
+           precision: fp32}
+  ppo: {steps: 4, batchSize: 4, miniBatches: 2, ppoEpochs: 1, learningRate: 1.0e-4, responseLengthTokens: 8,
+        sampleEverySteps: 2, samplePrompts: 2, checkpointEverySteps: 2, precision: fp32}
+""")
+
+
 def example(name: str, **spec_changes: Any) -> dict:
-    run = yaml.safe_load(EXAMPLE.read_text())
-    run = copy.deepcopy(run)
-    run["metadata"]["name"] = name
-    run["spec"].update(spec_changes)
-    return run
+    """A tiny three-stage run named ``name``."""
+    spec = copy.deepcopy(TINY_SPEC)
+    spec.update(spec_changes)
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneRun", "metadata": {"name": name}, "spec": spec}
 
 
 def ppo_only(name: str, *, steps: int) -> dict:
@@ -352,6 +360,46 @@ def test_deleting_a_run_deletes_everything_it_owns(kube_cluster, api, namespace)
         return answer.stdout.split()
 
     wait_for("garbage collection of the run's children", lambda: leftovers() == [], timeout=90)
+
+
+def sft_only(name: str, *, steps: int) -> dict:
+    """One short stage: the quickest run that still has every kind of child."""
+    run = example(name)
+    run["spec"]["data"] = {"sft": "pvc://datasets/sft.jsonl"}
+    run["spec"]["stages"] = {"sft": {**run["spec"]["stages"]["sft"], "maxSteps": steps}}
+    return run
+
+
+def test_run_deleted_and_recreated_at_once_waits_for_the_old_children_then_succeeds(kube_cluster, api, namespace):
+    service_account = "again-trainer"
+    apply(kube_cluster, namespace, sft_only("again", steps=2))
+    wait_for("the first run's ServiceAccount and pod", lambda: (
+        api.get_object("ServiceAccount", namespace, service_account) and pod_names(api, namespace, "again")), timeout=60)
+    old_uid = get_run(api, namespace, "again")["metadata"]["uid"]
+    # Hold the old ServiceAccount so that the re-created run surely meets it (the garbage collector is quick).
+    hold = {"metadata": {"finalizers": ["finetune.dev/e2e-hold"]}}
+    kube_cluster.kubectl("patch", "sa", service_account, "-n", namespace, "--type=merge", "-p", json.dumps(hold))
+    kube_cluster.kubectl("delete", "ftr", "again", "-n", namespace, "--timeout=30s")  # background cascade
+    apply(kube_cluster, namespace, sft_only("again", steps=2))
+
+    held = f"ServiceAccount {service_account} belongs to another owner (uid {old_uid})"
+    # Generous: the garbage collector notices deleted runs only once it watches the CRD, up to ~30 s
+    # after the CRD was created (seconds when earlier tests ran first, ~40 s when this test runs alone).
+    status = wait_for("the new run to wait for the held ServiceAccount", lambda: (lambda s: s if condition(
+        s, "Succeeded").get("reason") == "WaitingForCleanup" and held in s.get("message", "") else None)(
+        status_of(api, namespace, "again")), timeout=90)
+    assert status["stages"]["sft"]["attempts"] == 0 and pod_names(api, namespace, "again") == []
+    new_uid = get_run(api, namespace, "again")["metadata"]["uid"]
+    assert new_uid != old_uid
+    kube_cluster.kubectl("patch", "sa", service_account, "-n", namespace, "--type=merge",
+                         "-p", '{"metadata":{"finalizers":null}}')
+
+    status = wait_state(api, namespace, "again", "Succeeded", "Failed", timeout=60)
+    assert status["state"] == "Succeeded", status.get("message")
+    assert status["stages"]["sft"]["attempts"] == 1 and status["stages"]["sft"]["disruptions"] == 0
+    owner = api.get_object("ServiceAccount", namespace, service_account)["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == new_uid
+    assert "WaitingForCleanup" in event_reasons(kube_cluster, namespace, "again")
 
 
 @pytest.mark.parametrize(("change", "field"), [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ftoperator.observe import observe_pod
+from ftoperator.observe import leftover_reason, observe_child, observe_pod
 
 
 def raw_pod(phase, *, conditions=(), containers=(), reason=None, deleting=False, labels=None):
@@ -54,3 +54,25 @@ def test_deleting_pod_is_not_active_and_foreign_pods_are_ignored():
     assert not observe_pod(raw_pod("Running", deleting=True)).active
     assert observe_pod(raw_pod("Running", labels={"app": "other"})) is None
     assert observe_pod(raw_pod("Running", labels={"finetune.dev/stage": "sft", "finetune.dev/attempt": "x"})) is None
+
+
+def child(*, uid="uid-1", deleting=False, kind="ServiceAccount"):
+    meta = {"name": "demo-trainer", "ownerReferences": [{"uid": "someone", "controller": False}]}
+    if uid is not None:
+        meta["ownerReferences"].append({"uid": uid, "controller": True})
+    if deleting:
+        meta["deletionTimestamp"] = "2025-01-01T12:01:00Z"
+    return observe_child({"kind": kind, "metadata": meta})
+
+
+def test_a_child_is_the_runs_own_only_if_the_run_controls_it_and_it_is_not_being_deleted():
+    assert child().controller_uid == "uid-1"
+    assert leftover_reason(child(), "uid-1") is None
+    assert "belongs to another owner (uid uid-0)" in leftover_reason(child(uid="uid-0"), "uid-1")
+    assert "not owned by this run" in leftover_reason(child(uid=None), "uid-1")
+    assert leftover_reason(child(deleting=True), "uid-1") == "ServiceAccount demo-trainer is being deleted"
+
+
+def test_the_runs_own_pod_being_deleted_is_not_a_leftover():
+    assert leftover_reason(child(kind="Pod", deleting=True), "uid-1") is None
+    assert leftover_reason(child(kind="Pod", uid="uid-0"), "uid-1") is not None

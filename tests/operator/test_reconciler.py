@@ -4,35 +4,45 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from ftoperator.config import OperatorConfig
 from ftoperator.metrics import OperatorMetrics
 from ftoperator.mergepatch import apply
-from ftoperator.reconciler import RunReconciler
+from ftoperator.reconciler import ChildConflict, RunReconciler
 
 
 class FakeApi:
-    """Records calls in order; keeps one run and a list of raw pods."""
+    """Records calls in order; keeps one run, a list of raw pods, and the other objects by (kind, name)."""
 
     def __init__(self, run, pods=()):
         self.run = run
         self.pods = list(pods)
         self.calls = []
-        self.existing = set()
+        self.objects = {}
 
     def get_run(self, namespace, name):
         self.calls.append(("get", name))
         return copy.deepcopy(self.run)
 
-    def list_pods(self, namespace, *, label_selector, owner_uid=None):
+    def list_pods(self, namespace, *, label_selector):
         self.calls.append(("list", label_selector))
         return copy.deepcopy(self.pods)
+
+    def list_objects(self, kind, namespace, *, label_selector):
+        self.calls.append(("list", kind))
+        return [copy.deepcopy(obj) for (k, _), obj in self.objects.items() if k == kind]
+
+    def get_object(self, kind, namespace, name):
+        self.calls.append(("get", kind, name))
+        return copy.deepcopy(self.objects.get((kind, name)))
 
     def create(self, obj):
         key = (obj["kind"], obj["metadata"]["name"])
         self.calls.append(("create",) + key)
-        if key in self.existing:
+        if key in self.objects:
             return False
-        self.existing.add(key)
+        self.objects[key] = copy.deepcopy(obj)
         return True
 
     def delete_pod(self, namespace, name):
@@ -57,7 +67,7 @@ def test_objects_are_created_before_the_status_that_records_them_and_events_come
     api = FakeApi({"metadata": {"name": "demo", "namespace": "ns", "uid": "u1", "generation": 1}, "spec": spec})
     reconciler(api, now).reconcile("ns", "demo")
     kinds = [call[0] for call in api.calls]
-    assert kinds[:2] == ["get", "list"]
+    assert kinds[:2] == ["get", "list"] and "create" not in kinds[:6]  # run, pods, then the other children
     assert kinds.index("patch") > max(i for i, kind in enumerate(kinds) if kind == "create")
     assert kinds[-1] == "event"
     assert ("create", "Pod", "demo-sft-1") in api.calls
@@ -67,13 +77,11 @@ def test_a_second_pass_with_nothing_new_sends_no_patch_and_creates_nothing(spec,
     api = FakeApi({"metadata": {"name": "demo", "namespace": "ns", "uid": "u1", "generation": 1}, "spec": spec})
     reconciler(api, now).reconcile("ns", "demo")
     api.calls.clear()
-    api.pods = [{"metadata": {"name": "demo-sft-1", "labels": {"finetune.dev/stage": "sft",
-                                                               "finetune.dev/attempt": "1"}},
-                 "status": {"phase": "Pending"}}]
+    api.pods = [api.objects.pop(("Pod", "demo-sft-1")) | {"status": {"phase": "Pending"}}]
     reconciler(api, now).reconcile("ns", "demo")
     api.calls.clear()
     reconciler(api, now).reconcile("ns", "demo")
-    assert [call[0] for call in api.calls] == ["get", "list"]
+    assert [call[0] for call in api.calls] == ["get", "list", "list", "get", "get", "get"]
 
 
 def test_gone_or_deleting_run_is_left_alone(spec, now):
@@ -92,3 +100,36 @@ def test_progress_is_copied_as_a_patch_of_progress_fields_only(now):
     assert copied
     assert api.calls == [("patch", ("progress", "stages"))]
     assert api.run["status"]["progress"] == "sft 2/4" and api.run["status"]["state"] == "Running"
+
+
+def run_object(spec, uid="u2"):
+    return {"metadata": {"name": "demo", "namespace": "ns", "uid": uid, "generation": 1}, "spec": spec}
+
+
+def left_by_an_earlier_run(kind, name, uid="u1"):
+    return {"kind": kind, "metadata": {"name": name, "ownerReferences": [{"uid": uid, "controller": True}]}}
+
+
+def test_a_recreated_run_waits_for_the_earlier_runs_service_account_instead_of_counting_it_as_created(spec, now):
+    api = FakeApi(run_object(spec))
+    api.objects[("ServiceAccount", "demo-trainer")] = left_by_an_earlier_run("ServiceAccount", "demo-trainer")
+    decision = reconciler(api, now).reconcile("ns", "demo")
+    assert not [call for call in api.calls if call[0] == "create"]
+    assert decision.requeue_after is not None
+    assert "ServiceAccount demo-trainer belongs to another owner (uid u1)" in api.run["status"]["message"]
+
+    del api.objects[("ServiceAccount", "demo-trainer")]  # garbage-collected
+    reconciler(api, now).reconcile("ns", "demo")
+    assert api.objects[("ServiceAccount", "demo-trainer")]["metadata"]["ownerReferences"][0]["uid"] == "u2"
+    assert ("Pod", "demo-sft-1") in api.objects
+
+
+def test_a_409_for_an_object_the_run_does_not_own_ends_the_pass_before_the_pod_and_the_status(spec, now):
+    api = FakeApi(run_object(spec))
+    # Not seen when the children were read (no run label), but there when the create is sent.
+    api.list_objects = lambda kind, namespace, *, label_selector: []
+    api.objects[("ConfigMap", "demo-progress")] = {"kind": "ConfigMap", "metadata": {"name": "demo-progress"}}
+    with pytest.raises(ChildConflict, match="ns/demo: ConfigMap demo-progress exists but is not owned by this run"):
+        reconciler(api, now).reconcile("ns", "demo")
+    assert ("Pod", "demo-sft-1") not in api.objects
+    assert not [call for call in api.calls if call[0] == "patch"]

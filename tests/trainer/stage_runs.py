@@ -12,12 +12,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -33,29 +30,8 @@ def write_job(path: Path, **job) -> Path:
     return path
 
 
-def _import_root() -> Path:
-    """A directory whose only entry is a link to the trainer package.
-
-    The repository root cannot go on PYTHONPATH: its ``operator/`` package
-    would shadow the standard library's ``operator`` and break ``enum``.
-    """
-    root = Path(tempfile.gettempdir()) / f"finetune-trainer-import-{os.getuid()}"
-    link = root / "trainer"
-    if not link.exists():
-        root.mkdir(exist_ok=True)
-        try:
-            link.symlink_to(REPO_ROOT / "trainer", target_is_directory=True)
-        except FileExistsError:  # another test process made it first
-            pass
-    return root
-
-
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    paths = [str(_import_root())]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
     env.setdefault("OMP_NUM_THREADS", "1")  # the test machine is small and shared
     env.update(extra)
     return env
