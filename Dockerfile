@@ -5,9 +5,10 @@
 #   docker build --target trainer  -t ghcr.io/finetune-dev/finetune-trainer:0.1.0 .
 #   docker build --target operator -t ghcr.io/finetune-dev/finetune-operator:0.1.0 .
 #
-# Both install this repository's package the same way hack/setup.sh does
-# (`pip install ".[...]"`); the dev install adds the `dev` extra, which contains
-# every extra used here (tests/chart/test_dockerfile.py checks it).
+# Each installs this repository's package with one extra, the way hack/setup.sh
+# installs the dev environment (`pip install ".[dev]"`): the trainer `.[train]`,
+# the operator `.[operator]`. The `dev` extra contains both, so the tests run
+# what the images run (tests/chart/test_dockerfile.py checks it).
 #
 # Base images are pinned by version. For reproducible production builds, pin
 # them by digest as well (`python:3.11.13-slim-bookworm@sha256:...`).
@@ -50,9 +51,8 @@ COPY pyproject.toml README.md ./
 COPY trainer ./trainer
 COPY operator ./operator
 COPY hack/localcluster ./hack/localcluster
-# No extras: the trainer needs only the base dependencies (the operator extra
-# is for the operator image; dev is for tests).
-RUN pip install . \
+# The pinned torch above already satisfies the train extra's range, so pip keeps it.
+RUN pip install ".[train]" \
  && python -c "import torch, trainer.config; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 COPY docker/trainer-entrypoint.sh /usr/local/bin/trainer-entrypoint
 WORKDIR /tmp
@@ -68,25 +68,19 @@ ENTRYPOINT ["/usr/local/bin/trainer-entrypoint"]
 CMD ["--help"]
 
 # ---------------------------------------------------------------------------
-# operator: no torch. The package's base dependencies include the trainer's
-# (torch, transformers, ...), but the operator only imports trainer.config
-# (pydantic). docker/operator_requirements.py derives the list from
-# pyproject.toml (base dependencies minus the trainer-only ones, plus the
-# `operator` extra), so the two never drift; the package itself is then
-# installed with --no-deps. tests/chart/test_dockerfile.py proves the operator
-# imports with those modules blocked.
+# operator: no torch. The operator imports only trainer.config (pydantic,
+# yaml) from the trainer package; the training stack is in the `train` extra,
+# which this image does not install. tests/chart/test_dockerfile.py proves the
+# operator imports with those modules blocked.
 # ---------------------------------------------------------------------------
 FROM base AS operator
 COPY pyproject.toml README.md ./
-COPY docker/operator_requirements.py ./docker/
-RUN python docker/operator_requirements.py > /tmp/operator-requirements.txt \
- && pip install -r /tmp/operator-requirements.txt \
- && rm /tmp/operator-requirements.txt
 COPY trainer ./trainer
 COPY operator ./operator
 COPY hack/localcluster ./hack/localcluster
-RUN pip install --no-deps . \
- && python -c "import ftoperator, trainer.config"
+RUN pip install ".[operator]" \
+ && python -c "import ftoperator.__main__, trainer.config" \
+ && ! python -c "import torch" 2>/dev/null
 WORKDIR /tmp
 USER 65532:65532
 # metrics 8080, kopf liveness 8081 (/healthz), admission webhook 9443.

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -41,7 +40,6 @@ RELEASE = "finetune"
 OPERATOR_NAMESPACE = "finetune-system"
 OUT_DIR = REPO / "out" / "demo"
 TERMINAL = ("Succeeded", "Failed")
-PYTHON = [sys.executable, "-P"]  # -P: the repository's operator/ folder must not shadow the stdlib `operator`
 STARTED = time.monotonic()
 
 
@@ -84,10 +82,8 @@ def start_cluster() -> str:
         say("building the local Kubernetes control plane: the first time this compiles "
             "Kubernetes 1.20 from source and takes about 10 minutes on 2 cores")
     say("starting the local cluster (python -m localcluster up)")
-    # cwd outside the repository: the daemon runs `python -m localcluster serve`, and a
-    # `python -m` started in the repository root would import operator/ as the stdlib `operator`.
-    result = subprocess.run([*PYTHON, "-m", "localcluster", "up"], cwd="/", text=True,
-                            stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO / "hack")))
+    result = subprocess.run([sys.executable, "-m", "localcluster", "up"], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE)
     if result.returncode != 0:
         raise DemoError(f"localcluster up failed; see {paths.run_dir() / 'daemon.log'}")
     kubeconfig = result.stdout.strip().splitlines()[-1]
@@ -190,35 +186,56 @@ def host_path(uri: str, namespace: str) -> Path:
     return demo_assets.pvc_path(uri, pvc_root(namespace))
 
 
-def plot_ppo(progress_file: Path, png: Path) -> bool:
-    """Reward and KL per PPO step from progress.jsonl; False when there is nothing to plot."""
+def plot_ppo(progress_file: Path, png: Path) -> dict | None:
+    """Plot reward and KL per PPO step from progress.jsonl; None when there is nothing to plot.
+
+    Two reward lines: the training batch's mean reward (what PPO maximises, noisy: new
+    prompts every step) and the held-out reward (the same held-out prompts and sampling
+    seed at every `samples` event, so its rise is learning, not luck). Returns the
+    (step, reward, KL) of the first and last held-out sample (of the first and last
+    training step when the run recorded no samples), for the summary line.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps, rewards, kls = [], [], []
+    held_out: list[tuple[int, float, float]] = []  # (step, eval_reward_mean, eval_kl)
     for line in progress_file.read_text().splitlines():
         event = json.loads(line)
         metrics = event.get("metrics") or {}
-        if event.get("stage") == "ppo" and event.get("kind") == "progress" and "reward_mean" in metrics:
+        if event.get("stage") != "ppo":
+            continue
+        if event.get("kind") == "progress" and "reward_mean" in metrics:
             steps.append(event["step"])
             rewards.append(metrics["reward_mean"])
             kls.append(metrics.get("kl", float("nan")))
+        elif event.get("kind") == "samples" and "eval_reward_mean" in metrics:
+            held_out.append((event["step"], metrics["eval_reward_mean"], metrics.get("eval_kl", float("nan"))))
     if not steps:
-        return False
+        return None
     figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 5))
-    top.plot(steps, rewards, marker="o")
+    top.plot(steps, rewards, marker=".", alpha=0.6, label="training batch")
+    bottom.plot(steps, kls, marker=".", alpha=0.6, color="tab:red", label="training batch")
+    if held_out:
+        top.plot([h[0] for h in held_out], [h[1] for h in held_out], marker="o", color="tab:green",
+                 label="held-out prompts")
+        bottom.plot([h[0] for h in held_out], [h[2] for h in held_out], marker="o", color="tab:purple",
+                    label="held-out prompts")
     top.set_ylabel("mean reward")
     top.set_title("PPO on the tiny demo model")
-    bottom.plot(steps, kls, marker="o", color="tab:red")
+    top.legend(loc="lower right")
     bottom.set_ylabel("KL to reference (nats)")
     bottom.set_xlabel("PPO step")
+    bottom.legend(loc="upper left")
     figure.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(png, dpi=100)
     plt.close(figure)
-    return True
+    first, last = (held_out[0], held_out[-1]) if held_out else ((steps[0], rewards[0], kls[0]),
+                                                                (steps[-1], rewards[-1], kls[-1]))
+    return {"first": first, "last": last}
 
 
 def report(run: dict, obj: dict, kubeconfig: str) -> int:
@@ -239,7 +256,11 @@ def report(run: dict, obj: dict, kubeconfig: str) -> int:
     ppo_dir = pvc_root(namespace) / run["spec"]["artifacts"]["pvc"] / namespace / name / "ppo"
     progress = ppo_dir / "progress.jsonl"
     png = OUT_DIR / f"{name}-ppo-reward-kl.png"
-    if progress.exists() and plot_ppo(progress, png):
+    summary = plot_ppo(progress, png) if progress.exists() else None
+    if summary:
+        (step0, reward0, _), (step1, reward1, kl1) = summary["first"], summary["last"]
+        say(f"held-out reward {reward0:.2f} at step {step0} -> {reward1:.2f} at step {step1} "
+            f"(KL to the SFT model {kl1:.1f} nats)")
         say(f"PPO reward and KL per step: {png}")
     else:
         say(f"no PPO progress to plot at {progress}")
@@ -264,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     say("the cluster keeps running. Use it with:")
     say(f"  export KUBECONFIG={paths.run_dir() / 'admin.kubeconfig'}")
     say(f"  {tools.kubectl_path()} get finetuneruns -A")
-    say("stop it with:  .venv/bin/python -P -m localcluster down")
+    say("stop it with:  .venv/bin/python -m localcluster down")
     return code
 
 

@@ -1,14 +1,28 @@
 """Build the demo's model and datasets: a tiny Llama-style model, its tokenizer and toy JSON Lines data.
 
-Nothing is downloaded. The tokenizer is a byte-level BPE trained here on a small
-word list, the model is built from a config (random weights, 2 layers, ~0.1M
-parameters) so every stage runs in seconds on a CPU. The data teach one thing a
-reward can see: polite, short answers are "chosen" over rude ones.
+Nothing is downloaded. The tokenizer is a byte-level BPE trained here on the toy
+texts, the model is built from a config (random weights, 2 layers, ~0.1M
+parameters) so every stage runs in seconds on a CPU.
+
+The toy world is small enough that PPO can visibly learn in ~30 steps:
+
+* SFT teaches the model to answer any question with two of twenty WORDS (then EOS),
+  each word about equally likely, so the SFT model mentions PREFERRED_WORD in
+  about one answer in ten;
+* the preference pairs say that answers mentioning PREFERRED_WORD are better
+  (``chosen`` contains it, ``rejected`` does not), which the reward stage learns;
+* PPO then raises how often the policy says it (examples/tiny-cpu.yaml adds a
+  keywords reward on the same word, so the signal is clear even if the tiny
+  reward model is imperfect).
+
+This recipe is the one tests/trainer/test_ppo.py proves learns (held-out reward
+0.0 -> ~0.9 in 30 steps).
 
     python hack/demo_assets.py --run examples/tiny-cpu.yaml --pvc-root DIR
         writes every pvc://<claim>/<path> the run's spec.model and spec.data name
         under DIR/<claim>/<path> (DIR = the local cluster's PVC directory of the
-        run's namespace); files already there are kept, so a second demo reuses them.
+        run's namespace); what is already there and up to date is kept, so a
+        second demo reuses it.
     python hack/demo_assets.py --out DIR
         writes model/, sft.jsonl, preferences.jsonl, prompts.jsonl into DIR.
 
@@ -19,7 +33,9 @@ serves the demo and the chart's end-to-end test (tests/chart/test_helm_install.p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -29,29 +45,49 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] != 'user' %}</s>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-TOPICS = "cats dogs weather music books coffee tea rain snow trains".split()
-POLITE = ["Sure, happy to help: {t} are nice.", "Thanks for asking! {t} are great.", "Yes, {t} are lovely."]
-RUDE = ["No. {t} are terrible and so is this question.", "Why ask me about {t}? Go away.", "I hate {t}."]
-PROMPT_FORMS = ["Tell me about {t}.", "What do you think of {t}?", "Do you like {t}?", "Please describe {t}."]
+TOPICS = "cats dogs weather music books coffee tea rain snow trains birds games".split()
+PROMPT_FORMS = ["Tell me about {t}.", "What do you think of {t}?", "Do you like {t}?", "Please describe {t}.",
+                "Any news on {t}?", "Say something about {t}.", "Why {t}?", "Thoughts on {t}?"]
+# Answers are two of these words; twenty keeps each one rare (~1/20 a slot) but not too rare for PPO to find.
+WORDS = ("cats dogs tea coffee rain snow music books trains birds "
+         "sure yes maybe nice fine good okay great hello thanks").split()
+PREFERRED_WORD = "cats"
+SFT_ROWS = 1280         # 80 steps of 16 in examples/tiny-cpu.yaml: one pass, no row seen twice
+PREFERENCE_ROWS = 640
+SEED = 0
 MODEL_FILES = ("config.json", "tokenizer.json")
+# Written next to the model: which version of these assets built it, so a stale model is rebuilt.
+FINGERPRINT_FILE = "demo_assets.json"
 
 
 def prompts() -> list[str]:
-    return [form.format(t=topic) for topic in TOPICS for form in PROMPT_FORMS]
+    """Every topic in every form, in a fixed shuffled order (PPO holds out the first few)."""
+    rows = [form.format(t=topic) for topic in TOPICS for form in PROMPT_FORMS]
+    random.Random(SEED).shuffle(rows)
+    return rows
+
+
+def answer(rng: random.Random, *, with_preferred: bool | None = None) -> str:
+    """Two words; with_preferred True/False forces PREFERRED_WORD in/out, None draws freely."""
+    if with_preferred is None:
+        return f"{rng.choice(WORDS)} {rng.choice(WORDS)}"
+    others = [w for w in WORDS if w != PREFERRED_WORD]
+    if not with_preferred:
+        return f"{rng.choice(others)} {rng.choice(others)}"
+    pair = [PREFERRED_WORD, rng.choice(others)]
+    rng.shuffle(pair)
+    return " ".join(pair)
 
 
 def sft_rows() -> list[dict]:
-    return [{"prompt": prompt, "completion": POLITE[i % len(POLITE)].format(t=prompt.split()[-1].strip(".?"))}
-            for i, prompt in enumerate(prompts())]
+    rng, pool = random.Random(SEED + 1), prompts()
+    return [{"prompt": pool[i % len(pool)], "completion": answer(rng)} for i in range(SFT_ROWS)]
 
 
 def preference_rows() -> list[dict]:
-    rows = []
-    for i, prompt in enumerate(prompts()):
-        topic = prompt.split()[-1].strip(".?")
-        rows.append({"prompt": prompt, "chosen": POLITE[i % len(POLITE)].format(t=topic),
-                     "rejected": RUDE[i % len(RUDE)].format(t=topic)})
-    return rows
+    rng, pool = random.Random(SEED + 2), prompts()
+    return [{"prompt": pool[i % len(pool)], "chosen": answer(rng, with_preferred=True),
+             "rejected": answer(rng, with_preferred=False)} for i in range(PREFERENCE_ROWS)]
 
 
 def prompt_rows() -> list[dict]:
@@ -60,9 +96,14 @@ def prompt_rows() -> list[dict]:
 
 def corpus() -> list[str]:
     """Every text the tokenizer must cover, each a few times."""
-    texts = prompts() + [r["completion"] for r in sft_rows()]
-    texts += [r["rejected"] for r in preference_rows()]
+    texts = prompts() + [" ".join(WORDS)] * 10 + [r["completion"] for r in sft_rows()]
     return texts * 3
+
+
+def fingerprint() -> str:
+    """Changes whenever the tokenizer's training texts or the model's shape would."""
+    text = json.dumps({"corpus": corpus(), "template": CHAT_TEMPLATE, "model": MODEL_SHAPE}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def build_tokenizer(directory: Path, *, vocab_size: int = 512):
@@ -84,27 +125,31 @@ def build_tokenizer(directory: Path, *, vocab_size: int = 512):
     return fast
 
 
+MODEL_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                   intermediate_size=128, max_position_embeddings=512)
+
+
 def build_tiny_model(directory: Path, *, vocab_size: int, seed: int = 0) -> None:
     """A 2-layer Llama-style causal LM (hidden 64) saved with save_pretrained."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=128, max_position_embeddings=512,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
+    config = LlamaConfig(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False, **MODEL_SHAPE)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
 
 
 def write_model(directory: Path) -> bool:
-    """Build the tokenizer and model into ``directory``; False (nothing done) if already there."""
-    if all((directory / name).exists() for name in MODEL_FILES):
+    """Build the tokenizer and model into ``directory``; False (nothing done) if this version is already there."""
+    marker = directory / FINGERPRINT_FILE
+    if all((directory / name).exists() for name in MODEL_FILES) and marker.exists() \
+            and json.loads(marker.read_text()).get("fingerprint") == fingerprint():
         return False
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(directory)
     build_tiny_model(directory, vocab_size=len(tokenizer))
+    marker.write_text(json.dumps({"fingerprint": fingerprint(), "built_by": "hack/demo_assets.py"}) + "\n")
     return True
 
 
@@ -112,11 +157,12 @@ DATASETS = {"sft": sft_rows, "preferences": preference_rows, "prompts": prompt_r
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> bool:
-    """Write rows unless the file exists; True when written."""
-    if path.exists():
+    """Write rows unless the file already holds exactly them; True when written."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if path.exists() and path.read_text() == text:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path.write_text(text)
     return True
 
 

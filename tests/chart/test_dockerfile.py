@@ -12,9 +12,25 @@ from chartlib import REPO
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 SETUP = (REPO / "hack" / "setup.sh").read_text()
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+EXTRAS = PYPROJECT["project"]["optional-dependencies"]
+# Distributions of the GPU training stack: in the `train` extra, never in the operator image.
+TRAINING_STACK = {"torch", "transformers", "accelerate", "peft", "tokenizers", "safetensors"}
 
-sys.path.insert(0, str(REPO / "docker"))
-import operator_requirements  # noqa: E402
+
+def distribution_name(requirement: str) -> str:
+    """The normalised distribution name of a PEP 508 requirement string."""
+    return re.sub(r"[-_.]+", "-", re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement).group(1)).lower()
+
+
+def self_extras(requirements: list[str]) -> set[str]:
+    """Extras an extra pulls in by naming the project itself ("finetune-operator[a,b]")."""
+    name = distribution_name(PYPROJECT["project"]["name"])
+    found = set()
+    for requirement in requirements:
+        match = re.match(r"\s*([\w.-]+)\[([\w,\s-]+)\]", requirement)
+        if match and distribution_name(match.group(1)) == name:
+            found |= {e.strip() for e in match.group(2).split(",")}
+    return found
 
 
 def stages() -> dict[str, str]:
@@ -64,28 +80,39 @@ def test_torch_in_the_trainer_image_is_the_version_setup_sh_tests_with():
     assert image_pin == dev_pin.split("+")[0]
 
 
-def test_images_install_the_project_with_extras_the_dev_install_includes():
+def test_each_image_installs_the_project_with_its_own_extra():
+    targets = stages()
+    assert project_installs(targets["trainer"]) == ["train"]
+    assert project_installs(targets["operator"]) == ["operator"]
+    # The CUDA torch is installed before the project, so the train extra's range keeps it.
+    trainer = targets["trainer"]
+    assert trainer.index('"torch==${TORCH_VERSION}"') < trainer.index('pip install ".[train]"')
+
+
+def test_the_dev_install_includes_every_extra_an_image_installs():
     dev_installs = project_installs(SETUP)
     assert dev_installs == ["dev"], f"hack/setup.sh installs the project with {dev_installs}"
-    dev_extra = " ".join(PYPROJECT["project"]["optional-dependencies"]["dev"])
     image_extras = {e for e in project_installs(DOCKERFILE) for e in e.split(",") if e}
-    # The operator image installs the operator extra's requirements via operator_requirements.py.
-    image_extras.add("operator")
+    assert image_extras == {"train", "operator"}
     for extra in image_extras:
-        assert extra in PYPROJECT["project"]["optional-dependencies"], f"unknown extra {extra}"
-        assert f"[{extra}]" in dev_extra, f"the dev install does not include extra {extra!r} used by an image"
-    assert "pip install . " in DOCKERFILE or "pip install .\n" in DOCKERFILE
+        assert extra in EXTRAS, f"unknown extra {extra}"
+    assert image_extras <= self_extras(EXTRAS["dev"]), "the dev extra must include every extra an image installs"
 
 
-def test_operator_requirements_exclude_the_training_stack():
-    names = {operator_requirements.distribution_name(r)
-             for r in operator_requirements.operator_requirements(PYPROJECT)}
-    assert "kopf" in names and "pydantic" in names and "kubernetes" in names
-    assert not names & operator_requirements.TRAINER_ONLY
-    assert "finetune-operator" not in names
-    # Every trainer-only name really is a base dependency (the list is not stale).
-    base = {operator_requirements.distribution_name(r) for r in PYPROJECT["project"]["dependencies"]}
-    assert operator_requirements.TRAINER_ONLY <= base
+def test_the_training_stack_is_only_in_the_train_extra():
+    base = {distribution_name(r) for r in PYPROJECT["project"]["dependencies"]}
+    operator = {distribution_name(r) for r in EXTRAS["operator"]}
+    train = {distribution_name(r) for r in EXTRAS["train"]}
+    assert {"pydantic", "pyyaml", "kubernetes", "prometheus-client"} <= base
+    assert "kopf" in operator
+    assert TRAINING_STACK == train
+    assert not TRAINING_STACK & (base | operator)
+    assert not self_extras(EXTRAS["operator"]), "the operator extra must not pull in other extras"
+
+
+def test_setup_sh_pins_torch_before_installing_the_train_extra():
+    # Otherwise pip would resolve torch itself and pull CUDA wheels on a CPU machine.
+    assert SETUP.index("torch==") < SETUP.index('-e ".[dev]"')
 
 
 BLOCKER = """
@@ -101,9 +128,8 @@ import ftoperator.__main__
 
 
 def test_operator_imports_without_the_training_stack():
-    # What the operator image lacks: the trainer-only distributions' import names.
-    blocked = {"torch", "transformers", "accelerate", "peft", "tokenizers", "safetensors"}
-    result = subprocess.run([sys.executable, "-P", "-c", BLOCKER.format(blocked=sorted(blocked))],
+    # What the operator image lacks (these distributions import under their own names).
+    result = subprocess.run([sys.executable, "-c", BLOCKER.format(blocked=sorted(TRAINING_STACK))],
                             capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr[-3000:]
 

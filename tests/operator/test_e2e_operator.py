@@ -26,6 +26,7 @@ import yaml
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
 CRD = REPO / "crds" / "finetuneruns.finetune.dev.yaml"
 NAMESPACE_PREFIX = "ftop-e2e-"
 MAX_GPUS = 4  # the local node has 2 GPUs: 4 passes admission but cannot be scheduled
@@ -144,12 +145,13 @@ def namespace(kube_cluster, tiny_model_dir, operator):
     kube_cluster.kubectl("create", "namespace", name)
     shutil.copytree(tiny_model_dir, kube_cluster.pvc_dir(name, "models") / "tiny")
     datasets = kube_cluster.pvc_dir(name, "datasets")
-    topics = ["cats", "dogs", "tea", "rain", "music", "books", "snow", "trains"]
+    sys.path.insert(0, str(REPO / "hack"))
+    import demo_assets  # the example's own toy data: enough prompts for its ppo.samplePrompts
+
     rows = {
-        "sft.jsonl": [{"prompt": f"Tell me about {t}.", "completion": f"Sure, {t} are nice."} for t in topics],
-        "preferences.jsonl": [{"prompt": f"Tell me about {t}.", "chosen": f"Thanks for asking! {t} are great.",
-                               "rejected": f"No. {t} are terrible."} for t in topics],
-        "prompts.jsonl": [{"prompt": f"What do you think of {t}?"} for t in topics],
+        "sft.jsonl": demo_assets.sft_rows(),
+        "preferences.jsonl": demo_assets.preference_rows(),
+        "prompts.jsonl": demo_assets.prompt_rows(),
         "broken.jsonl": [{"question": "no prompt field here"}],
     }
     for file, content in rows.items():
@@ -163,8 +165,8 @@ def namespace(kube_cluster, tiny_model_dir, operator):
 # ----------------------------------------------------------------------------- helpers
 
 
-# Its own manifest, not examples/tiny-cpu.yaml: the demo's run is tuned to show learning, these tests
-# need the quickest run with all three stages (a few steps each, on the 8 toy prompts of `namespace`).
+# The first test applies examples/tiny-cpu.yaml itself; the others need the quickest run with all three
+# stages (a few steps each), which the example, tuned for the demo to show learning, is not.
 TINY_SPEC = yaml.safe_load("""
 model: {source: pvc://models/tiny}
 data:
@@ -244,13 +246,15 @@ def event_reasons(kube_cluster, namespace: str, name: str) -> set[str]:
 
 
 def test_three_stage_run_succeeds_with_sensible_columns_and_a_loadable_model(kube_cluster, operator, api, namespace):
-    apply(kube_cluster, namespace, example("tiny"))
-    status = wait_state(api, namespace, "tiny", "Succeeded", "Failed", timeout=240)
+    kube_cluster.kubectl("apply", "-n", namespace, "-f", str(EXAMPLE))
+    name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
+    steps = yaml.safe_load(EXAMPLE.read_text())["spec"]["stages"]["ppo"]["steps"]
+    status = wait_state(api, namespace, name, "Succeeded", "Failed", timeout=300)
     assert status["state"] == "Succeeded", json.dumps(status, indent=1)[-3000:]
 
-    row = kube_cluster.kubectl("get", "ftr", "tiny", "-n", namespace, "--no-headers").stdout.split()
+    row = kube_cluster.kubectl("get", "ftr", name, "-n", namespace, "--no-headers").stdout.split()
     # NAME STAGE PROGRESS(2 words) REWARD KL STATUS AGE
-    assert row[:4] == ["tiny", "ppo", "ppo", "4/4"], row
+    assert row[:4] == [name, "ppo", "ppo", f"{steps}/{steps}"], row
     float(row[4]), float(row[5])
     assert row[6] == "Succeeded"
     assert condition(status, "Succeeded")["status"] == "True"
@@ -260,14 +264,14 @@ def test_three_stage_run_succeeds_with_sensible_columns_and_a_loadable_model(kub
         assert status["stages"][stage]["state"] == "Succeeded"
         assert status["stages"][stage]["attempts"] == 1
         assert status["stages"][stage]["metrics"], f"no metrics copied for {stage}"
-    assert status["stages"]["ppo"]["step"] == 4 and status["stages"]["ppo"]["totalSteps"] == 4
+    assert status["stages"]["ppo"]["step"] == steps and status["stages"]["ppo"]["totalSteps"] == steps
     assert 1 <= len(status["samples"]) <= 3
-    assert {"StageStarted", "StageSucceeded", "RunSucceeded"} <= event_reasons(kube_cluster, namespace, "tiny")
-    assert pod_names(api, namespace, "tiny") == ["tiny-ppo-1", "tiny-reward-1", "tiny-sft-1"]
+    assert {"StageStarted", "StageSucceeded", "RunSucceeded"} <= event_reasons(kube_cluster, namespace, name)
+    assert pod_names(api, namespace, name) == [f"{name}-ppo-1", f"{name}-reward-1", f"{name}-sft-1"]
 
     from transformers import AutoModelForCausalLM
 
-    final = kube_cluster.pvc_dir(namespace, "runs") / namespace / "tiny" / "ppo" / "final"
+    final = kube_cluster.pvc_dir(namespace, "runs") / namespace / name / "ppo" / "final"
     assert AutoModelForCausalLM.from_pretrained(final) is not None
 
     metrics = operator.metrics()
