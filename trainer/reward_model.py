@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from trainer.checkpoint import resume_from_latest, save_checkpoint
+from trainer.checkpoint import save_checkpoint
 from trainer.data import PreferenceRow, encode_for_reward, load_preference_rows, pad_right, split_for_eval
 from trainer.modeling import load_sequence_classifier, load_tokenizer, resolve_model_source, save_final
 from trainer.runtime import StageContext, StageFailed
-from trainer.schedule import StepPlan, build_optimizer
+from trainer.supervised import prepare_supervised
 
 NORMALIZATION_FILE = "reward_normalization.json"
 FUNCTIONS_FILE = "reward_functions.json"
@@ -121,18 +121,10 @@ def run(ctx: StageContext) -> Path:
     set_seed(cfg.seed)  # identical score-head initialisation on every process
     model = load_sequence_classifier(source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora,
                                      pad_token_id=pad)
-    plan = StepPlan(num_examples=len(train), batch_size=cfg.batch_size,
-                    accumulation=cfg.gradient_accumulation_steps, world_size=accelerator.num_processes,
-                    epochs=cfg.epochs, seed=cfg.seed, max_steps=cfg.max_steps)
-    total = plan.total_steps
-    optimizer, scheduler = build_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                           warmup_steps=cfg.warmup_steps, total_steps=total)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    set_seed(cfg.seed + accelerator.process_index)
-    start, _ = resume_from_latest(ctx, expect={"examples": len(train)})
-    ctx.report("progress", step=start, total_steps=total)
+    setup = prepare_supervised(ctx, model, cfg=cfg, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                               num_examples=len(train))
+    model, optimizer, scheduler, plan = setup.model, setup.optimizer, setup.scheduler, setup.plan
+    start, total = setup.start_step, plan.total_steps
     model.train()
     window = torch.zeros(3, device=ctx.device)  # loss sum, correct pairs, pairs
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from trainer.checkpoint import resume_from_latest, save_checkpoint
+from trainer.checkpoint import save_checkpoint
 from trainer.data import IGNORE_INDEX, TokenizedExample, load_sft_rows, pad_right, tokenize_sft_row
 from trainer.modeling import load_causal_lm, load_tokenizer, resolve_model_source, save_final
 from trainer.runtime import StageContext, StageFailed
-from trainer.schedule import StepPlan, build_optimizer
+from trainer.supervised import prepare_supervised
 
 
 def collate(examples: list[TokenizedExample], *, pad_token_id: int, device) -> dict[str, torch.Tensor]:
@@ -48,18 +48,10 @@ def run(ctx: StageContext) -> Path:
     # Trained weights stay fp32 and bf16/fp16 run under autocast; with LoRA the
     # frozen base can live in the compute dtype and PEFT keeps adapters in fp32.
     model = load_causal_lm(source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora)
-    plan = StepPlan(num_examples=len(examples), batch_size=cfg.batch_size,
-                    accumulation=cfg.gradient_accumulation_steps, world_size=accelerator.num_processes,
-                    epochs=cfg.epochs, seed=cfg.seed, max_steps=cfg.max_steps)
-    total = plan.total_steps
-    optimizer, scheduler = build_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                           warmup_steps=cfg.warmup_steps, total_steps=total)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    set_seed(cfg.seed + accelerator.process_index)
-    start, _ = resume_from_latest(ctx, expect={"examples": len(examples)})
-    ctx.report("progress", step=start, total_steps=total)
+    setup = prepare_supervised(ctx, model, cfg=cfg, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                               num_examples=len(examples))
+    model, optimizer, scheduler, plan = setup.model, setup.optimizer, setup.scheduler, setup.plan
+    start, total = setup.start_step, plan.total_steps
     model.train()
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     window_samples = 0

@@ -494,16 +494,6 @@ class PodWorker(threading.Thread):
             return
         self.agent.log(f"{self.key}/{run.name}: image {container.get('image')} not pulled: "
                        f"running command with the project's Python environment: {argv}")
-        shadowing = shadowed_interpreter_mounts(container)
-        if shadowing:
-            # Mounts are made over the host's filesystem: one over the
-            # project's Python would hide the interpreter the command needs.
-            run.state = {"terminated": {"exitCode": 126, "reason": "UnsupportedMount", "message":
-                         f"volumeMounts {shadowing} would hide the project's Python at "
-                         f"{sys.prefix} on this host; choose another mountPath",
-                         "finishedAt": now_rfc3339()}}
-            run.exit_code = 126
-            return
         termination_file = self._termination_file(run)
         termination_file.parent.mkdir(parents=True, exist_ok=True)
         termination_file.write_text("")
@@ -541,6 +531,10 @@ class PodWorker(threading.Thread):
             binds.append(Bind(source=str(source), target=mount["mountPath"],
                               read_only=bool(mount.get("readOnly"))))
         binds.sort(key=lambda b: len(pathlib.PurePath(b.target).parts))
+        # Mounts go over the host's filesystem: one over a parent of the
+        # project (an emptyDir at /tmp with the checkout under /tmp) would hide
+        # the Python the command runs with, so the project is bound back on top.
+        binds += [Bind(source=path, target=path, read_only=True) for path in shadowed_project_paths(container)]
         target = container.get("terminationMessagePath") or podspec.DEFAULT_TERMINATION_MESSAGE_PATH
         binds.append(Bind(source=str(termination_file), target=target, optional=True))
         return binds
@@ -702,12 +696,19 @@ class PodWorker(threading.Thread):
                 self.agent.log(f"{self.key}: status update failed: {exc}")
 
 
-def shadowed_interpreter_mounts(container: dict) -> list:
-    """mountPaths that are the project's Python prefix or one of its parents."""
-    prefix = pathlib.PurePath(os.path.realpath(sys.prefix))
-    protected = {prefix, *prefix.parents} - {pathlib.PurePath("/")}
-    return [m["mountPath"] for m in container.get("volumeMounts") or []
-            if pathlib.PurePath(os.path.normpath(m["mountPath"])) in protected]
+def project_paths() -> list:
+    """Host directories the container's command needs: the Python prefix and the project's sources."""
+    paths = {os.path.realpath(sys.prefix), str(pathlib.Path(__file__).resolve().parents[2])}
+    # A path inside another listed one comes along with it.
+    return sorted(p for p in paths
+                  if not any(q != p and pathlib.PurePath(p).is_relative_to(q) for q in paths))
+
+
+def shadowed_project_paths(container: dict) -> list:
+    """The project paths that one of the container's volumeMounts would hide (the mountPath is them or a parent)."""
+    targets = [pathlib.PurePath(os.path.normpath(m["mountPath"])) for m in container.get("volumeMounts") or []]
+    return [path for path in project_paths()
+            if any(pathlib.PurePath(path).is_relative_to(t) and t != pathlib.PurePath("/") for t in targets)]
 
 
 def _write_atomic(path: pathlib.Path, content: bytes) -> None:
