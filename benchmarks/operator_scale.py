@@ -39,6 +39,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import urllib3
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,15 +102,20 @@ class PodWatch:
             response = client.rest_client.pool_manager.request(method, url, headers=headers, preload_content=False,
                                                                timeout=60)
             buffer = b""
-            for chunk in response.stream(4096):
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if line.strip():
-                        resource_version = self._record(json.loads(line)) or resource_version
-                if self._stop.is_set():
-                    break
-            response.release_conn()
+            try:
+                for chunk in response.stream(4096):
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        if line.strip():
+                            resource_version = self._record(json.loads(line)) or resource_version
+                    if self._stop.is_set():
+                        break
+            except urllib3.exceptions.ProtocolError:
+                # The API server ends watch streams at shutdown (and on timeouts): start a new one or stop.
+                continue
+            finally:
+                response.release_conn()
 
     def _record(self, event: dict) -> str | None:
         now = time.monotonic()
