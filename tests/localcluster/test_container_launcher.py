@@ -9,8 +9,12 @@ import pytest
 
 from localcluster.container_launcher import Bind, command_line
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                                reason="mount namespaces need root and unshare")
+
+@pytest.fixture(autouse=True)
+def _mount_namespaces_available():
+    # The local cluster itself needs these; a machine without them must fail here, not skip.
+    assert os.geteuid() == 0, "mount namespaces need root (the local node agent runs as root)"
+    assert shutil.which("unshare"), "unshare (util-linux) is missing"
 
 
 def launch(binds: list, code: str, *, workdir: str) -> subprocess.CompletedProcess:

@@ -356,13 +356,17 @@ def test_too_many_gpus_waits_for_resources_and_frozen_fields_are_rejected_while_
 def test_deleting_a_run_deletes_everything_it_owns(kube_cluster, api, namespace):
     apply(kube_cluster, namespace, ppo_only("doomed", steps=200))
     wait_state(api, namespace, "doomed", "Running", timeout=120)
-    kube_cluster.kubectl("delete", "ftr", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
 
     def leftovers() -> list[str]:
         answer = kube_cluster.kubectl("get", "pods,configmaps,serviceaccounts,roles,rolebindings", "-n", namespace,
                                       "-l", "finetune.dev/run=doomed", "-o", "name")
         return answer.stdout.split()
 
+    before = {name.split("/")[0] for name in leftovers()}
+    assert {"pod", "configmap", "serviceaccount", "role.rbac.authorization.k8s.io",
+            "rolebinding.rbac.authorization.k8s.io"} <= before, before
+    kube_cluster.kubectl("delete", "ftr", "doomed", "-n", namespace, "--wait=true", "--timeout=60s")
+    # wait_for raises when the children outlive the deadline.
     wait_for("garbage collection of the run's children", lambda: leftovers() == [], timeout=90)
 
 
