@@ -1,4 +1,8 @@
-"""``python -m trainer --stage sft|reward|ppo --config FILE``: run one stage, exit 0 on success, 1 on failure."""
+"""``python -m trainer --stage sft|reward|ppo --config FILE``: run one stage.
+
+Exit 0 on success, ``PERMANENT_FAILURE_EXIT_CODE`` (3) when retrying cannot help (an invalid
+config, a bad dataset row, a missing model ...), 1 on any other failure.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.config import ConfigError, ReportingConfig, load_stage_job
+from trainer.config import (
+    PERMANENT_FAILURE_EXIT_CODE, PERMANENT_FAILURE_PREFIX, ConfigError, ReportingConfig, load_stage_job,
+)
 from trainer.reporting import write_termination_message
 
 DEFAULT_TERMINATION_LOG = Path(ReportingConfig().termination_log_path)
@@ -32,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         # The job (and its terminationLogPath) could not be read: use the Kubernetes default,
         # which exists only inside a pod (the kubelet creates it); never create it elsewhere.
         if DEFAULT_TERMINATION_LOG.exists():
-            write_termination_message(DEFAULT_TERMINATION_LOG, str(exc))
-        return 1
+            write_termination_message(DEFAULT_TERMINATION_LOG, PERMANENT_FAILURE_PREFIX + str(exc))
+        return PERMANENT_FAILURE_EXIT_CODE
     from trainer.runtime import run_stage  # torch and transformers load only for a valid job
 
     return run_stage(job)

@@ -11,12 +11,62 @@ Names are camelCase on the wire (``learningRate``) and snake_case in Python
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+# --------------------------------------------------------------------------- failure policy
+
+PERMANENT_FAILURE_EXIT_CODE = 3
+"""Exit code of ``python -m trainer`` for an error that retrying cannot fix: an invalid config, a bad
+dataset row, a missing model, an invalid reward function, no CUDA although GPUs were requested.
+The operator fails the stage at once instead of retrying it. Any other failure exits 1."""
+PERMANENT_FAILURE_PREFIX = "PermanentError: "
+"""Start of the termination message of such an error. ``accelerate launch`` exits 1 whatever its
+processes returned, so the operator reads this prefix as well as the exit code."""
+EXPECTED_GPUS_ENV = "FINETUNE_EXPECTED_GPUS"
+"""Environment variable the operator sets to the pod's GPU count; the trainer fails permanently
+when it is above zero and CUDA sees no device."""
+
+# --------------------------------------------------------------------------- model sources
+
+HUB_SCHEME = "hf://"
+# Hugging Face Hub repo ids (huggingface_hub.utils.validate_repo_id): "name" or "namespace/name", each
+# part of letters, digits, "-", "_", "." starting and ending with a letter, digit or "_", at most 96 long.
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_HUB_REVISION = r"[A-Za-z0-9_][A-Za-z0-9_./-]*"
+HUB_SOURCE_PATTERN = rf"hf://(?:{_HUB_PART}/)?{_HUB_PART}(?:@{_HUB_REVISION})?"
+"""hf://[<namespace>/]<name>[@<revision>]; ``parse_hub_source`` applies the rules a regex cannot."""
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """A model on the Hugging Face Hub: what ``from_pretrained(repo_id, revision=revision)`` takes."""
+
+    repo_id: str
+    revision: str | None = None
+    """Branch, tag or commit; None: the default branch."""
+
+
+def parse_hub_source(source: str) -> HubModel:
+    """``hf://[namespace/]name[@revision]`` -> HubModel; ValueError saying what is wrong otherwise."""
+    if not source.startswith(HUB_SCHEME):
+        raise ValueError(f"{source!r} does not start with {HUB_SCHEME}")
+    repo_id, at, revision = source[len(HUB_SCHEME):].partition("@")
+    expected = "expected hf://<name> or hf://<namespace>/<name>, optionally followed by @<revision>"
+    if not re.fullmatch(rf"(?:{_HUB_PART}/)?{_HUB_PART}", repo_id):
+        raise ValueError(f"{source!r} is not a Hugging Face Hub model id: {expected} (letters, digits, "
+                         "'-', '_', '.'; at most 96 characters per part)")
+    if "--" in repo_id or ".." in repo_id or repo_id.endswith(".git"):
+        raise ValueError(f"{source!r}: a Hub id cannot contain '--' or '..' nor end with '.git'")
+    if at and (not re.fullmatch(_HUB_REVISION, revision) or ".." in revision or revision.endswith("/")):
+        raise ValueError(f"{source!r}: revision {revision!r} is not a branch, tag or commit name")
+    return HubModel(repo_id=repo_id, revision=revision if at else None)
 
 
 class ApiModel(BaseModel):
@@ -83,6 +133,8 @@ class SFTConfig(OptimConfig):
     """Stop after this many optimizer steps even if epochs remain."""
 
 
+_FUNCTION_REFERENCE = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$"
+
 RewardFunctionType = Literal["length", "regex", "keywords", "bannedPhrases", "python"]
 
 
@@ -108,8 +160,26 @@ class RewardFunction(ApiModel):
     """For type keywords: words rewarded when present."""
     phrases: list[str] | None = None
     """For type bannedPhrases: phrases penalised when present."""
-    function: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    function: str | None = Field(None, json_schema_extra={"pattern": _FUNCTION_REFERENCE})
     """For type python: "module:function", importable in the trainer image."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {pattern!r} is not a valid Python regular expression: {exc}") from None
+        return pattern
+
+    @field_validator("function")
+    @classmethod
+    def _function_is_a_reference(cls, function: str | None) -> str | None:
+        if function is not None and not re.fullmatch(_FUNCTION_REFERENCE, function):
+            raise ValueError(f"function {function!r} is not of the form module:function "
+                             "(e.g. mypackage.rewards:politeness)")
+        return function
 
     @model_validator(mode="after")
     def _parameters_match_type(self) -> "RewardFunction":
@@ -152,6 +222,10 @@ class AdaptiveKlConfig(ApiModel):
     """Target KL per sequence, in nats."""
     horizon: int = Field(10000, ge=1)
     """Episodes over which the coefficient moves by at most a factor of e^0.2 per step."""
+
+
+MIN_PROMPT_TOKENS = 8
+"""PPO prompts are cut to maxSeqLengthTokens - responseLengthTokens tokens; fewer than this is refused."""
 
 
 class PPOConfig(OptimConfig):
@@ -203,10 +277,25 @@ class PPOConfig(OptimConfig):
     """Guardrail: the stage stops with a clear reason when the mean sequence KL exceeds this, in nats."""
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "PPOConfig":
+    def _sizes_fit(self) -> "PPOConfig":
+        # The one place these rules live: the webhook (the CRD's stage specs subclass this model)
+        # and the trainer (load_stage_job) both run them.
         if self.batch_size % self.mini_batches:
             raise ValueError(
                 f"batchSize ({self.batch_size}) must be divisible by miniBatches ({self.mini_batches})"
+            )
+        minibatch = self.batch_size // self.mini_batches
+        if minibatch % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"the minibatch (batchSize / miniBatches = {minibatch}) must be divisible by "
+                f"gradientAccumulationSteps ({self.gradient_accumulation_steps})"
+            )
+        prompt_tokens = self.max_seq_length_tokens - self.response_length_tokens
+        if prompt_tokens < MIN_PROMPT_TOKENS:
+            raise ValueError(
+                f"responseLengthTokens ({self.response_length_tokens}) leaves {max(prompt_tokens, 0)} of "
+                f"maxSeqLengthTokens ({self.max_seq_length_tokens}) for the prompt; at least "
+                f"{MIN_PROMPT_TOKENS} are needed: raise maxSeqLengthTokens or lower responseLengthTokens"
             )
         return self
 

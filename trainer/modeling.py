@@ -10,41 +10,89 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from trainer.config import LoraConfig
-from trainer.runtime import COMPLETE_MARKER, StageContext, StageFailed
+from trainer.config import HUB_SCHEME, LoraConfig, parse_hub_source
+from trainer.runtime import COMPLETE_MARKER, PermanentStageFailure, StageContext
 
-HUB_SCHEME = "hf://"
+@dataclass(frozen=True)
+class ModelSource:
+    """What ``from_pretrained`` loads: a local directory, or a Hub id with an optional revision."""
+
+    name_or_path: str
+    revision: str | None = None
+    """Hub branch, tag or commit (from hf://org/name@revision); None for local directories."""
+
+    def __str__(self) -> str:
+        return self.name_or_path if self.revision is None else f"{self.name_or_path}@{self.revision}"
+
+    def __fspath__(self) -> str:  # a local model directory is used as a path (reward_normalization.json)
+        return self.name_or_path
+
+    def pretrained_kwargs(self) -> dict[str, str]:
+        return {} if self.revision is None else {"revision": self.revision}
 
 
-def resolve_model_source(source: str) -> str:
-    """A path or hub id ``from_pretrained`` accepts.
+def resolve_model_source(source: str) -> ModelSource:
+    """The directory or Hub id (and revision) ``from_pretrained`` accepts.
 
-    ``hf://org/name`` becomes the hub id ``org/name`` (downloading needs
-    network). Anything else is a local directory that must exist and hold
-    ``config.json``; otherwise StageFailed says which.
+    ``hf://[namespace/]name[@revision]`` is a Hub id (downloading needs network), parsed by
+    ``trainer.config.parse_hub_source`` exactly as the operator's admission check parses it.
+    Anything else is a local directory that must exist and hold ``config.json``. Otherwise
+    PermanentStageFailure says which: a retry would find the same.
     """
     if source.startswith(HUB_SCHEME):
-        hub_id = source[len(HUB_SCHEME):].strip("/")
-        if hub_id.count("/") != 1 or not all(hub_id.split("/")):
-            raise StageFailed(f"model {source!r}: expected hf://org/name")
-        return hub_id
+        try:
+            hub = parse_hub_source(source)
+        except ValueError as exc:
+            raise PermanentStageFailure(f"model {exc}") from None
+        return ModelSource(hub.repo_id, hub.revision)
     path = Path(source)
     if not path.is_dir():
-        raise StageFailed(f"model directory {source} does not exist")
+        raise PermanentStageFailure(f"model directory {source} does not exist")
     if not (path / "config.json").is_file():
-        raise StageFailed(f"model directory {source} has no config.json (is it a transformers model directory?)")
-    return str(path)
+        raise PermanentStageFailure(
+            f"model directory {source} has no config.json (is it a transformers model directory?)")
+    return ModelSource(str(path))
 
 
-def load_tokenizer(path: str):
+def _source(source: ModelSource | str) -> ModelSource:
+    return source if isinstance(source, ModelSource) else ModelSource(str(source))
+
+
+@contextmanager
+def _missing_on_hub_is_permanent(source: ModelSource):
+    """Turn "no such repository / revision / file" from the Hub into PermanentStageFailure.
+
+    transformers wraps huggingface_hub's errors in OSError; network errors stay as they are
+    (retrying may help).
+    """
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        yield
+    except OSError as exc:
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError)):
+                raise PermanentStageFailure(f"model {source}: {type(cause).__name__}: not found on the Hugging "
+                                            "Face Hub (check the id and revision, and the token for a private "
+                                            "model)") from exc
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
+def load_tokenizer(source: ModelSource | str):
     """The model's tokenizer with a pad token (EOS when it has none); callers choose the padding side."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    source = _source(source)
+    with _missing_on_hub_is_permanent(source):
+        tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **source.pretrained_kwargs())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -73,18 +121,20 @@ def _with_lora(model, lora: LoraConfig | None, *, task_type: str, modules_to_sav
     try:
         return get_peft_model(model, peft_config)
     except ValueError as exc:  # typically: a target module name the model does not have
-        raise StageFailed(f"lora.targetModules {list(lora.target_modules)}: {exc}") from exc
+        raise PermanentStageFailure(f"lora.targetModules {list(lora.target_modules)}: {exc}") from exc
 
 
-def load_causal_lm(path: str, *, dtype: torch.dtype, lora: LoraConfig | None = None):
+def load_causal_lm(path: ModelSource | str, *, dtype: torch.dtype, lora: LoraConfig | None = None):
     """A causal LM in ``dtype``; with ``lora``, a PEFT model whose adapters are the only trainable weights."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    source = _source(path)
+    with _missing_on_hub_is_permanent(source):
+        model = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=dtype, **source.pretrained_kwargs())
     return _with_lora(model, lora, task_type="CAUSAL_LM")
 
 
-def load_sequence_classifier(path: str, *, dtype: torch.dtype, lora: LoraConfig | None = None,
+def load_sequence_classifier(path: ModelSource | str, *, dtype: torch.dtype, lora: LoraConfig | None = None,
                              pad_token_id: int | None = None):
     """A one-output sequence classifier (reward model) with dropout off.
 
@@ -96,7 +146,10 @@ def load_sequence_classifier(path: str, *, dtype: torch.dtype, lora: LoraConfig 
 
     if pad_token_id is None:
         pad_token_id = load_tokenizer(path).pad_token_id
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    source = _source(path)
+    with _missing_on_hub_is_permanent(source):
+        model = AutoModelForSequenceClassification.from_pretrained(source.name_or_path, num_labels=1, dtype=dtype,
+                                                                   **source.pretrained_kwargs())
     model.config.pad_token_id = pad_token_id
     disable_dropout(model)
     return _with_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score"])

@@ -35,7 +35,7 @@ from trainer.data import load_prompt_rows
 from trainer.modeling import (HUB_SCHEME, disable_dropout, load_causal_lm, load_sequence_classifier,
                               load_tokenizer, resolve_model_source, save_final)
 from trainer.rewards import CompositeReward, RewardError, load_normalization
-from trainer.runtime import StageContext, StageFailed
+from trainer.runtime import PermanentStageFailure, StageContext, StageFailed
 from trainer.schedule import StepPlan, linear_warmup_decay
 
 SAMPLES_FILE = "samples.jsonl"
@@ -89,8 +89,8 @@ def reward_model_source(reward_model: str | None) -> str | None:
         return None
     try:
         return resolve_model_source(reward_model)
-    except StageFailed as exc:
-        raise StageFailed(f"rewardModel: {exc}; point it at the reward stage's final/ directory") from exc
+    except StageFailed as exc:  # keeps the class: a missing model is permanent
+        raise type(exc)(f"rewardModel: {exc}; point it at the reward stage's final/ directory") from exc
 
 
 def build_reward(ctx: StageContext, tokenizer, *, reward_source: str | None) -> CompositeReward:
@@ -109,8 +109,8 @@ def build_reward(ctx: StageContext, tokenizer, *, reward_source: str | None) -> 
         return CompositeReward(job.reward.functions, tokenizer=tokenizer, reward_model=reward_model,
                                normalization=normalization, reward_model_weight=job.ppo.reward_model_weight,
                                max_length=job.ppo.max_seq_length_tokens, device=ctx.device)
-    except RewardError as exc:
-        raise StageFailed(str(exc)) from exc
+    except RewardError as exc:  # a function that cannot be built fails the same way on every retry
+        raise PermanentStageFailure(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------
@@ -264,10 +264,7 @@ def ppo_update(ctx: StageContext, ro: Rollouts, *, advantages, returns, policy, 
     acc = ctx.accelerator
     b = ro.input_ids.shape[0]
     mb_size = b // cfg.mini_batches
-    micro = mb_size // cfg.gradient_accumulation_steps
-    if micro < 1 or mb_size % cfg.gradient_accumulation_steps:
-        raise StageFailed(f"ppo: minibatch size batchSize/miniBatches = {mb_size} is not divisible by "
-                          f"gradientAccumulationSteps ({cfg.gradient_accumulation_steps})")
+    micro = mb_size // cfg.gradient_accumulation_steps  # PPOConfig checked that it divides
     t = ro.responses.shape[1]
     sums: dict[str, float] = {}
     updates = 0
@@ -399,7 +396,7 @@ def step_seed(seed: int, *, rank: int, step: int) -> int:
 def split_prompts(prompts: list[str], *, held_out: int, source: str) -> tuple[list[str], list[str]]:
     """(held-out, training): the first ``held_out`` rows are never trained on."""
     if len(prompts) <= held_out:
-        raise StageFailed(f"{source}: {len(prompts)} prompts, but ppo.samplePrompts={held_out} are held out "
+        raise PermanentStageFailure(f"{source}: {len(prompts)} prompts, but ppo.samplePrompts={held_out} are held out "
                           "for samples; provide more prompts or lower ppo.samplePrompts")
     return prompts[:held_out], prompts[held_out:]
 
@@ -408,7 +405,7 @@ def run(ctx: StageContext) -> Path:
     """Run PPO; return the final policy directory (<outputDir>/final, a plain causal LM)."""
     job, cfg, acc = ctx.job, ctx.job.ppo, ctx.accelerator
     if not job.data.prompts:
-        raise StageFailed("ppo needs data.prompts (a JSON Lines file of {\"prompt\": ...} rows)")
+        raise PermanentStageFailure("ppo needs data.prompts (a JSON Lines file of {\"prompt\": ...} rows)")
     held_out, train_prompts = split_prompts(load_prompt_rows(job.data.prompts), held_out=cfg.sample_prompts,
                                             source=job.data.prompts)
     model_source = resolve_model_source(job.model)

@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 from trainer.checkpoint import save_checkpoint
 from trainer.data import PreferenceRow, encode_for_reward, load_preference_rows, pad_right, split_for_eval
 from trainer.modeling import load_sequence_classifier, load_tokenizer, resolve_model_source, save_final
-from trainer.runtime import StageContext, StageFailed
+from trainer.runtime import PermanentStageFailure, StageContext
 from trainer.supervised import prepare_supervised
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -109,7 +109,7 @@ def run(ctx: StageContext) -> Path:
     if job.data.preferences is None:
         if cfg.functions:
             return _functions_only(ctx)
-        raise StageFailed("reward stage needs data.preferences or reward.functions")
+        raise PermanentStageFailure("reward stage needs data.preferences or reward.functions")
     source = resolve_model_source(job.model)
     tokenizer = load_tokenizer(source)
     rows = load_preference_rows(job.data.preferences)

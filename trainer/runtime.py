@@ -7,6 +7,7 @@ termination messages; stages raise and never print their own failure.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from typing import Any
 
 import torch
 
-from trainer.config import ConfigError, StageJob
+from trainer.config import (
+    EXPECTED_GPUS_ENV, PERMANENT_FAILURE_EXIT_CODE, PERMANENT_FAILURE_PREFIX, ConfigError, StageJob,
+)
 from trainer.metrics import GAUGES, TrainerMetrics
 from trainer.reporting import FanOutReporter, LocalReporter, ProgressEvent, Reporter, write_termination_message
 
@@ -27,6 +30,18 @@ STAGE_MODULES = {"sft": "trainer.sft", "reward": "trainer.reward_model", "ppo": 
 
 class StageFailed(Exception):
     """A stage cannot go on for a reason the user can act on; the message is that reason."""
+
+
+class PermanentStageFailure(StageFailed):
+    """A StageFailed that retrying cannot fix (a missing model, an invalid reward function, no CUDA):
+    the process exits with ``PERMANENT_FAILURE_EXIT_CODE`` and the operator does not retry."""
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether ``exc`` fails the same way on every retry (the trainer exits with the permanent code)."""
+    from trainer.data import DatasetError
+
+    return isinstance(exc, (PermanentStageFailure, DatasetError, ConfigError))
 
 
 def stage_config(job: StageJob):
@@ -89,12 +104,30 @@ class StageContext:
         ))
 
 
+def check_cuda(*, expected_gpus: str | None, cuda: bool) -> None:
+    """PermanentStageFailure when the pod was given GPUs (``expected_gpus`` > 0) but CUDA sees none.
+
+    Training on the CPU instead would take days and look like a hang; a retry on the same image
+    and node class fails the same way (usually a CPU-only torch build or a missing driver).
+    """
+    try:
+        wanted = int(expected_gpus or 0)
+    except ValueError:
+        wanted = 0
+    if wanted > 0 and not cuda:
+        raise PermanentStageFailure(
+            f"{wanted} GPU(s) were requested (spec.resources.gpus) but CUDA is not available in the container "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): use an image with a CUDA build of "
+            "torch and nodes with the NVIDIA driver, or set gpus to 0")
+
+
 def build_context(job: StageJob) -> StageContext:
     """Accelerator, reporters and metrics for ``job``; starts the metrics server on the main process."""
     from accelerate import Accelerator
 
     cfg = stage_config(job)
     cuda = torch.cuda.is_available()
+    check_cuda(expected_gpus=os.environ.get(EXPECTED_GPUS_ENV), cuda=cuda)
     dtype = resolve_dtype(cfg.precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
@@ -132,8 +165,19 @@ def final_is_complete(output_dir: Path) -> bool:
     return (output_dir / "final" / COMPLETE_MARKER).is_file()
 
 
+def termination_message(exc: BaseException) -> str:
+    """The failure reason, prefixed with ``PERMANENT_FAILURE_PREFIX`` when retrying cannot help."""
+    reason = failure_reason(exc)
+    return PERMANENT_FAILURE_PREFIX + reason if is_permanent(exc) else reason
+
+
+def exit_code(exc: BaseException) -> int:
+    return PERMANENT_FAILURE_EXIT_CODE if is_permanent(exc) else 1
+
+
 def run_stage(job: StageJob) -> int:
-    """Run the job's stage; return the process exit code (0 success, 1 failure).
+    """Run the job's stage; return the process exit code: 0 success, ``PERMANENT_FAILURE_EXIT_CODE``
+    for an error that retrying cannot fix (``is_permanent``), 1 for any other failure.
 
     On failure the reason is reported, printed and written to
     ``reporting.terminationLogPath``. A stage whose ``final/`` is already
@@ -157,13 +201,13 @@ def run_stage(job: StageJob) -> int:
 
         if not isinstance(exc, (StageFailed, DatasetError, ConfigError)):
             traceback.print_exc()  # the short reason names one frame; the log gets all of them
-        write_termination_message(job.reporting.termination_log_path, reason)
+        write_termination_message(job.reporting.termination_log_path, termination_message(exc))
         if ctx is not None:
             try:
                 ctx.report("failed", step=ctx.step, total_steps=ctx.total_steps, reason=reason)
             except Exception:  # a broken reporter must not hide the original failure
                 pass
-        return 1
+        return exit_code(exc)
     finally:
         if ctx is not None:
             ctx.reporter.close()

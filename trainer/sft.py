@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from trainer.checkpoint import save_checkpoint
 from trainer.data import IGNORE_INDEX, TokenizedExample, load_sft_rows, pad_right, tokenize_sft_row
 from trainer.modeling import load_causal_lm, load_tokenizer, resolve_model_source, save_final
-from trainer.runtime import StageContext, StageFailed
+from trainer.runtime import PermanentStageFailure, StageContext
 from trainer.supervised import prepare_supervised
 
 
@@ -38,7 +38,7 @@ def collate(examples: list[TokenizedExample], *, pad_token_id: int, device) -> d
 def run(ctx: StageContext) -> Path:
     job, cfg, accelerator = ctx.job, ctx.job.sft, ctx.accelerator
     if job.data.sft is None:
-        raise StageFailed("sft stage needs data.sft (a JSON Lines file of prompt/completion or messages rows)")
+        raise PermanentStageFailure("sft stage needs data.sft (a JSON Lines file of prompt/completion or messages rows)")
     source = resolve_model_source(job.model)
     tokenizer = load_tokenizer(source)
     rows = load_sft_rows(job.data.sft, tokenizer=tokenizer)

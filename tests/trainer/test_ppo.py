@@ -179,7 +179,7 @@ def test_ppo_stops_with_a_reason_naming_kl_when_the_policy_drifts(tmp_path, toy_
 def test_ppo_fails_clearly_when_a_reward_function_cannot_be_imported(tmp_path, toy_sft_dir):
     job = ppo_job(tmp_path, toy_sft_dir, output="out",
                   functions=[{"type": "python", "function": "no_such_reward_module:score"}])
-    assert run_in_process("ppo", write_job(tmp_path / "ppo.yaml", **job)) == 1
+    assert run_in_process("ppo", write_job(tmp_path / "ppo.yaml", **job)) == 3  # permanent: no retry helps
     assert "no_such_reward_module:score" in (tmp_path / "termination-log").read_text()
 
 

@@ -77,8 +77,9 @@ def test_functions_only_reward_stage_writes_just_the_functions(tmp_path):
 
 def test_reward_stage_without_data_or_functions_fails_clearly(tmp_path):
     job = {"stage": "reward", "model": str(tmp_path), "outputDir": str(tmp_path / "out")}
-    assert run_in_process("reward", write_job(tmp_path / "job.yaml", **job)) == 1
-    assert (tmp_path / "termination-log").read_text() == "reward stage needs data.preferences or reward.functions"
+    assert run_in_process("reward", write_job(tmp_path / "job.yaml", **job)) == 3  # permanent: no retry helps
+    assert (tmp_path / "termination-log").read_text() == (
+        "PermanentError: reward stage needs data.preferences or reward.functions")
     assert progress_events(tmp_path / "out")[-1]["kind"] == "failed"
 
 

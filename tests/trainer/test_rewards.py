@@ -41,9 +41,11 @@ def test_regex_keywords_and_banned_phrases():
     assert banned("p", "Sorry, as an AI I cannot") == -2.0
 
 
-def test_bad_regex_names_the_pattern():
-    with pytest.raises(RewardError, match="not a valid regular expression"):
-        build_heuristic(fn(type="regex", pattern="("))
+def test_bad_regex_is_refused_by_the_config_and_names_the_pattern():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="pattern '\\(' is not a valid Python regular expression"):
+        fn(type="regex", pattern="(")
 
 
 def test_python_reward_is_imported_and_called(tmp_path, monkeypatch):
