@@ -32,7 +32,7 @@ import torch
 from trainer import ppo_math
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.data import load_prompt_rows
-from trainer.modeling import (HUB_SCHEME, disable_dropout, load_causal_lm, load_sequence_classifier,
+from trainer.modeling import (HUB_SCHEME, ModelSource, disable_dropout, load_causal_lm, load_sequence_classifier,
                               load_tokenizer, resolve_model_source, save_final)
 from trainer.rewards import CompositeReward, RewardError, load_normalization
 from trainer.runtime import PermanentStageFailure, StageContext, StageFailed
@@ -75,7 +75,7 @@ class ValueModel(torch.nn.Module):
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (b, s)
 
 
-def reward_model_source(reward_model: str | None) -> str | None:
+def reward_model_source(reward_model: str | None) -> ModelSource | None:
     """The ``from_pretrained`` source of job.rewardModel, or None when it holds no trained model.
 
     A reward-stage output trained without preference data is a directory with only
@@ -93,7 +93,7 @@ def reward_model_source(reward_model: str | None) -> str | None:
         raise type(exc)(f"rewardModel: {exc}; point it at the reward stage's final/ directory") from exc
 
 
-def build_reward(ctx: StageContext, tokenizer, *, reward_source: str | None) -> CompositeReward:
+def build_reward(ctx: StageContext, tokenizer, *, reward_source: ModelSource | None) -> CompositeReward:
     """Heuristic functions from job.reward.functions, plus the reward model at ``reward_source`` if any."""
     job = ctx.job
     reward_model, normalization = None, (0.0, 1.0)

@@ -53,8 +53,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     trainer = parser.add_argument_group("stage pods")
     trainer.add_argument("--trainer-image", default=os.environ.get(TRAINER_IMAGE_ENV),
                          help=f"image of runs without spec.image (default: ${TRAINER_IMAGE_ENV})")
-    trainer.add_argument("--max-gpus-per-stage", type=int, default=None,
-                         help="reject stages asking for more GPUs than this (default: no limit)")
+    trainer.add_argument("--max-gpus-per-stage", type=int, default=8,
+                         help="reject stages asking for more GPUs than this (default 8, the GPUs of one node; "
+                              "0: no limit)")
+    trainer.add_argument("--create-retry-limit", type=int, default=10,
+                         help="creates refused in a row by the API server (quota, admission) before a run fails")
+    trainer.add_argument("--image-pull-timeout-seconds", type=float, default=600.0,
+                         help="fail a stage whose image cannot be pulled for this long")
+    trainer.add_argument("--stuck-terminating-seconds", type=float, default=300.0,
+                         help="force-delete and replace a pod still terminating this long after its grace "
+                              "period, on a node that stopped reporting")
     trainer.add_argument("--trainer-metrics-port", type=_port, default=9400,
                          help="trainer /metrics port in stage pods (0: off)")
     trainer.add_argument("--report-interval-seconds", type=float, default=2.0,
@@ -111,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     config = OperatorConfig(
         trainer_image=args.trainer_image,
-        max_gpus_per_stage=args.max_gpus_per_stage,
+        max_gpus_per_stage=args.max_gpus_per_stage or None,
+        create_retry_limit=args.create_retry_limit,
+        image_pull_timeout_seconds=args.image_pull_timeout_seconds,
+        stuck_terminating_seconds=args.stuck_terminating_seconds,
         trainer_metrics_port=args.trainer_metrics_port or None,
         report_interval_seconds=args.report_interval_seconds,
         stage_command_override=args.stage_command_override,

@@ -12,18 +12,43 @@ status written by a newer one.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from trainer.config import ApiModel, PPOConfig, RewardConfig, SFTConfig
+from trainer.config import HUB_SCHEME, HUB_SOURCE_PATTERN, ApiModel, PPOConfig, RewardConfig, SFTConfig, parse_hub_source
 
 STAGES: tuple[str, ...] = ("sft", "reward", "ppo")
 """Stage names in the order they run."""
 
 # A PVC claim name is a DNS-1123 subdomain; the path after it is relative to the claim's root.
 CLAIM_PATTERN = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
-MODEL_SOURCE_PATTERN = rf"^(pvc://{CLAIM_PATTERN}(/.*)?|hf://[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+|/.*)$"
+MODEL_SOURCE_PATTERN = rf"^(pvc://{CLAIM_PATTERN}(/.*)?|{HUB_SOURCE_PATTERN}|/.*)$"
+
+# The Pod API's rules for label keys (qualified names) and values (k8s.io/apimachinery validation).
+_NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+_LABEL_VALUE = rf"({_NAME_PART})?"
+
+
+def qualified_name_problem(key: str) -> str | None:
+    """Why ``key`` is not a valid label key / taint key ([prefix/]name), or None when it is."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not re.fullmatch(_DNS_SUBDOMAIN, prefix)):
+        return f"key {key!r}: the prefix before '/' must be a DNS subdomain (lowercase, e.g. example.com)"
+    if not re.fullmatch(_NAME_PART, name):
+        return (f"key {key!r}: the name must be at most 63 characters of letters, digits, '-', '_', '.', "
+                "starting and ending with a letter or digit")
+    return None
+
+
+def label_value_problem(value: str) -> str | None:
+    """Why ``value`` is not a valid label value / taint value, or None when it is."""
+    if not re.fullmatch(_LABEL_VALUE, value):
+        return (f"value {value!r} must be at most 63 characters of letters, digits, '-', '_', '.', "
+                "starting and ending with a letter or digit")
+    return None
 DATA_URI_PATTERN = rf"^(pvc://{CLAIM_PATTERN}/.+|/.+)$"
 
 
@@ -47,8 +72,18 @@ Quantity = Annotated[
 class ModelSpec(ApiModel):
     """The base model the first enabled stage starts from."""
 
-    source: str = Field(pattern=MODEL_SOURCE_PATTERN)
-    """pvc://<claim>/<path> (the claim is mounted read-only), hf://<org>/<name> (downloaded by the trainer; needs network), or an absolute path inside the trainer image."""
+    source: str = Field(json_schema_extra={"pattern": MODEL_SOURCE_PATTERN})
+    """pvc://<claim>/<path> (the claim is mounted read-only), hf://[<org>/]<name>[@<revision>] (downloaded by the trainer; needs network; revision is a branch, tag or commit), or an absolute path inside the trainer image."""
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, source: str) -> str:
+        if source.startswith(HUB_SCHEME):
+            parse_hub_source(source)  # the trainer parses it the same way
+        elif not re.fullmatch(MODEL_SOURCE_PATTERN, source):
+            raise ValueError(f"{source!r} is not pvc://<claim>/<path>, hf://[<org>/]<name>[@<revision>] "
+                             "or an absolute path in the image")
+        return source
 
 
 class DataSpec(ApiModel):
@@ -124,6 +159,27 @@ class Toleration(ApiModel):
     toleration_seconds: int | None = None
     """For NoExecute: how long the pod stays bound after the taint appears."""
 
+    @model_validator(mode="after")
+    def _as_the_pod_api_checks(self) -> "Toleration":
+        # core/v1 validation.ValidateTolerations: a toleration the Pod API refuses would only fail
+        # at pod creation, long after kubectl apply said yes.
+        if self.key:
+            problem = qualified_name_problem(self.key)
+            if problem:
+                raise ValueError(problem)
+        elif self.operator != "Exists":
+            raise ValueError("key: an empty key needs operator Exists (it then tolerates every taint)")
+        if self.operator == "Exists" and self.value:
+            raise ValueError(f"value {self.value!r} must be empty when operator is Exists (remove value, or use "
+                             "operator Equal)")
+        if self.operator != "Exists" and self.value:
+            problem = label_value_problem(self.value)
+            if problem:
+                raise ValueError(problem)
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds is only allowed with effect NoExecute")
+        return self
+
 
 class FineTuneRunSpec(ApiModel):
     """Desired state of a FineTuneRun: a base model taken through SFT, reward modelling and PPO, one pod per stage."""
@@ -141,7 +197,9 @@ class FineTuneRunSpec(ApiModel):
     image: str | None = None
     """Trainer container image; default: the operator's --trainer-image."""
     backoff_limit: int = Field(2, ge=0, le=100)
-    """Failed attempts retried per stage before the run fails. Pods deleted from outside or by suspension do not count."""
+    """Failed attempts retried per stage before the run fails, with exponential backoff between attempts. Disruptions and suspension do not count; permanent errors (invalid config or data, missing model) are never retried."""
+    disruption_limit: int = Field(10, ge=0, le=1000)
+    """Pods removed by the cluster (eviction, preemption, node loss, deletion from outside) replaced per stage before the run fails. Separate from backoffLimit."""
     suspend: bool = False
     """true deletes the running stage pod and keeps the run Suspended; false resumes it from its last checkpoint."""
     active_deadline_seconds: int | None = Field(None, ge=1)
@@ -150,6 +208,15 @@ class FineTuneRunSpec(ApiModel):
     """Node labels every stage pod requires."""
     tolerations: list[Toleration] = Field(default_factory=list)
     """Tolerations of every stage pod."""
+
+    @field_validator("node_selector")
+    @classmethod
+    def _labels_as_the_pod_api_checks(cls, selector: dict[str, str]) -> dict[str, str]:
+        for key, value in selector.items():
+            problem = qualified_name_problem(key) or label_value_problem(value)
+            if problem:
+                raise ValueError(f"{problem} (in {key}: {value})")
+        return selector
 
 
 # --------------------------------------------------------------------------- status
@@ -161,7 +228,8 @@ class StatusModel(ApiModel):
 
 RunState = Literal["Pending", "Running", "WaitingForResources", "Suspended", "Succeeded", "Failed"]
 StageState = Literal[
-    "Pending", "Skipped", "Starting", "WaitingForResources", "Running", "Suspended", "Succeeded", "Failed"
+    "Pending", "Skipped", "Starting", "WaitingForResources", "Running", "BackingOff", "Suspended", "Succeeded",
+    "Failed",
 ]
 
 
@@ -182,17 +250,53 @@ class Condition(StatusModel):
     """metadata.generation the condition was computed from."""
 
 
+class Termination(StatusModel):
+    """How a failed attempt ended: the container's reason, exit code and termination message together."""
+
+    attempt: int
+    """Attempt number of the pod."""
+    pod: str
+    """Name of the pod."""
+    reason: str
+    """The container's (or pod's) reason: OOMKilled, Error, ContainerCannotRun, DeadlineExceeded, Evicted ..."""
+    exit_code: int | None = None
+    """Exit code of the trainer container; 3 means an error the trainer knows retrying cannot fix."""
+    message: str | None = None
+    """The termination message the trainer wrote (or the tail of its log when it could not), truncated."""
+    permanent: bool = False
+    """The trainer said retrying cannot help: the stage failed without using its retries."""
+    time: str | None = None
+    """When the operator saw the attempt end (RFC 3339)."""
+
+
+class FailedCreate(StatusModel):
+    """The last create the API server refused (quota, admission, Pod Security ...), until a create succeeds."""
+
+    kind: str
+    """Kind of the object, e.g. Pod."""
+    name: str
+    """Name of the object."""
+    code: int
+    """HTTP status of the refusal (403, 422 ...)."""
+    message: str
+    """The API server's message."""
+    count: int = 1
+    """Refusals in a row; the run fails when this exceeds the operator's --create-retry-limit."""
+    retry_after: str | None = None
+    """The next create is not tried before this time (RFC 3339); exponential backoff."""
+
+
 class StageStatus(StatusModel):
     """Observed state of one stage."""
 
     state: StageState = "Pending"
-    """Pending, Skipped, Starting, WaitingForResources, Running, Suspended, Succeeded or Failed."""
+    """Pending, Skipped, Starting, WaitingForResources, Running, BackingOff (waiting to retry), Suspended, Succeeded or Failed."""
     attempts: int = 0
     """Pods created for this stage; the current pod is <run>-<stage>-<attempts>."""
     failures: int = 0
     """Attempts that failed; the stage fails when this exceeds spec.backoffLimit."""
     disruptions: int = 0
-    """Attempts whose pod vanished or was removed by suspension (not counted as failures)."""
+    """Attempts whose pod was removed by the cluster (eviction, preemption, node loss) or deleted from outside; counted against spec.disruptionLimit, not backoffLimit."""
     pod: str | None = None
     """Name of the current pod."""
     start_time: str | None = None
@@ -215,6 +319,12 @@ class StageStatus(StatusModel):
     """Total steps of the stage, as reported by the trainer."""
     metrics: dict[str, float] = Field(default_factory=dict)
     """Latest metrics reported by the trainer (bounded set of keys)."""
+    last_failure: Termination | None = None
+    """How the last failed or disrupted attempt ended."""
+    retry_after: str | None = None
+    """While BackingOff: the next attempt is created at this time (RFC 3339)."""
+    waiting_since: str | None = None
+    """When the current pod's container was first seen stuck before running (image pull errors ...)."""
 
 
 class StagesStatus(StatusModel):
@@ -275,7 +385,11 @@ class FineTuneRunStatus(StatusModel):
     samples: list[Sample] = Field(default_factory=list)
     """The latest few PPO samples, truncated."""
     spec_digests: dict[str, str] = Field(default_factory=dict)
-    """Digests of the immutable spec fields at start (model, data, artifacts, each started stage); used to detect changes made while the webhook is off."""
+    """Digests of the immutable spec fields at start (model, data, artifacts, each started stage), defaults left out; used to detect changes made while the webhook is off."""
+    spec_digests_generation: int | None = None
+    """metadata.generation at which specDigests last matched the spec; the spec cannot have changed while the generation stays."""
+    failed_create: FailedCreate | None = None
+    """The last create the API server refused, while the operator retries it."""
 
     def stage(self, name: str) -> StageStatus:
         """The status of stage ``name``, created empty if missing."""
@@ -286,9 +400,54 @@ class FineTuneRunStatus(StatusModel):
         return current
 
 
+def effective_resources(spec: FineTuneRunSpec, stage: str) -> ResourcesSpec:
+    """spec.resources overridden field by field by spec.stages.<stage>.resources."""
+    merged = spec.resources.model_dump()
+    settings = getattr(spec.stages, stage)
+    if settings is not None and settings.resources is not None:
+        merged.update({k: v for k, v in settings.resources.model_dump().items() if v is not None})
+    return ResourcesSpec.model_validate(merged)
+
+
+def trainer_processes(gpus: int | None) -> int:
+    """Trainer processes in a stage pod: one per GPU above one (accelerate launch), else one."""
+    return gpus if gpus and gpus > 1 else 1
+
+
 def parse_status(raw: dict[str, Any] | None) -> FineTuneRunStatus:
     """Status from the object's ``status`` (tolerates None and unknown fields)."""
     return FineTuneRunStatus.model_validate(raw or {})
+
+
+def _nested_model(annotation: Any) -> type[ApiModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, ApiModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):  # Optional[...] / X | None
+        if isinstance(arg, type) and issubclass(arg, ApiModel):
+            return arg
+    return None
+
+
+def keep_unknown_fields(old: dict[str, Any] | None, new: dict[str, Any],
+                        model: type[ApiModel] = FineTuneRunStatus) -> dict[str, Any]:
+    """``new`` plus every key of ``old`` that ``model`` does not know, at every level of nested models.
+
+    A status written by a newer operator (or another controller) keeps its fields through a
+    merge patch computed by this one, which would otherwise set them to null.
+    """
+    if not isinstance(old, dict):
+        return new
+    known = {(info.alias or name): info for name, info in model.model_fields.items()}
+    merged = dict(new)
+    for key, value in old.items():
+        info = known.get(key)
+        if info is None:
+            merged.setdefault(key, value)
+            continue
+        nested = _nested_model(info.annotation)
+        if nested is not None and isinstance(merged.get(key), dict):
+            merged[key] = keep_unknown_fields(value, merged[key], nested)
+    return merged
 
 
 def dump(model: ApiModel) -> dict[str, Any]:

@@ -19,17 +19,17 @@ import yaml
 
 from ftoperator import API_VERSION, KIND
 from ftoperator import naming
-from ftoperator.api import FineTuneRunSpec, ResourcesSpec
+from ftoperator.api import FineTuneRunSpec, ResourcesSpec, effective_resources, trainer_processes
 from ftoperator.config import OperatorConfig
 from ftoperator.validation import stage_enabled, trains_reward_model
-from trainer.config import DataPaths, PPOConfig, ReportingConfig, RewardConfig, SFTConfig, StageJob
+from trainer.config import EXPECTED_GPUS_ENV, DataPaths, PPOConfig, ReportingConfig, RewardConfig, SFTConfig, StageJob
 
 CONFIG_DIR = "/etc/finetune"
 JOB_FILE = "job.yaml"
 ARTIFACTS_MOUNT = "/artifacts"
 DATA_MOUNT_ROOT = "/data"
 TERMINATION_LOG = "/dev/termination-log"
-TRAINER_CONTAINER = "trainer"
+TRAINER_CONTAINER = naming.TRAINER_CONTAINER
 GPU_RESOURCE = "nvidia.com/gpu"
 _STAGE_CONFIG_CLASSES = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
 _CONTROL_FIELDS = {"enabled", "resources"}
@@ -179,15 +179,6 @@ def stage_config_map(spec: FineTuneRunSpec, *, run: RunRef, stage: str, config: 
 # ----------------------------------------------------------------------------- Pod
 
 
-def effective_resources(spec: FineTuneRunSpec, stage: str) -> ResourcesSpec:
-    """spec.resources overridden field by field by spec.stages.<stage>.resources."""
-    merged = spec.resources.model_dump()
-    settings = getattr(spec.stages, stage)
-    if settings is not None and settings.resources is not None:
-        merged.update({k: v for k, v in settings.resources.model_dump().items() if v is not None})
-    return ResourcesSpec.model_validate(merged)
-
-
 def _container_resources(resources: ResourcesSpec) -> dict[str, Any]:
     amounts: dict[str, str] = {}
     if resources.cpu is not None:
@@ -202,7 +193,7 @@ def _container_resources(resources: ResourcesSpec) -> dict[str, Any]:
 def trainer_command(stage: str, gpus: int) -> list[str]:
     """``python -m trainer`` for one process, ``accelerate launch`` with one process per GPU above one."""
     args = ["-m", "trainer", "--stage", stage, "--config", f"{CONFIG_DIR}/{JOB_FILE}"]
-    if gpus > 1:
+    if trainer_processes(gpus) > 1:
         return ["accelerate", "launch", "--num_processes", str(gpus), *args]
     return ["python", *args]
 
@@ -222,6 +213,7 @@ def stage_pod(
         {"name": "FINETUNE_STAGE", "value": stage},
         {"name": "FINETUNE_ATTEMPT", "value": str(attempt)},
         {"name": "FINETUNE_OUTPUT_DIR", "value": stage_output_dir(run, stage)},
+        {"name": EXPECTED_GPUS_ENV, "value": str(resources.gpus or 0)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if config.stage_command_override is not None:

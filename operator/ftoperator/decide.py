@@ -13,13 +13,22 @@ Semantics (docs/operator.md has the user's view):
   skipped, and a reward stage without preference data is skipped (its
   functions are still used by PPO).
 * A failed pod is retried with the same output directory (so the trainer
-  resumes from its last checkpoint) until the stage has failed
-  ``backoffLimit + 1`` times; then the run fails with the pod's termination
-  message.
-* A pod that vanishes (deleted from outside) or is evicted is replaced by a
-  new attempt that does **not** count against backoffLimit: the trainer did
-  not fail, and counting it would let routine node maintenance fail runs.
-  ``status.stages.<stage>.disruptions`` counts these.
+  resumes from its last checkpoint), after an exponential backoff, until the
+  stage has failed ``backoffLimit + 1`` times; then the run fails with the
+  container's reason, exit code and termination message. A pod that ends with
+  the trainer's permanent-error exit code or message fails the stage at once.
+* A pod that vanishes (deleted from outside) or is evicted, preempted or
+  rejected by its node is replaced at once by a new attempt that does **not**
+  count against backoffLimit but against ``disruptionLimit``.
+  ``status.stages.<stage>.disruptions`` counts these. A pod stuck terminating
+  on a node that stopped reporting is force-deleted, then replaced.
+* A pod whose image cannot be pulled fails the stage after
+  ``image_pull_timeout_seconds``.
+* A create the API server refuses (quota, admission, Pod Security) is passed
+  back in as ``refused``: the pass creates nothing, records it in
+  ``status.failedCreate``, the ``Succeeded`` condition and a ``FailedCreate``
+  event, and the next creates wait for an exponential backoff; the run fails
+  after ``create_retry_limit`` refusals in a row.
 * ``suspend: true`` deletes the active pod; resuming starts a new attempt.
 * ``activeDeadlineSeconds`` counts from the start or the last resume.
 * Every pass of an active run re-creates whichever of its ServiceAccount, Role,
@@ -33,24 +42,26 @@ Semantics (docs/operator.md has the user's view):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from ftoperator import builders, naming
-from ftoperator.api import STAGES, FineTuneRunSpec, FineTuneRunStatus, StageStatus, parse_status
+from ftoperator.api import (
+    STAGES, FailedCreate, FineTuneRunSpec, FineTuneRunStatus, StageStatus, Termination, effective_resources,
+    parse_status,
+)
 from ftoperator.builders import RunRef
 from ftoperator.conditions import (
     CONDITION_TYPES, FAILED, RUNNING, SUCCEEDED, SUSPENDED, WAITING_FOR_RESOURCES, is_true, parse_timestamp,
     set_condition, timestamp,
 )
 from ftoperator.config import OperatorConfig
-from ftoperator.observe import ObservedChild, ObservedPod, leftover_reason
+from ftoperator.observe import IMAGE_PULL_REASONS, ObservedChild, ObservedPod, leftover_reason
 from ftoperator.validation import (
-    RUN_FROZEN_FIELDS, TERMINAL_STATES, check_recorded_digests, describe, field_digest, stage_enabled,
-    trains_reward_model, validate_spec,
+    IN_PROGRESS_STAGE_STATES, TERMINAL_STATES, check_recorded_digests, describe, record_digests, stage_enabled,
+    stage_runs_pod, validate_spec,
 )
 
-IN_PROGRESS_STAGE_STATES = ("Starting", "WaitingForResources", "Running")
 CLEANUP_POLL_SECONDS = 1.0
 """How often a run waiting for leftovers of an earlier run looks again (their deletion may wake no watch)."""
 LEFTOVERS_LISTED = 3
@@ -74,10 +85,22 @@ class CreateObject:
 
 @dataclass(frozen=True)
 class DeletePod:
-    """Delete a pod; NotFound (404) is fine."""
+    """Delete a pod; NotFound (404) is fine. ``force``: grace period 0, for a pod whose node is gone."""
 
     name: str
     reason: str
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class RefusedCreate:
+    """A create the API server refused (anything but 409): an input of the pass that follows it."""
+
+    kind: str
+    name: str
+    code: int
+    """HTTP status: 403 (quota, Pod Security, RBAC), 422 (invalid), 400, 5xx ..."""
+    message: str
 
 
 Action = CreateObject | DeletePod
@@ -119,11 +142,12 @@ class Decision:
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
 
-def runs_pod(spec: FineTuneRunSpec, stage: str) -> bool:
-    """Whether the stage has a pod to run (a reward stage without preference data has none)."""
-    if stage == "reward":
-        return trains_reward_model(spec)
-    return stage_enabled(spec, stage)
+runs_pod = stage_runs_pod
+
+
+def backoff_seconds(count: int, *, config: OperatorConfig) -> float:
+    """Delay before retry number ``count`` (1, 2, ...): base, doubled each time, capped (as the Job controller)."""
+    return min(config.retry_max_seconds, config.retry_base_seconds * 2 ** max(0, count - 1))
 
 
 def _skip_reason(spec: FineTuneRunSpec, stage: str) -> tuple[str, str]:
@@ -140,8 +164,12 @@ class _Pass:
     """One reconcile pass; methods mutate ``self.status`` (a private copy) and append to the decision."""
 
     def __init__(self, *, run: RunRef, status: FineTuneRunStatus, pods: list[ObservedPod],
-                 children: list[ObservedChild], now: datetime, config: OperatorConfig):
+                 children: list[ObservedChild], now: datetime, config: OperatorConfig,
+                 refused: RefusedCreate | None = None):
         self.run = run
+        self.refused = refused
+        self.may_create = refused is None
+        """False while a refused create backs off, and in the pass that follows a refusal."""
         self.status = status
         self.pods = pods
         self.leftovers = [reason for reason in (leftover_reason(c, run.uid) for c in children) if reason]
@@ -164,9 +192,9 @@ class _Pass:
             now=self.now, generation=self.run.generation)
 
     def ensure(self, obj: dict[str, Any]) -> None:
-        """Create ``obj`` unless the run's own object of that kind and name was observed."""
+        """Create ``obj`` unless the run's own object of that kind and name was observed (or creates wait)."""
         key = (obj["kind"], obj["metadata"]["name"])
-        if key not in self.present:
+        if key not in self.present and self.may_create:
             self.present.add(key)
             self.decision.actions.append(CreateObject(obj))
 
@@ -197,7 +225,7 @@ class _Pass:
         spec, errors = validate_spec(raw_spec, max_gpus_per_stage=self.config.max_gpus_per_stage,
                                      default_image=self.config.trainer_image)
         if spec is not None:
-            errors += check_recorded_digests(spec, status)
+            errors += check_recorded_digests(spec, status, generation=self.run.generation)
         if errors or spec is None:
             self.fail("InvalidSpec", describe(errors))
             return
@@ -208,15 +236,23 @@ class _Pass:
             return
         if is_true(status.conditions, SUSPENDED):
             self.resume()
+        if status.active_since is None:  # the deadline counts from the first reconcile, whatever happens next
+            status.active_since = self.stamp
         if self.deadline_exceeded(spec):
             return
         if self.wait_for_leftovers():
             return
         if status.start_time is None:
             self.start(spec)
+        if self.may_create and self.create_backing_off():
+            self.may_create = False
         for obj in builders.run_infrastructure(self.run):
             self.ensure(obj)
+        self.advance_stages(spec)
+        record_digests(spec, self.status, generation=self.run.generation)
+        self.report_failed_create()
 
+    def advance_stages(self, spec: FineTuneRunSpec) -> None:
         while True:
             stage = self.next_stage(spec)
             if stage is None:
@@ -228,6 +264,50 @@ class _Pass:
             if outcome == "waiting":
                 self.summarize(stage)
                 return
+
+    # ------------------------------------------------------------------ refused creates
+
+    def create_backing_off(self) -> bool:
+        """True while the creates after a refused one must wait (``status.failedCreate.retryAfter``)."""
+        failed = self.status.failed_create
+        if failed is None or failed.retry_after is None:
+            return False
+        wait = (parse_timestamp(failed.retry_after) - self.now).total_seconds()
+        if wait <= 0:
+            return False
+        self.decision.requeue(wait)
+        return True
+
+    def report_failed_create(self) -> None:
+        """Record a refusal passed in, keep reporting one that backs off, forget one once creates succeed."""
+        if self.status.state in TERMINAL_STATES:
+            return
+        refused, failed = self.refused, self.status.failed_create
+        if refused is None and failed is not None and self.may_create:
+            if any(isinstance(a, CreateObject) for a in self.decision.actions):
+                self.status.failed_create = None  # this status is saved only if every create succeeded
+            return
+        if refused is not None:
+            count = (failed.count if failed is not None else 0) + 1
+            limit = self.config.create_retry_limit
+            what = (f"the API server refused to create {refused.kind} {refused.name} "
+                    f"(HTTP {refused.code}): {refused.message}")
+            if count > limit:
+                self.fail("FailedCreate", f"{what}; refused {count} times in a row (--create-retry-limit {limit})")
+                return
+            delay = backoff_seconds(count, config=self.config)
+            failed = self.status.failed_create = FailedCreate(
+                kind=refused.kind, name=refused.name, code=refused.code, message=refused.message, count=count,
+                retry_after=timestamp(self.now + timedelta(seconds=delay)))
+            self.decision.requeue(delay)
+            self.event("Warning", "FailedCreate", f"{what}; retry {count} of {limit} in {delay:.0f}s")
+        if failed is None:
+            return
+        message = (f"the API server refused to create {failed.kind} {failed.name} (HTTP {failed.code}): "
+                   f"{failed.message}; retrying at {failed.retry_after} ({failed.count} of "
+                   f"{self.config.create_retry_limit} refusals in a row)")
+        self.status.message = message
+        self.condition(SUCCEEDED, "Unknown", "FailedCreate", message)
 
     def _invalid_spec_was_fixed(self) -> bool:
         # A run rejected as InvalidSpec before any pod ran gets another chance when its spec changes.
@@ -265,11 +345,7 @@ class _Pass:
                 current.reason, current.message = _skip_reason(spec, stage)
 
     def start(self, spec: FineTuneRunSpec) -> None:
-        self.status.start_time = self.status.active_since = self.stamp
-        for frozen in RUN_FROZEN_FIELDS:
-            self.status.spec_digests[frozen] = field_digest(spec, frozen)
-        if spec.active_deadline_seconds is not None:
-            self.decision.requeue(spec.active_deadline_seconds)
+        self.status.start_time = self.stamp
 
     def wait_for_leftovers(self) -> bool:
         """True (create nothing this pass) while objects with the run's child names are not its own."""
@@ -307,8 +383,7 @@ class _Pass:
     def resume(self) -> None:
         self.event("Normal", "RunResumed", "spec.suspend is false; the run resumes from its last checkpoint")
         self.condition(SUSPENDED, "False", "Resumed", "spec.suspend is false")
-        if self.status.start_time is not None:
-            self.status.active_since = self.stamp
+        self.status.active_since = self.stamp
 
     def deadline_exceeded(self, spec: FineTuneRunSpec) -> bool:
         limit = spec.active_deadline_seconds
@@ -340,8 +415,8 @@ class _Pass:
                 self.decision.actions.append(DeletePod(stale.name, f"superseded by attempt {attempt}"))
 
         if attempt == 0:
-            self.start_attempt(spec, stage, 1)
-            self.event("Normal", "StageStarted", f"stage {stage} started: pod {current.pod}")
+            if self.start_attempt(spec, stage, 1):
+                self.event("Normal", "StageStarted", f"stage {stage} started: pod {current.pod}")
             return "waiting"
 
         pod = next((p for p in mine if p.attempt == attempt), None)
@@ -353,27 +428,35 @@ class _Pass:
             if current.state in ("Pending", "Skipped"):
                 current.state = "Starting"
 
+        ended = current.last_failure is not None and current.last_failure.attempt == attempt
+        if ended:  # this attempt's end is recorded: wait for the backoff, then start the next one
+            return self.retry_when_due(spec, stage)
+
         if pod is None:
-            previous_pod = current.pod
-            current.disruptions += 1
             if current.state == "Suspended":
-                self.start_attempt(spec, stage, attempt + 1)
-                self.event("Normal", "StageStarted", f"stage {stage} resumed: pod {current.pod}")
-            else:
-                self.decision.retries.append((stage, "disruption"))
-                self.start_attempt(spec, stage, attempt + 1)
-                self.event("Warning", "StageRetrying",
-                           f"pod {previous_pod} disappeared (deleted or evicted); started {current.pod} "
-                           "from the last checkpoint (not counted against backoffLimit)")
-            return "waiting"
+                if self.start_attempt(spec, stage, attempt + 1):
+                    self.event("Normal", "StageStarted", f"stage {stage} resumed: pod {current.pod}")
+                return "waiting"
+            name = naming.pod_name(self.run.name, stage, attempt)
+            return self.attempt_ended(spec, stage, Termination(
+                attempt=attempt, pod=name, reason="PodDeleted", time=self.stamp,
+                message=f"pod {name} disappeared (deleted from outside, or its node was removed)"), disrupted=True)
 
         if pod.active:
             self.ensure_stage_config(spec, stage)  # a pending pod cannot start without it
 
         if pod.deleting and pod.phase != "Succeeded":
             # Deleted by someone (or by a suspension): whatever phase it ends in is not the trainer's
-            # failure. Wait until it is gone, then start a new attempt.
-            current.message = f"pod {pod.name} is being deleted"
+            # failure. Wait until it is gone, then start a new attempt -- unless its node is gone and
+            # nothing will ever finish the deletion.
+            if self.stuck_terminating(pod):
+                self.decision.actions.append(DeletePod(
+                    pod.name, f"still terminating {self.config.stuck_terminating_seconds:.0f}s after its grace "
+                    "period on a node that stopped reporting", force=True))
+                current.message = f"pod {pod.name} was stuck terminating on an unreachable node: force-deleted"
+                self.event("Warning", "PodForceDeleted", f"stage {stage}: {current.message}; a new attempt replaces it")
+            else:
+                current.message = f"pod {pod.name} is being deleted"
             return "waiting"
 
         if pod.phase == "Pending":
@@ -381,11 +464,16 @@ class _Pass:
                 if current.state != "WaitingForResources":
                     self.event("Warning", "WaitingForResources", f"pod {pod.name} cannot be scheduled: {pod.unschedulable}")
                 current.state, current.reason, current.message = "WaitingForResources", "Unschedulable", pod.unschedulable
+                current.waiting_since = None
+            elif pod.waiting_reason:
+                return self.container_stuck(spec, stage, pod)
             else:
                 current.state, current.reason = "Starting", "PodPending"
-                current.message = pod.waiting or f"pod {pod.name} is starting"
+                current.message = f"pod {pod.name} is starting"
+                current.waiting_since = None
             return "waiting"
 
+        current.waiting_since = None
         if pod.phase == "Running":
             current.state, current.reason, current.message = "Running", "PodRunning", f"pod {pod.name} is running"
             if current.running_time is None:
@@ -398,6 +486,7 @@ class _Pass:
         if pod.phase == "Succeeded":
             current.state, current.reason = "Succeeded", "PodSucceeded"
             current.completion_time = self.stamp
+            current.retry_after = None
             current.artifact = builders.stage_artifact_uri(spec, self.run, stage)
             current.message = f"final model at {current.artifact}"
             duration = _seconds(self.now, current.start_time)
@@ -407,39 +496,127 @@ class _Pass:
             return "succeeded"
 
         if pod.phase == "Failed":
-            return self.pod_failed(spec, stage, pod)
+            return self.attempt_ended(spec, stage, Termination(
+                attempt=pod.attempt, pod=pod.name, reason=pod.reason or "Error", exit_code=pod.exit_code,
+                message=pod.message, permanent=pod.permanent, time=self.stamp),
+                disrupted=pod.disrupted, memory_limit=pod.memory_limit)
         return "waiting"  # Unknown: the node is not reporting; wait for it or for the pod to vanish
 
-    def pod_failed(self, spec: FineTuneRunSpec, stage: str, pod: ObservedPod) -> Literal["waiting", "failed"]:
+    def stuck_terminating(self, pod: ObservedPod) -> bool:
+        """Deleted, its grace period long over, and its node not reporting: no kubelet will finish it."""
+        if pod.deletion_time is None or pod.ready is True:
+            return False
+        overdue = (self.now - pod.deletion_time).total_seconds() - self.config.stuck_terminating_seconds
+        if overdue < 0:
+            self.decision.requeue(-overdue)
+            return False
+        return True
+
+    def container_stuck(self, spec: FineTuneRunSpec, stage: str, pod: ObservedPod) -> Literal["waiting", "failed"]:
+        """The container cannot start (image pull, container config): say so, and fail after a while."""
         current = self.status.stage(stage)
-        if pod.disrupted:
+        pulling = pod.waiting_reason in IMAGE_PULL_REASONS
+        what = f"cannot pull image {pod.image}" if pulling else f"cannot create the trainer container of pod {pod.name}"
+        message = f"{what}: {pod.waiting}"
+        if current.reason != pod.waiting_reason:
+            self.event("Warning", "ImagePullFailed" if pulling else "ContainerCreateFailed", f"stage {stage}: {message}")
+        current.state, current.reason, current.message = "Starting", pod.waiting_reason, message
+        current.waiting_since = current.waiting_since or self.stamp
+        waited = _seconds(self.now, current.waiting_since) or 0.0
+        limit = self.config.image_pull_timeout_seconds
+        if waited < limit:
+            self.decision.requeue(limit - waited)
+            return "waiting"
+        reason = "ImagePullFailed" if pulling else "ContainerCreateFailed"
+        return self.stage_failed(stage, reason, f"{message} (for {waited:.0f}s; the operator gives up after "
+                                 f"{limit:.0f}s, --image-pull-timeout-seconds)")
+
+    def describe_end(self, spec: FineTuneRunSpec, stage: str, end: Termination, memory_limit: str | None) -> str:
+        """One line: the reason, exit code and message together; OOMKilled says what to change."""
+        head = end.reason + (f" (exit code {end.exit_code})" if end.exit_code is not None else "")
+        if end.reason == "OOMKilled":
+            limit = memory_limit or effective_resources(spec, stage).memory or "none set"
+            head = (f"OOMKilled: pod {end.pod} ran out of memory (limit {limit}, exit code {end.exit_code}); raise "
+                    f"spec.resources.memory or spec.stages.{stage}.resources.memory (the next attempt uses the new "
+                    "value), or lower batchSize or maxSeqLengthTokens")
+            return f"{head}. Last log lines: {end.message}" if end.message else head
+        if end.permanent:
+            head = f"permanent error, not retried: {head}"
+        return f"{head}: {end.message}" if end.message else head
+
+    def attempt_ended(self, spec: FineTuneRunSpec, stage: str, end: Termination, *, disrupted: bool,
+                      memory_limit: str | None = None) -> Literal["waiting", "failed"]:
+        """Count a failed or disrupted attempt once, then fail the stage or back off before the next attempt."""
+        current = self.status.stage(stage)
+        current.last_failure = end
+        detail = self.describe_end(spec, stage, end, memory_limit)
+        if disrupted:
             current.disruptions += 1
+            if current.disruptions > spec.disruption_limit:
+                return self.stage_failed(stage, "DisruptionLimitExceeded", (
+                    f"stage {stage} was disrupted {current.disruptions} times (spec.disruptionLimit "
+                    f"{spec.disruption_limit}); last: {detail}"))
             self.decision.retries.append((stage, "disruption"))
-            self.start_attempt(spec, stage, pod.attempt + 1)
-            self.event("Warning", "StageRetrying",
-                       f"pod {pod.name} was removed by the cluster ({pod.failure}); started {current.pod} "
-                       "(not counted against backoffLimit)")
-            return "waiting"
+            current.retry_after = self.stamp
+            current.state, current.reason = "BackingOff", "Disrupted"
+            current.message = f"{detail}; a new attempt starts from the last checkpoint"
+            self.event("Warning", "StageRetrying", f"pod {end.pod} was removed by the cluster ({detail}); a new "
+                       f"attempt starts from the last checkpoint (disruption {current.disruptions} of "
+                       f"{spec.disruption_limit} allowed; not counted against backoffLimit)")
+            return self.retry_when_due(spec, stage, announce=False)
         current.failures += 1
-        if current.failures <= spec.backoff_limit:
-            self.decision.retries.append((stage, "failure"))
-            self.start_attempt(spec, stage, pod.attempt + 1)
-            self.event("Warning", "StageRetrying",
-                       f"pod {pod.name} failed ({current.failures} of {spec.backoff_limit + 1} allowed failures): "
-                       f"{pod.failure}; started {current.pod} from the last checkpoint")
+        if end.permanent:
+            return self.stage_failed(stage, "PermanentError", f"stage {stage} failed: {detail}")
+        if current.failures > spec.backoff_limit:
+            return self.stage_failed(stage, "BackoffLimitExceeded", (
+                f"stage {stage} failed {current.failures} times (spec.backoffLimit {spec.backoff_limit}); "
+                f"last: {detail}"))
+        delay = backoff_seconds(current.failures, config=self.config)
+        self.decision.retries.append((stage, "failure"))
+        current.retry_after = timestamp(self.now + timedelta(seconds=delay))
+        current.state, current.reason = "BackingOff", "OOMKilled" if end.reason == "OOMKilled" else "PodFailed"
+        current.message = f"{detail}; attempt {end.attempt + 1} starts at {current.retry_after}"
+        self.event("Warning", "StageRetrying",
+                   f"pod {end.pod} failed ({current.failures} of {spec.backoff_limit + 1} allowed failures): "
+                   f"{detail}; attempt {end.attempt + 1} starts in {delay:.0f}s from the last checkpoint")
+        return self.retry_when_due(spec, stage)
+
+    def retry_when_due(self, spec: FineTuneRunSpec, stage: str, *, announce: bool = True) -> Literal["waiting"]:
+        """Start the next attempt once ``retryAfter`` has passed (and creates are allowed).
+
+        ``announce``: post StageStarted (not when StageRetrying said so in the same pass).
+        """
+        current = self.status.stage(stage)
+        due = parse_timestamp(current.retry_after) if current.retry_after else self.now
+        wait = (due - self.now).total_seconds()
+        if wait > 0:
+            self.decision.requeue(wait)
             return "waiting"
-        current.state, current.reason, current.message = "Failed", "BackoffLimitExceeded", pod.failure
+        previous = current.last_failure
+        if self.start_attempt(spec, stage, current.attempts + 1):
+            current.retry_after = None
+            if announce:
+                    self.event("Normal", "StageStarted", f"stage {stage} attempt {current.attempts}: pod {current.pod} "
+                           f"(after {previous.reason if previous else 'a failure'} of pod "
+                           f"{previous.pod if previous else '?'})")
+        return "waiting"
+
+    def stage_failed(self, stage: str, reason: str, message: str) -> Literal["failed"]:
+        current = self.status.stage(stage)
+        current.state, current.reason, current.message = "Failed", reason, message
         current.completion_time = self.stamp
+        current.retry_after = None
         duration = _seconds(self.now, current.start_time)
         if duration is not None:
             self.decision.stage_durations.append((stage, "Failed", duration))
-        self.event("Warning", "StageFailed",
-                   f"stage {stage} failed {current.failures} times (spec.backoffLimit {spec.backoff_limit}); "
-                   f"last failure: {pod.failure}")
-        self.fail("StageFailed", f"stage {stage} failed: {pod.failure}", stage=stage)
+        self.event("Warning", "StageFailed", message)
+        self.fail("StageFailed", message, stage=stage)
         return "failed"
 
-    def start_attempt(self, spec: FineTuneRunSpec, stage: str, attempt: int) -> None:
+    def start_attempt(self, spec: FineTuneRunSpec, stage: str, attempt: int) -> bool:
+        """Create the pod of ``attempt``; False (nothing changed) while creates must wait."""
+        if not self.may_create:
+            return False
         current = self.status.stage(stage)
         current.start_time = current.start_time or self.stamp
         current.attempts = attempt
@@ -448,11 +625,11 @@ class _Pass:
         current.message = f"pod {current.pod} created"
         current.attempt_start_time = self.stamp
         current.running_time = None
-        frozen = f"spec.stages.{stage}"
-        self.status.spec_digests.setdefault(frozen, field_digest(spec, frozen))
+        current.waiting_since = None
         self.ensure_stage_config(spec, stage)
         self.decision.actions.append(CreateObject(
             builders.stage_pod(spec, run=self.run, stage=stage, attempt=attempt, config=self.config)))
+        return True
 
     # ------------------------------------------------------------------ the run's summary
 
@@ -463,6 +640,8 @@ class _Pass:
         running = current.state == "Running"
         waiting = current.state == "WaitingForResources"
         self.status.state = "Running" if running else "WaitingForResources" if waiting else "Pending"
+        if current.state == "BackingOff" and current.retry_after:
+            self.status.message = f"{stage}: {current.message}"
         self.condition(RUNNING, "True" if running else "False", "StageRunning" if running else "NotRunning",
                        f"stage {stage}: pod {current.pod}" if running else None)
         self.condition(WAITING_FOR_RESOURCES, "True" if waiting else "False",
@@ -486,7 +665,7 @@ class _Pass:
         self.delete_active_pods(f"the run failed: {reason}")
         for name in STAGES:
             current = getattr(self.status.stages, name)
-            if current is not None and current.state in (*IN_PROGRESS_STAGE_STATES, "Suspended"):
+            if current is not None and current.state in IN_PROGRESS_STAGE_STATES:
                 current.state, current.reason, current.message = "Failed", reason, message
                 current.completion_time = self.stamp
                 stage = stage or name
@@ -521,17 +700,19 @@ def decide(
     children: list[ObservedChild],
     now: datetime,
     config: OperatorConfig,
+    refused: RefusedCreate | None = None,
 ) -> Decision:
     """The next step for one run. ``spec`` and ``status`` are the raw object's fields.
 
     ``pods`` are the run's own stage pods (controlled by ``run.uid``). ``children`` is every
     object observed under one of the run's child names -- pods, ConfigMaps, the ServiceAccount,
     Role and RoleBinding -- whoever owns it: what is the run's own is not created again, what is
-    not holds the run in ``WaitingForCleanup``.
+    not holds the run in ``WaitingForCleanup``. ``refused``: the API server refused a create of the
+    decision made from the same inputs; this decision creates nothing and records the refusal.
     """
     before = parse_status(status)
     work = _Pass(run=run, status=before.model_copy(deep=True), pods=pods, children=children, now=now,
-                 config=config)
+                 config=config, refused=refused)
     work.reconcile(spec)
     work.decision.transitions = _stage_transitions(before, work.status)
     return work.decision

@@ -148,7 +148,10 @@ class KubeApi:
         return obj
 
     def create(self, obj: dict[str, Any]) -> bool:
-        """Create a namespaced object; False if one of that name already existed (409), whoever owns it."""
+        """Create a namespaced object; False if one of that name already existed (409), whoever owns it.
+
+        Any other refusal raises ApiError with the server's message (quota, admission, Pod Security).
+        """
         meta = obj["metadata"]
         try:
             self.request("POST", _path(obj["kind"], meta["namespace"]), body=obj)
@@ -158,11 +161,17 @@ class KubeApi:
                 return False
             raise
 
-    def delete_pod(self, namespace: str, name: str) -> bool:
-        """Delete a pod (background propagation); False if it was already gone."""
+    def delete_pod(self, namespace: str, name: str, *, force: bool = False) -> bool:
+        """Delete a pod (background propagation); False if it was already gone.
+
+        ``force``: grace period 0, which removes the object at once -- only for a pod whose node
+        stopped reporting, where no kubelet will ever confirm the deletion.
+        """
+        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if force:
+            body["gracePeriodSeconds"] = 0
         try:
-            self.request("DELETE", _path("Pod", namespace, name),
-                         body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
+            self.request("DELETE", _path("Pod", namespace, name), body=body)
             return True
         except ApiError as exc:
             if exc.status == 404:

@@ -14,6 +14,8 @@ from ftoperator import GROUP
 MAX_NAME = 63
 """Every child name stays a valid DNS label (pod hostnames, label values, Service-like names)."""
 
+TRAINER_CONTAINER = "trainer"
+"""Name of the trainer container in every stage pod."""
 LABEL_RUN = f"{GROUP}/run"
 LABEL_STAGE = f"{GROUP}/stage"
 LABEL_ATTEMPT = f"{GROUP}/attempt"

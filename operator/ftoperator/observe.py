@@ -14,6 +14,8 @@ from typing import Any
 
 from ftoperator import naming
 from ftoperator.conditions import parse_timestamp
+from ftoperator.naming import TRAINER_CONTAINER
+from trainer.config import PERMANENT_FAILURE_EXIT_CODE, PERMANENT_FAILURE_PREFIX
 
 MESSAGE_LIMIT = 1000
 """Characters of a failure or scheduler message kept in status and events."""
@@ -21,9 +23,10 @@ MESSAGE_LIMIT = 1000
 DISRUPTION_REASONS = frozenset({"Evicted", "Preempting", "NodeLost", "Shutdown", "NodeShutdown", "Terminated"})
 """pod.status.reason values meaning the pod was removed by the cluster, not failed by the trainer."""
 
-_STUCK_WAITING_REASONS = frozenset({
-    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError",
-})
+IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+"""Container waiting reasons that mean the trainer image cannot be pulled."""
+STUCK_WAITING_REASONS = IMAGE_PULL_REASONS | {"CreateContainerConfigError", "CreateContainerError"}
+"""Container waiting reasons that do not go away by themselves."""
 
 
 def shorten(text: str, limit: int = MESSAGE_LIMIT) -> str:
@@ -44,17 +47,48 @@ class ObservedPod:
     unschedulable: str | None = None
     """The scheduler's message while the pod cannot be placed."""
     waiting: str | None = None
-    """Why the container is stuck before running (image pull errors ...)."""
-    failure: str | None = None
-    """Why the pod failed: the termination message, else reason and exit code."""
+    """Why the container is stuck before running (image pull errors ...): reason and message."""
+    waiting_reason: str | None = None
+    """The container's waiting reason when it is one of ``STUCK_WAITING_REASONS``."""
+    image: str | None = None
+    """The trainer container's image."""
+    reason: str | None = None
+    """Why a failed pod ended: the container's terminated reason (OOMKilled, Error, ContainerCannotRun ...),
+    else the pod's reason (Evicted, DeadlineExceeded ...)."""
     exit_code: int | None = None
+    message: str | None = None
+    """The termination message (the trainer's, or the log tail the kubelet took when there was none),
+    without the trainer's permanent-error prefix; or the pod's status message."""
+    permanent: bool = False
+    """The trainer said retrying cannot help (exit code or termination message prefix)."""
     disrupted: bool = False
-    """Failed because the cluster removed it (eviction, node shutdown), not because the trainer failed."""
+    """Failed because the cluster removed it (eviction, preemption, node shutdown, kubelet admission),
+    not because the trainer failed."""
+    memory_limit: str | None = None
+    """The trainer container's memory limit, as written in the pod."""
+    deletion_time: datetime | None = None
+    """metadata.deletionTimestamp: when a graceful deletion should be over."""
+    ready: bool | None = None
+    """The pod's Ready condition (None when it has none); False on a node that stopped reporting."""
 
     @property
     def active(self) -> bool:
         """Still running or about to, and not already being deleted."""
         return self.phase in ("Pending", "Running", "Unknown") and not self.deleting
+
+    @property
+    def failure(self) -> str | None:
+        """One line saying how the pod ended: reason, exit code and message together."""
+        if self.reason is None and self.message is None:
+            return None
+        head = self.reason or "Failed"
+        if self.exit_code is not None:
+            head += f" (exit code {self.exit_code})"
+        return f"{head}: {self.message}" if self.message else head
+
+
+def _condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
 
 
 def observe_pod(pod: dict[str, Any]) -> ObservedPod | None:
@@ -72,42 +106,71 @@ def observe_pod(pod: dict[str, Any]) -> ObservedPod | None:
     phase = status.get("phase") or "Pending"
 
     unschedulable = None
-    for condition in status.get("conditions") or []:
-        if (condition.get("type") == "PodScheduled" and condition.get("status") == "False"
-                and condition.get("reason") == "Unschedulable"):
-            unschedulable = shorten(condition.get("message") or "unschedulable")
+    scheduled = _condition(status, "PodScheduled")
+    if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        unschedulable = shorten(scheduled.get("message") or "unschedulable")
 
-    waiting = failure = None
+    containers = (pod.get("spec") or {}).get("containers") or []
+    trainer = next((c for c in containers if c.get("name") == TRAINER_CONTAINER), containers[0] if containers else {})
+    image = trainer.get("image")
+    memory_limit = ((trainer.get("resources") or {}).get("limits") or {}).get("memory")
+
+    waiting = waiting_reason = None
+    reason = message = None
     exit_code = None
     for container in status.get("containerStatuses") or []:
+        if container.get("name") not in (None, TRAINER_CONTAINER):
+            continue
         state = container.get("state") or {}
-        if "waiting" in state and (state["waiting"] or {}).get("reason") in _STUCK_WAITING_REASONS:
-            detail = state["waiting"]
-            waiting = shorten(f"{detail.get('reason')}: {detail.get('message') or ''}".rstrip(": "))
+        image = image or container.get("image")
+        detail = state.get("waiting") or {}
+        if detail.get("reason") in STUCK_WAITING_REASONS:
+            waiting_reason = detail["reason"]
+            waiting = shorten(f"{waiting_reason}: {detail.get('message') or ''}".rstrip(": "))
         terminated = state.get("terminated")
         if terminated:
+            # The reason is kept whatever the message says: with FallbackToLogsOnError the message of an
+            # OOMKilled container is the tail of its log, which never says it was killed.
             exit_code = terminated.get("exitCode")
-            message = (terminated.get("message") or "").strip()
             reason = terminated.get("reason") or "Error"
-            failure = shorten(message) if message else f"{reason} (exit code {exit_code})"
+            message = (terminated.get("message") or "").strip() or None
 
-    disrupted = phase == "Failed" and status.get("reason") in DISRUPTION_REASONS
-    if phase == "Failed" and failure is None:
-        failure = shorten(" ".join(filter(None, [status.get("reason"), status.get("message")])) or "pod failed")
+    permanent = exit_code == PERMANENT_FAILURE_EXIT_CODE or bool(message and message.startswith(PERMANENT_FAILURE_PREFIX))
+    if message is not None:
+        message = shorten(message.removeprefix(PERMANENT_FAILURE_PREFIX))
 
+    disruption = _condition(status, "DisruptionTarget")
+    disrupted = phase == "Failed" and (
+        status.get("reason") in DISRUPTION_REASONS
+        or (disruption is not None and disruption.get("status") == "True")
+        or reason is None  # rejected by the kubelet (OutOfnvidia.com/gpu ...) before the trainer ran
+    )
+    if phase == "Failed" and reason is None:
+        reason = status.get("reason") or (disruption or {}).get("reason") or "PodFailed"
+        message = shorten(status.get("message") or (disruption or {}).get("message") or "") or None
+
+    ready = _condition(status, "Ready")
     created = meta.get("creationTimestamp")
+    deletion = meta.get("deletionTimestamp")
     return ObservedPod(
         name=meta.get("name", ""),
         stage=stage,
         attempt=attempt,
         phase=phase,
-        deleting=meta.get("deletionTimestamp") is not None,
+        deleting=deletion is not None,
         created=parse_timestamp(created) if created else None,
         unschedulable=unschedulable if phase == "Pending" else None,
         waiting=waiting if phase == "Pending" else None,
-        failure=failure if phase == "Failed" else None,
+        waiting_reason=waiting_reason if phase == "Pending" else None,
+        image=image,
+        reason=reason if phase == "Failed" else None,
         exit_code=exit_code,
+        message=message if phase == "Failed" else None,
+        permanent=permanent and phase == "Failed" and not disrupted,
         disrupted=disrupted,
+        memory_limit=memory_limit,
+        deletion_time=parse_timestamp(deletion) if deletion else None,
+        ready=None if ready is None else ready.get("status") == "True",
     )
 
 

@@ -4,7 +4,10 @@
 level-based: it reads the run and its children afresh (pods and ConfigMaps by the
 run's label, the ServiceAccount, Role and RoleBinding by name -- whoever owns
 them), asks ``decide`` what to do, creates and deletes, then patches the status
-with the minimal merge patch.
+with the minimal merge patch, keeping status fields this operator version does not know.
+A create the API server refuses (quota, admission, Pod Security: anything but 409) ends
+the applying; ``decide`` runs again with the refusal as an input, and that decision's
+status (which records it) is the one saved.
 Objects are created before the status that records them is written, so a
 crash in between leaves a pod that the next pass adopts (names are
 deterministic), never a status that points at nothing. A create that answers
@@ -28,10 +31,10 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from ftoperator import builders, naming, progress
-from ftoperator.api import dump
+from ftoperator.api import dump, keep_unknown_fields
 from ftoperator.builders import RunRef
 from ftoperator.config import OperatorConfig
-from ftoperator.decide import CreateObject, Decision, DeletePod, decide
+from ftoperator.decide import CreateObject, Decision, DeletePod, RefusedCreate, decide
 from ftoperator.kubeapi import ApiError, KubeApi
 from ftoperator.mergepatch import diff
 from ftoperator.metrics import OperatorMetrics
@@ -74,18 +77,19 @@ class RunReconciler:
         children = self._observe_other_children(run) + [observe_child(raw) for raw in raw_pods]
         old_status = obj.get("status") or {}
         now = self.clock()
-        decision = decide(run=run, spec=obj.get("spec"), status=old_status, pods=pods, children=children, now=now,
-                          config=self.config)
+        inputs = dict(run=run, spec=obj.get("spec"), status=old_status, pods=pods, children=children, now=now,
+                      config=self.config)
+        decision = decide(**inputs)
+        refused = self._apply(run, decision)
+        if refused is not None:
+            # The status of a refused pass is never saved: decide again, knowing the refusal, so the
+            # run shows it (condition, event, backoff) instead of staying without a status.
+            log.warning("%s/%s: the API server refused %s %s (HTTP %s): %s", namespace, name, refused.kind,
+                        refused.name, refused.code, refused.message)
+            decision = decide(**inputs, refused=refused)
+            self._apply(run, decision)
 
-        for action in decision.actions:
-            if isinstance(action, CreateObject):
-                if not self.api.create(action.obj):
-                    self._check_existing_is_ours(run, action)
-            elif isinstance(action, DeletePod):
-                log.info("%s/%s: deleting pod %s: %s", namespace, name, action.name, action.reason)
-                self.api.delete_pod(namespace, action.name)
-
-        patch = diff(old_status, dump(decision.status))
+        patch = diff(old_status, keep_unknown_fields(old_status, dump(decision.status)))
         if patch:
             self.api.patch_run_status(namespace, name, patch)
         for event in decision.events:
@@ -99,6 +103,22 @@ class RunReconciler:
         self.metrics.set_run_state((namespace, name), decision.status.state)
         self.metrics.reconcile_seconds.observe(time.monotonic() - started)
         return decision
+
+    def _apply(self, run: RunRef, decision: Decision) -> RefusedCreate | None:
+        """Create and delete in order; stop at the first create the API server refuses and return it."""
+        for action in decision.actions:
+            if isinstance(action, CreateObject):
+                try:
+                    created = self.api.create(action.obj)
+                except ApiError as exc:
+                    return RefusedCreate(kind=action.kind, name=action.name, code=exc.status, message=exc.message)
+                if not created:
+                    self._check_existing_is_ours(run, action)
+            elif isinstance(action, DeletePod):
+                log.info("%s/%s: deleting pod %s%s: %s", run.namespace, run.name, action.name,
+                         " (force)" if action.force else "", action.reason)
+                self.api.delete_pod(run.namespace, action.name, force=action.force)
+        return None
 
     def _observe_other_children(self, run: RunRef) -> list[ObservedChild]:
         """The run's ConfigMaps (by label) and its ServiceAccount, Role and RoleBinding (by name)."""

@@ -21,7 +21,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ftoperator.api import STAGES, FineTuneRunSpec, FineTuneRunStatus, ResourcesSpec, dump
+from ftoperator.api import (
+    STAGES, FineTuneRunSpec, FineTuneRunStatus, ResourcesSpec, effective_resources, trainer_processes,
+)
 
 # The Kubernetes quantity grammar (k8s.io/apimachinery/pkg/api/resource), signs included so
 # that a negative value is reported as negative rather than as malformed.
@@ -30,8 +32,18 @@ _QUANTITY = re.compile(
     r"(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$"
 )
 
+_BYTES_PER_SUFFIX = {
+    "": 1, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+MIN_MEMORY_BYTES = 256 * 2**20
+"""Smallest memory a stage pod may request: Python, torch and a tokenizer alone take about this much."""
+MIN_MEMORY_TEXT = "256Mi"
+
 RUN_FROZEN_FIELDS = ("spec.model", "spec.data", "spec.artifacts", "spec.image")
 TERMINAL_STATES = ("Succeeded", "Failed")
+NOT_STARTED_STAGE_STATES = ("Pending", "Skipped")
+IN_PROGRESS_STAGE_STATES = ("Starting", "WaitingForResources", "Running", "BackingOff", "Suspended")
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,18 @@ def reward_functions(spec: FineTuneRunSpec) -> list[Any]:
     return list(spec.stages.reward.functions) if spec.stages.reward is not None else []
 
 
+def quantity_value(value: str) -> float:
+    """The number a valid Kubernetes quantity stands for (bytes for memory, cores for cpu)."""
+    match = _QUANTITY.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity")
+    suffix = match["suffix"] or ""
+    scale = _BYTES_PER_SUFFIX.get(suffix)
+    if scale is None:  # a decimal exponent, e.g. 1e9
+        scale = 10.0 ** int(suffix[1:])
+    return (-1 if match["sign"] == "-" else 1) * float(match["number"]) * scale
+
+
 def _check_quantity(field: str, value: str | None) -> list[FieldError]:
     if value is None:
         return []
@@ -98,6 +122,19 @@ def _check_quantity(field: str, value: str | None) -> list[FieldError]:
     return []
 
 
+def _check_memory(field: str, value: str | None) -> list[FieldError]:
+    errors = _check_quantity(field, value)
+    if errors or value is None:
+        return errors
+    amount = quantity_value(value)
+    if amount >= MIN_MEMORY_BYTES:
+        return []
+    number = _QUANTITY.match(value)["number"]
+    guess = f"{number}Mi" if float(number) * 2**20 >= MIN_MEMORY_BYTES else f"{number}Gi"
+    return [FieldError(field, f"{value!r} is {amount:.4g} bytes, below the {MIN_MEMORY_TEXT} a stage pod needs "
+                              f"(did you mean {guess}? 'm' means milli, 'Mi' mebibytes)")]
+
+
 def _check_resources(prefix: str, resources: ResourcesSpec | None, max_gpus: int | None) -> list[FieldError]:
     if resources is None:
         return []
@@ -108,10 +145,10 @@ def _check_resources(prefix: str, resources: ResourcesSpec | None, max_gpus: int
         errors.append(FieldError(
             f"{prefix}.gpus",
             f"{resources.gpus} GPUs requested but this operator allows at most {max_gpus} per stage pod "
-            "(operator flag --max-gpus-per-stage)",
+            "(operator flag --max-gpus-per-stage; a pod runs on one node, and nodes rarely have more)",
         ))
     errors += _check_quantity(f"{prefix}.cpu", resources.cpu)
-    errors += _check_quantity(f"{prefix}.memory", resources.memory)
+    errors += _check_memory(f"{prefix}.memory", resources.memory)
     return errors
 
 
@@ -168,6 +205,19 @@ def validate_spec(
 
 
 # ----------------------------------------------------------------------------- immutability
+#
+# Frozen fields are judged by what the user changed. A digest leaves out values equal to the
+# model's default, so a newer operator that adds a setting (with its default) computes the same
+# digest for an unchanged spec; and the reconciler compares digests only when metadata.generation
+# moved since they last matched, since the API server bumps it on every spec change and never
+# for defaults applied from the schema.
+
+
+def stage_runs_pod(spec: FineTuneRunSpec, stage: str) -> bool:
+    """Whether the stage has a pod to run (a reward stage without preference data has none)."""
+    if stage == "reward":
+        return trains_reward_model(spec)
+    return stage_enabled(spec, stage)
 
 
 def _digest_of(value: Any) -> str:
@@ -175,17 +225,33 @@ def _digest_of(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _user_set(model: Any, **kwargs: Any) -> Any:
+    return model.model_dump(mode="json", by_alias=True, exclude_defaults=True, **kwargs)
+
+
 def field_digest(spec: FineTuneRunSpec, field: str) -> str:
-    """Digest of one frozen field (``spec.model`` ... or ``spec.stages.<stage>`` without its resources)."""
-    name = field.removeprefix("spec.")
-    if name.startswith("stages."):
-        settings = getattr(spec.stages, name.removeprefix("stages."))
-        value = None if settings is None else settings.model_dump(
-            mode="json", by_alias=True, exclude={"resources"})
-    else:
-        attribute = getattr(spec, name)
-        value = dump(attribute) if hasattr(attribute, "model_dump") else attribute
-    return _digest_of(value)
+    """Digest of one frozen field, defaults left out.
+
+    Fields: ``spec.model``, ``spec.data``, ``spec.artifacts``, ``spec.image``,
+    ``spec.stages.<stage>`` (without its resources), and three derived ones:
+    ``spec.stages.<stage>.processes`` (trainer processes, from the effective GPU count),
+    ``spec.stages.<stage>.enabled`` (whether the stage has a pod) and
+    ``spec.stages.reward.functions``.
+    """
+    parts = field.split(".")
+    if parts[1] != "stages":
+        attribute = getattr(spec, parts[1])
+        return _digest_of(_user_set(attribute) if hasattr(attribute, "model_dump") else attribute)
+    stage = parts[2]
+    settings = getattr(spec.stages, stage)
+    detail = parts[3] if len(parts) > 3 else None
+    if detail == "processes":
+        return _digest_of(trainer_processes(effective_resources(spec, stage).gpus))
+    if detail == "enabled":
+        return _digest_of(stage_runs_pod(spec, stage))
+    if detail == "functions":
+        return _digest_of([] if settings is None else [_user_set(f) for f in settings.functions])
+    return _digest_of(None if settings is None else _user_set(settings, exclude={"resources"}))
 
 
 def is_active(status: FineTuneRunStatus) -> bool:
@@ -193,19 +259,60 @@ def is_active(status: FineTuneRunStatus) -> bool:
     return status.start_time is not None and status.state not in TERMINAL_STATES
 
 
+def _stage_state(status: FineTuneRunStatus, stage: str) -> str:
+    current = getattr(status.stages, stage)
+    return "Pending" if current is None else current.state
+
+
 def frozen_fields(status: FineTuneRunStatus) -> list[str]:
-    """The spec fields that may not change now, given the run's status."""
+    """The spec fields that may not change now, given the run's status.
+
+    Once the run is active: model, data, artifacts and image. Once a stage started: its
+    settings; while it is in progress and once one of its pods ran, its trainer process count
+    (checkpoints are per process).
+    A stage that did not run may not be enabled once a later stage started (that stage already
+    took the model without it), and reward functions may not change once PPO started (its
+    StageJob holds them).
+    """
     if not is_active(status):
         return []
     fields = list(RUN_FROZEN_FIELDS)
-    for stage in STAGES:
-        current = getattr(status.stages, stage)
-        if current is not None and current.state not in ("Pending", "Skipped"):
+    for index, stage in enumerate(STAGES):
+        state = _stage_state(status, stage)
+        if state not in NOT_STARTED_STAGE_STATES:
             fields.append(f"spec.stages.{stage}")
+        current = getattr(status.stages, stage)
+        has_run = current is not None and (current.attempts > 1 or current.running_time is not None)
+        if state in IN_PROGRESS_STAGE_STATES and has_run:  # a first pod that never ran wrote no checkpoint
+            fields.append(f"spec.stages.{stage}.processes")
+        later_started = any(_stage_state(status, later) not in NOT_STARTED_STAGE_STATES
+                            for later in STAGES[index + 1:])
+        if state in NOT_STARTED_STAGE_STATES and later_started:
+            fields.append(f"spec.stages.{stage}.enabled")
+    if _stage_state(status, "ppo") not in NOT_STARTED_STAGE_STATES:
+        fields.append("spec.stages.reward.functions")
     return fields
 
 
-def _immutable_error(field: str) -> FieldError:
+def _immutable_error(field: str, old: FineTuneRunSpec | None = None) -> FieldError:
+    parts = field.split(".")
+    if parts[-1] == "processes":
+        stage = parts[2]
+        before = "" if old is None else (
+            f" (it runs {trainer_processes(effective_resources(old, stage).gpus)} trainer process(es))")
+        return FieldError(
+            f"spec.stages.{stage}.resources.gpus",
+            f"the GPU count of stage {stage} (spec.resources.gpus or spec.stages.{stage}.resources.gpus) cannot "
+            f"change the number of trainer processes while the stage is in progress{before}: its checkpoints "
+            "are per process. Keep the GPU count until the stage finishes, or create a new FineTuneRun")
+    if parts[-1] == "enabled":
+        return FieldError(
+            f"spec.stages.{parts[2]}",
+            f"stage {parts[2]} did not run and cannot be enabled now: a later stage has already started "
+            "without it. Create a new FineTuneRun to run it")
+    if parts[-1] == "functions":
+        return FieldError(field, "cannot change once the ppo stage has started (it scores with the functions "
+                                 "it started with); create a new FineTuneRun")
     return FieldError(field, "cannot change while the run is active; wait for it to finish or create a new FineTuneRun")
 
 
@@ -214,21 +321,40 @@ def check_update(
 ) -> list[FieldError]:
     """Errors for frozen fields that differ between the old and the new spec (admission UPDATE)."""
     return [
-        _immutable_error(field)
+        _immutable_error(field, old)
         for field in frozen_fields(old_status)
         if field_digest(old, field) != field_digest(new, field)
     ]
 
 
-def check_recorded_digests(spec: FineTuneRunSpec, status: FineTuneRunStatus) -> list[FieldError]:
-    """The reconciler's fallback: frozen fields whose digest differs from the one recorded at start."""
-    if not is_active(status):
+def check_recorded_digests(spec: FineTuneRunSpec, status: FineTuneRunStatus, *, generation: int) -> list[FieldError]:
+    """The reconciler's fallback when the webhook is off: frozen fields whose digest differs from the recorded one.
+
+    Nothing is compared while ``generation`` equals ``status.specDigestsGeneration`` (the user has
+    not changed the spec since the digests last matched), nor when that field is missing (digests
+    recorded by an older operator, in another format: the caller records them again).
+    """
+    if not is_active(status) or status.spec_digests_generation in (None, generation):
         return []
     return [
         _immutable_error(field)
-        for field, recorded in sorted(status.spec_digests.items())
-        if field_digest(spec, field) != recorded
+        for field in frozen_fields(status)
+        if field in status.spec_digests and field_digest(spec, field) != status.spec_digests[field]
     ]
+
+
+def record_digests(spec: FineTuneRunSpec, status: FineTuneRunStatus, *, generation: int) -> None:
+    """After ``check_recorded_digests`` passed: record the digest of every field frozen now that has none.
+
+    Digests from an older operator (no ``specDigestsGeneration``) are replaced.
+    """
+    if not is_active(status):
+        return
+    if status.spec_digests_generation is None:
+        status.spec_digests = {}
+    for field in frozen_fields(status):
+        status.spec_digests.setdefault(field, field_digest(spec, field))
+    status.spec_digests_generation = generation
 
 
 def validate_admission(

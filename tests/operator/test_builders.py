@@ -132,3 +132,14 @@ def test_trainer_may_only_touch_its_own_progress_config_map(run):
     assert progress["metadata"]["labels"]["app.kubernetes.io/component"] == "progress"
     for obj in (service_account, role, binding, progress):
         assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_the_pod_tells_the_trainer_how_many_gpus_it_was_given(spec, run, config):
+    from trainer.config import EXPECTED_GPUS_ENV
+
+    from ftoperator.builders import stage_pod
+
+    typed, _ = parse_spec(spec)
+    pod = stage_pod(typed, run=run, stage="ppo", attempt=1, config=config)
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    assert env[EXPECTED_GPUS_ENV] == "1"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import yaml
 
 from ftoperator import builders, naming
@@ -82,6 +84,7 @@ def test_fresh_run_sets_every_condition_and_creates_access_objects_then_the_sft_
     assert reasons(decision) == ["StageStarted"]
     assert set(status["specDigests"]) == {
         "spec.model", "spec.data", "spec.artifacts", "spec.image", "spec.stages.sft"}
+    assert status["specDigestsGeneration"] == 1
 
 
 def test_deciding_twice_from_an_unsaved_status_asks_for_the_same_objects(spec, run, config, now):
@@ -205,11 +208,24 @@ def test_pending_pod_that_is_scheduled_is_starting(spec, run, config, now, pod):
     assert status["state"] == "Pending"
 
 
-def test_image_pull_error_is_shown_while_the_pod_is_stuck(spec, run, config, now, pod):
+def test_image_pull_error_is_the_runs_waiting_reason_with_the_image_and_fails_the_stage_after_the_timeout(
+        spec, run, config, now, pod):
     _, status = reconcile(spec, None, [], run=run, config=config, at=now())
-    stuck = pod("sft", 1, "Pending", waiting="ImagePullBackOff: no such image")
-    _, status = reconcile(spec, status, [stuck], run=run, config=config, at=now(1))
-    assert "ImagePullBackOff" in status["message"]
+    stuck = pod("sft", 1, "Pending", waiting="ImagePullBackOff: pull access denied", waiting_reason="ImagePullBackOff",
+                image="ghcr.io/example/trainer:typo")
+    decision, status = reconcile(spec, status, [stuck], run=run, config=config, at=now(1))
+    assert "cannot pull image ghcr.io/example/trainer:typo: ImagePullBackOff: pull access denied" in status["message"]
+    assert status["stages"]["sft"]["reason"] == "ImagePullBackOff"
+    assert reasons(decision) == ["ImagePullFailed"]
+    assert decision.requeue_after == 600
+    again, status = reconcile(spec, status, [stuck], run=run, config=config, at=now(300))
+    assert again.events == [] and status["state"] == "Pending"
+
+    final, status = reconcile(spec, status, [stuck], run=run, config=config, at=now(601))
+    assert status["state"] == "Failed"
+    assert status["stages"]["sft"]["reason"] == "ImagePullFailed"
+    assert "ghcr.io/example/trainer:typo" in condition(status, "Failed")["message"]
+    assert deleted(final) == ["demo-sft-1"]
 
 
 def test_running_pod_makes_the_run_running_and_records_the_start_latency(spec, run, config, now, pod):
@@ -299,31 +315,43 @@ def test_failed_pod_is_retried_with_the_same_output_dir_until_backoff_limit_then
         spec, run, config, now, pod):
     spec["backoffLimit"] = 1
     first, status = reconcile(spec, None, [], run=run, config=config, at=now())
-    failed = pod("sft", 1, "Failed", failure="CUDA out of memory", exit_code=1)
-    retry, status = reconcile(spec, status, [failed], run=run, config=config, at=now(10))
+    failed = pod("sft", 1, "Failed", reason="Error", message="CUDA out of memory", exit_code=1)
+    backing_off, status = reconcile(spec, status, [failed], run=run, config=config, at=now(10))
+    assert created(backing_off) == [], "a failure is retried after a backoff, not at once"
+    assert reasons(backing_off) == ["StageRetrying"]
+    assert "Error (exit code 1): CUDA out of memory" in backing_off.events[0].message
+    assert backing_off.retries == [("sft", "failure")]
+    assert backing_off.requeue_after == 10
+    assert status["stages"]["sft"]["state"] == "BackingOff"
+    assert status["stages"]["sft"]["retryAfter"] == "2025-01-01T12:00:20Z"
+    assert status["stages"]["sft"]["lastFailure"] == {
+        "attempt": 1, "pod": "demo-sft-1", "reason": "Error", "exitCode": 1, "message": "CUDA out of memory",
+        "permanent": False, "time": "2025-01-01T12:00:10Z"}
+    early, status = reconcile(spec, status, [failed], run=run, config=config, at=now(15))
+    assert early.actions == [] and early.events == [] and status["stages"]["sft"]["failures"] == 1
 
+    retry, status = reconcile(spec, status, [failed], run=run, config=config, at=now(20))
     assert created(retry) == ["demo-sft-2"]
-    assert reasons(retry) == ["StageRetrying"]
-    assert "CUDA out of memory" in retry.events[0].message
-    assert retry.retries == [("sft", "failure")]
+    assert reasons(retry) == ["StageStarted"]
     assert status["stages"]["sft"]["failures"] == 1
     assert status["stages"]["sft"]["attempts"] == 2
     # The retry reuses the stage's ConfigMap (it exists), so it reads the same output directory and resumes.
     assert created(retry, "ConfigMap") == []
     assert job_of(first, "sft")["outputDir"] == output_dir_env(retry, "demo-sft-2") == "/artifacts/team-a/demo/sft"
 
-    pods = [failed, pod("sft", 2, "Failed", failure="CUDA out of memory again", exit_code=1)]
-    final, status = reconcile(spec, status, pods, run=run, config=config, at=now(20))
+    pods = [failed, pod("sft", 2, "Failed", reason="Error", message="CUDA out of memory again", exit_code=1)]
+    final, status = reconcile(spec, status, pods, run=run, config=config, at=now(30))
     assert created(final) == []
     assert status["state"] == "Failed"
     assert status["stages"]["sft"]["state"] == "Failed"
+    assert status["stages"]["sft"]["reason"] == "BackoffLimitExceeded"
     assert condition(status, "Failed") | {"lastTransitionTime": None} == {
         "type": "Failed", "status": "True", "reason": "StageFailed",
-        "message": "stage sft failed: CUDA out of memory again", "lastTransitionTime": None,
-        "observedGeneration": 1}
+        "message": "stage sft failed 2 times (spec.backoffLimit 1); last: Error (exit code 1): CUDA out of memory again",
+        "lastTransitionTime": None, "observedGeneration": 1}
     assert condition(status, "Succeeded")["status"] == "False"
     assert reasons(final) == ["StageFailed", "RunFailed"]
-    assert final.stage_durations == [("sft", "Failed", 20.0)]
+    assert final.stage_durations == [("sft", "Failed", 30.0)]
 
 
 def test_vanished_pod_gets_a_new_attempt_that_does_not_count_against_backoff(spec, run, config, now, pod):
@@ -341,16 +369,19 @@ def test_vanished_pod_gets_a_new_attempt_that_does_not_count_against_backoff(spe
 def test_evicted_pod_is_a_disruption_not_a_failure(spec, run, config, now, pod):
     spec["backoffLimit"] = 0
     _, status = reconcile(spec, None, [], run=run, config=config, at=now())
-    evicted = pod("sft", 1, "Failed", failure="Evicted: node out of memory", disrupted=True)
+    evicted = pod("sft", 1, "Failed", reason="Evicted", message="node out of memory", disrupted=True)
     decision, status = reconcile(spec, status, [evicted], run=run, config=config, at=now(1))
     assert created(decision) == ["demo-sft-2"]
     assert status["state"] != "Failed"
+    assert status["stages"]["sft"]["disruptions"] == 1 and status["stages"]["sft"]["failures"] == 0
+    assert status["stages"]["sft"]["lastFailure"]["reason"] == "Evicted"
+    assert reasons(decision) == ["StageRetrying"]
 
 
 def test_pod_being_deleted_is_waited_for_whatever_its_phase(spec, run, config, now, pod):
     spec["backoffLimit"] = 0
     _, status = reconcile(spec, None, [], run=run, config=config, at=now())
-    dying = pod("sft", 1, "Failed", failure="Error (exit code 143)", deleting=True)
+    dying = pod("sft", 1, "Failed", reason="Error", exit_code=143, deleting=True)
     decision, status = reconcile(spec, status, [dying], run=run, config=config, at=now(1))
     assert decision.actions == []
     assert status["stages"]["sft"]["failures"] == 0
@@ -453,7 +484,8 @@ def test_changing_a_frozen_field_while_running_fails_the_run_naming_the_field(sp
     _, status = reconcile(spec, None, [], run=run, config=config, at=now())
     _, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(1))
     spec["model"]["source"] = "pvc://models/other"
-    decision, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=run, config=config, at=now(2))
+    edited = replace(run, generation=2)  # the API server bumps the generation on every spec change
+    decision, status = reconcile(spec, status, [pod("sft", 1, "Running")], run=edited, config=config, at=now(2))
     assert deleted(decision) == ["demo-sft-1"]
     assert status["state"] == "Failed"
     assert condition(status, "Failed")["message"].startswith("spec.model: cannot change")

@@ -24,30 +24,71 @@ def test_unschedulable_pod_carries_the_schedulers_message():
     assert pod.active and (pod.stage, pod.attempt) == ("sft", 1)
 
 
-def test_failed_pod_reason_is_the_termination_message_else_reason_and_exit_code():
+def test_failed_pod_keeps_reason_exit_code_and_termination_message_together():
     with_message = observe_pod(raw_pod("Failed", containers=[{"state": {"terminated": {
         "exitCode": 1, "reason": "Error", "message": "sft: dataset /data/x.jsonl line 3: missing 'prompt'\n"}}}]))
-    assert with_message.failure == "sft: dataset /data/x.jsonl line 3: missing 'prompt'"
-    assert with_message.exit_code == 1 and not with_message.active
+    assert with_message.failure == "Error (exit code 1): sft: dataset /data/x.jsonl line 3: missing 'prompt'"
+    assert with_message.exit_code == 1 and not with_message.active and not with_message.permanent
     bare = observe_pod(raw_pod("Failed", containers=[{"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]))
     assert bare.failure == "OOMKilled (exit code 137)"
+
+
+def test_oomkilled_reason_survives_a_log_tail_message():
+    # FallbackToLogsOnError: the kubelet puts the log tail into the message of a killed container.
+    pod = observe_pod(raw_pod("Failed", containers=[{"state": {"terminated": {
+        "exitCode": 137, "reason": "OOMKilled", "message": "[ppo] progress 12/500 loss=0.31\n"}}}]))
+    assert (pod.reason, pod.exit_code, pod.message) == ("OOMKilled", 137, "[ppo] progress 12/500 loss=0.31")
+    assert pod.failure.startswith("OOMKilled (exit code 137): ")
+
+
+def test_permanent_errors_are_recognised_by_exit_code_or_message_prefix():
+    by_code = observe_pod(raw_pod("Failed", containers=[{"state": {"terminated": {
+        "exitCode": 3, "reason": "Error", "message": "PermanentError: prompts.jsonl:4: missing field 'prompt'"}}}]))
+    assert by_code.permanent and by_code.message == "prompts.jsonl:4: missing field 'prompt'"
+    # accelerate launch exits 1 whatever its processes returned; the message still says it.
+    by_prefix = observe_pod(raw_pod("Failed", containers=[{"state": {"terminated": {
+        "exitCode": 1, "reason": "Error", "message": "PermanentError: model hf://org/x: not found"}}}]))
+    assert by_prefix.permanent
+    retryable = observe_pod(raw_pod("Failed", containers=[{"state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]))
+    assert not retryable.permanent
+
+
+def test_disruption_target_condition_and_kubelet_rejection_are_disruptions():
+    preempted = observe_pod(raw_pod("Failed", conditions=[{
+        "type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+        "message": "Preempted to accommodate a higher priority pod"}], containers=[{"state": {"terminated": {
+            "exitCode": 143, "reason": "Error"}}}]))
+    assert preempted.disrupted and not preempted.permanent
+    rejected = observe_pod(raw_pod("Failed", reason="OutOfnvidia.com/gpu"))
+    assert rejected.disrupted and rejected.reason == "OutOfnvidia.com/gpu"
+
+
+def test_memory_limit_image_and_readiness_are_read_from_the_pod():
+    raw = raw_pod("Running", conditions=[{"type": "Ready", "status": "False"}], deleting=True)
+    raw["spec"] = {"containers": [{"name": "trainer", "image": "trainer:1",
+                                   "resources": {"limits": {"memory": "64Gi"}}}]}
+    pod = observe_pod(raw)
+    assert (pod.image, pod.memory_limit, pod.ready) == ("trainer:1", "64Gi", False)
+    assert pod.deletion_time.isoformat() == "2025-01-01T12:01:00+00:00"
 
 
 def test_long_failure_messages_keep_their_end():
     text = "x" * 5000 + "THE REASON"
     pod = observe_pod(raw_pod("Failed", containers=[{"state": {"terminated": {"exitCode": 1, "message": text}}}]))
-    assert len(pod.failure) <= 1000 and pod.failure.endswith("THE REASON")
+    assert len(pod.message) <= 1000 and pod.failure.endswith("THE REASON")
 
 
 def test_evicted_pod_is_a_disruption():
     pod = observe_pod(raw_pod("Failed", reason="Evicted"))
     assert pod.disrupted and pod.failure.startswith("Evicted")
+    assert not observe_pod(raw_pod("Failed", containers=[{"state": {"terminated": {"exitCode": 1}}}])).disrupted
 
 
 def test_image_pull_trouble_is_reported_while_pending():
     pod = observe_pod(raw_pod("Pending", containers=[{"state": {"waiting": {
         "reason": "ImagePullBackOff", "message": "pull access denied"}}}]))
     assert pod.waiting == "ImagePullBackOff: pull access denied"
+    assert pod.waiting_reason == "ImagePullBackOff"
 
 
 def test_deleting_pod_is_not_active_and_foreign_pods_are_ignored():

@@ -45,7 +45,7 @@ class FakeApi:
         self.objects[key] = copy.deepcopy(obj)
         return True
 
-    def delete_pod(self, namespace, name):
+    def delete_pod(self, namespace, name, *, force=False):
         self.calls.append(("delete", name))
         return True
 
@@ -133,3 +133,32 @@ def test_a_409_for_an_object_the_run_does_not_own_ends_the_pass_before_the_pod_a
         reconciler(api, now).reconcile("ns", "demo")
     assert ("Pod", "demo-sft-1") not in api.objects
     assert not [call for call in api.calls if call[0] == "patch"]
+
+
+def test_a_refused_create_is_recorded_in_the_status_and_an_event_instead_of_raising(spec, now):
+    from ftoperator.kubeapi import ApiError
+
+    class QuotaApi(FakeApi):
+        def create(self, obj):
+            if obj["kind"] == "Pod":
+                self.calls.append(("create", "Pod", obj["metadata"]["name"]))
+                raise ApiError(403, 'pods "demo-sft-1" is forbidden: exceeded quota: compute')
+            return super().create(obj)
+
+    api = QuotaApi({"metadata": {"name": "demo", "namespace": "ns", "uid": "u1", "generation": 1}, "spec": spec})
+    decision = reconciler(api, now).reconcile("ns", "demo")
+    status = api.run["status"]
+    assert status["failedCreate"]["code"] == 403 and "exceeded quota" in status["failedCreate"]["message"]
+    succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert succeeded["reason"] == "FailedCreate" and "exceeded quota" in succeeded["message"]
+    assert ("event", "FailedCreate") in api.calls and ("event", "StageStarted") not in api.calls
+    assert status["stages"]["sft"]["attempts"] == 0
+    assert decision.requeue_after == 10
+
+
+def test_status_fields_unknown_to_this_operator_survive_a_pass(spec, now):
+    api = FakeApi({"metadata": {"name": "demo", "namespace": "ns", "uid": "u1", "generation": 1}, "spec": spec,
+                   "status": {"fromANewerOperator": "keep me"}})
+    reconciler(api, now).reconcile("ns", "demo")
+    assert api.run["status"]["fromANewerOperator"] == "keep me"
+    assert api.run["status"]["state"] == "Pending"

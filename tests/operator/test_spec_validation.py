@@ -149,3 +149,82 @@ def test_create_is_checked_like_any_spec(spec):
 def test_update_that_leaves_the_spec_alone_is_admitted_even_if_the_spec_is_invalid(spec):
     del spec["data"]["prompts"]  # admitted while the webhook was off
     assert admit(spec, dict(spec), ACTIVE) == [], "finalizer and label updates must never be blocked"
+
+
+# ----------------------------------------------------------------------------- caught at kubectl apply (issue 9)
+
+
+@pytest.mark.parametrize(("toleration", "expected"), [
+    ({"key": "gpu", "operator": "Exists", "value": "yes"}, "must be empty when operator is Exists"),
+    ({"key": "gpu", "operator": "Equal", "value": "a", "tolerationSeconds": 30}, "only allowed with effect NoExecute"),
+    ({"operator": "Equal", "value": "a"}, "an empty key needs operator Exists"),
+    ({"key": "bad key!", "operator": "Exists"}, "the name must be at most 63 characters"),
+    ({"key": "gpu", "value": "not valid!"}, "value 'not valid!' must be"),
+])
+def test_tolerations_are_checked_as_the_pod_api_checks_them(spec, toleration, expected):
+    spec["tolerations"] = [{"key": "ok", "operator": "Exists"}, toleration]
+    errors = errors_of(spec)
+    assert set(errors) == {"spec.tolerations[1]"}
+    assert expected in errors["spec.tolerations[1]"]
+
+
+def test_valid_tolerations_are_admitted(spec):
+    spec["tolerations"] = [{"operator": "Exists"},
+                           {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                           {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+                            "tolerationSeconds": 60},
+                           {"key": "team", "value": "ml", "effect": "NoSchedule"}]
+    assert errors_of(spec) == {}
+
+
+def test_node_selector_keys_and_values_are_label_syntax(spec):
+    spec["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert errors_of(spec) == {}
+    spec["nodeSelector"] = {"Bad_Prefix.com/x": "y"}
+    assert "prefix before '/' must be a DNS subdomain" in errors_of(spec)["spec.nodeSelector"]
+    spec["nodeSelector"] = {"gpu": "a b"}
+    assert "value 'a b'" in errors_of(spec)["spec.nodeSelector"]
+
+
+@pytest.mark.parametrize(("memory", "hint"), [("500m", "500Mi"), ("512", "512Mi"), ("64Mi", "64Gi")])
+def test_memory_below_the_floor_is_refused_with_a_hint(spec, memory, hint):
+    spec["stages"]["ppo"]["resources"] = {"memory": memory}
+    message = errors_of(spec)["spec.stages.ppo.resources.memory"]
+    assert f"did you mean {hint}?" in message and "256Mi" in message
+
+
+def test_a_maximum_of_gpus_per_pod_is_on_by_default():
+    from ftoperator.config import OperatorConfig
+
+    assert OperatorConfig().max_gpus_per_stage == 8
+
+
+def test_gpus_above_the_default_maximum_are_refused(spec):
+    from ftoperator.config import OperatorConfig
+
+    spec["resources"]["gpus"] = 64
+    _, errors = validate_spec(spec, max_gpus_per_stage=OperatorConfig().max_gpus_per_stage)
+    assert [e.field for e in errors] == ["spec.resources.gpus"]
+
+
+@pytest.mark.parametrize("source", ["hf://gpt2", "hf://org/name", "hf://org/name@v1.2", "hf://org/name@refs/pr/3",
+                                    "hf://EleutherAI/pythia-70m@a1b2c3d"])
+def test_every_valid_hub_id_and_an_optional_revision_is_admitted(spec, source):
+    spec["model"]["source"] = source
+    assert errors_of(spec) == {}
+
+
+@pytest.mark.parametrize("source", ["hf://a/b/c", "hf://org/-x", "hf://org/a--b", "hf://org/name@", "hf://"])
+def test_invalid_hub_ids_are_refused_naming_the_field(spec, source):
+    spec["model"]["source"] = source
+    assert "spec.model.source" in errors_of(spec)
+
+
+def test_trainer_rules_are_refused_at_apply_naming_the_stage(spec):
+    spec["stages"]["reward"]["functions"] = [{"type": "regex", "pattern": "(cats"},
+                                             {"type": "python", "function": "rewards"}]
+    spec["stages"]["ppo"].update(maxSeqLengthTokens=128, responseLengthTokens=200)
+    errors = errors_of(spec)
+    assert "pattern '(cats' is not a valid Python regular expression" in errors["spec.stages.reward.functions[0].pattern"]
+    assert "module:function" in errors["spec.stages.reward.functions[1].function"]
+    assert "responseLengthTokens (200)" in errors["spec.stages.ppo"]

@@ -79,7 +79,7 @@ def test_value_model_starts_from_the_reward_models_backbone_with_a_zero_head(tin
 
 def test_reward_model_setting_is_used_only_when_it_holds_a_model(tmp_path, reward_model_dir):
     assert ppo.reward_model_source(None) is None
-    assert ppo.reward_model_source(str(reward_model_dir)) == str(reward_model_dir)
+    assert str(ppo.reward_model_source(str(reward_model_dir))) == str(reward_model_dir)
     functions_only = tmp_path / "functions-only"  # a reward stage trained on no preferences
     functions_only.mkdir()
     (functions_only / "reward_functions.json").write_text('{"functions": []}')
