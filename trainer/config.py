@@ -145,7 +145,8 @@ class RewardFunction(ApiModel):
     regex: 1 if ``pattern`` matches the response, else 0.
     keywords: fraction of ``keywords`` present (case-insensitive).
     bannedPhrases: -1 for each of ``phrases`` present (case-insensitive).
-    python: ``function`` ("module:function") called as f(prompt, response) -> float.
+    python: ``function`` ("module:function") called as f(prompt, response) -> float -- user code,
+    run inside the trainer process with all its access.
     """
 
     type: RewardFunctionType
@@ -161,7 +162,7 @@ class RewardFunction(ApiModel):
     phrases: list[str] | None = None
     """For type bannedPhrases: phrases penalised when present."""
     function: str | None = Field(None, json_schema_extra={"pattern": _FUNCTION_REFERENCE})
-    """For type python: "module:function", importable in the trainer image."""
+    """For type python: "module:function", importable in the trainer image. This runs arbitrary code inside the trainer, with the trainer's access (the run's outputs, its Secrets and environment, its network): import only code you trust, from an image you control."""
 
     @field_validator("pattern")
     @classmethod

@@ -2,7 +2,8 @@
 
 Layers, bottom to top (each imports only from the layers below it):
 
-1. pure core -- ``api`` (the CRD's pydantic models), ``naming``, ``conditions``,
+1. pure core -- ``api`` (the CRD's pydantic models), ``podapi`` (the Pod API
+   subset of ``spec.podTemplate``), ``naming``, ``conditions``,
    ``validation``, ``builders``, ``observe``, ``decide``, ``progress``,
    ``crdgen``: no I/O, no clock, no Kubernetes client; time is passed in.
 2. ``kubeapi`` -- the only module that talks to the Kubernetes API.

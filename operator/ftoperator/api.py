@@ -13,10 +13,13 @@ status written by a newer one.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator
 
+from ftoperator.podapi import (  # noqa: F401  (label_value_problem, qualified_name_problem: re-exported)
+    PodTemplate, Quantity, Toleration, label_value_problem, qualified_name_problem,
+)
 from trainer.config import HUB_SCHEME, HUB_SOURCE_PATTERN, ApiModel, PPOConfig, RewardConfig, SFTConfig, parse_hub_source
 
 STAGES: tuple[str, ...] = ("sft", "reward", "ppo")
@@ -26,44 +29,7 @@ STAGES: tuple[str, ...] = ("sft", "reward", "ppo")
 CLAIM_PATTERN = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
 MODEL_SOURCE_PATTERN = rf"^(pvc://{CLAIM_PATTERN}(/.*)?|{HUB_SOURCE_PATTERN}|/.*)$"
 
-# The Pod API's rules for label keys (qualified names) and values (k8s.io/apimachinery validation).
-_NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-_LABEL_VALUE = rf"({_NAME_PART})?"
-
-
-def qualified_name_problem(key: str) -> str | None:
-    """Why ``key`` is not a valid label key / taint key ([prefix/]name), or None when it is."""
-    prefix, slash, name = key.rpartition("/")
-    if slash and (not prefix or len(prefix) > 253 or not re.fullmatch(_DNS_SUBDOMAIN, prefix)):
-        return f"key {key!r}: the prefix before '/' must be a DNS subdomain (lowercase, e.g. example.com)"
-    if not re.fullmatch(_NAME_PART, name):
-        return (f"key {key!r}: the name must be at most 63 characters of letters, digits, '-', '_', '.', "
-                "starting and ending with a letter or digit")
-    return None
-
-
-def label_value_problem(value: str) -> str | None:
-    """Why ``value`` is not a valid label value / taint value, or None when it is."""
-    if not re.fullmatch(_LABEL_VALUE, value):
-        return (f"value {value!r} must be at most 63 characters of letters, digits, '-', '_', '.', "
-                "starting and ending with a letter or digit")
-    return None
 DATA_URI_PATTERN = rf"^(pvc://{CLAIM_PATTERN}/.+|/.+)$"
-
-
-def _quantity_to_string(value: Any) -> Any:
-    # YAML turns `cpu: 4` into an int; Kubernetes quantities are int-or-string.
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    return value
-
-
-Quantity = Annotated[
-    str,
-    BeforeValidator(_quantity_to_string),
-    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}),
-]
 
 
 # --------------------------------------------------------------------------- spec
@@ -101,7 +67,7 @@ class ResourcesSpec(ApiModel):
     """Compute resources of a stage pod; requests equal limits. Unset fields are not requested."""
 
     gpus: int | None = Field(None, ge=0)
-    """NVIDIA GPUs (nvidia.com/gpu) per pod. With more than one, the trainer runs under accelerate, one process per GPU."""
+    """Accelerators per pod, of the resource spec.podTemplate.acceleratorResource (default nvidia.com/gpu). With more than one, the trainer runs under accelerate, one process per GPU."""
     cpu: Quantity | None = None
     """CPU cores, a Kubernetes quantity such as 4 or 500m."""
     memory: Quantity | None = None
@@ -145,42 +111,6 @@ class ArtifactsSpec(ApiModel):
     """Name of a ReadWriteOnce (or ReadWriteMany) PVC in the run's namespace, mounted read-write at /artifacts."""
 
 
-class Toleration(ApiModel):
-    """A pod toleration, as in the core/v1 Pod API."""
-
-    key: str | None = None
-    """Taint key; empty with operator Exists matches every taint."""
-    operator: Literal["Exists", "Equal"] | None = None
-    """Exists or Equal (the default)."""
-    value: str | None = None
-    """Taint value for operator Equal."""
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    """Taint effect to match; empty matches all effects."""
-    toleration_seconds: int | None = None
-    """For NoExecute: how long the pod stays bound after the taint appears."""
-
-    @model_validator(mode="after")
-    def _as_the_pod_api_checks(self) -> "Toleration":
-        # core/v1 validation.ValidateTolerations: a toleration the Pod API refuses would only fail
-        # at pod creation, long after kubectl apply said yes.
-        if self.key:
-            problem = qualified_name_problem(self.key)
-            if problem:
-                raise ValueError(problem)
-        elif self.operator != "Exists":
-            raise ValueError("key: an empty key needs operator Exists (it then tolerates every taint)")
-        if self.operator == "Exists" and self.value:
-            raise ValueError(f"value {self.value!r} must be empty when operator is Exists (remove value, or use "
-                             "operator Equal)")
-        if self.operator != "Exists" and self.value:
-            problem = label_value_problem(self.value)
-            if problem:
-                raise ValueError(problem)
-        if self.toleration_seconds is not None and self.effect != "NoExecute":
-            raise ValueError("tolerationSeconds is only allowed with effect NoExecute")
-        return self
-
-
 class FineTuneRunSpec(ApiModel):
     """Desired state of a FineTuneRun: a base model taken through SFT, reward modelling and PPO, one pod per stage."""
 
@@ -204,10 +134,12 @@ class FineTuneRunSpec(ApiModel):
     """true deletes the running stage pod and keeps the run Suspended; false resumes it from its last checkpoint."""
     active_deadline_seconds: int | None = Field(None, ge=1)
     """Seconds the run may be active (since start or last resume); then its pod is deleted and the run fails with DeadlineExceeded."""
+    pod_template: PodTemplate = Field(default_factory=PodTemplate)
+    """Settings of every stage pod: labels, annotations, imagePullSecrets, env, envFrom, scheduling (nodeSelector, tolerations, affinity, priorityClassName, schedulerName, runtimeClassName), volumes, the accelerator resource, terminationGracePeriodSeconds."""
     node_selector: dict[str, str] = Field(default_factory=dict)
-    """Node labels every stage pod requires."""
+    """Deprecated: use podTemplate.nodeSelector. Still applied, merged with it (a key in both must have the same value)."""
     tolerations: list[Toleration] = Field(default_factory=list)
-    """Tolerations of every stage pod."""
+    """Deprecated: use podTemplate.tolerations. Still applied, after podTemplate.tolerations."""
 
     @field_validator("node_selector")
     @classmethod
@@ -217,6 +149,14 @@ class FineTuneRunSpec(ApiModel):
             if problem:
                 raise ValueError(f"{problem} (in {key}: {value})")
         return selector
+
+    def merged_node_selector(self) -> dict[str, str]:
+        """podTemplate.nodeSelector plus the deprecated top-level nodeSelector (validation rejects conflicts)."""
+        return {**self.node_selector, **self.pod_template.node_selector}
+
+    def merged_tolerations(self) -> list[Toleration]:
+        """podTemplate.tolerations, then the deprecated top-level tolerations."""
+        return [*self.pod_template.tolerations, *self.tolerations]
 
 
 # --------------------------------------------------------------------------- status

@@ -4,10 +4,19 @@ per-run ServiceAccount, Role, RoleBinding and progress ConfigMap.
 Paths inside a stage pod:
 
 * ``/etc/finetune/job.yaml`` -- the StageJob the trainer reads (ConfigMap ``<run>-<stage>-job``);
-* ``/artifacts`` -- the artifacts PVC, read-write; stage outputs go to
-  ``/artifacts/<namespace>/<run>/<stage>`` and the final model to ``.../final``;
-* ``/data/<claim>`` -- every other PVC named by a ``pvc://<claim>/<path>`` URI, read-only.
-  A URI on the artifacts claim itself is read through ``/artifacts`` (one volume per claim).
+* ``/artifacts/<namespace>/<run>/<stage>`` -- the stage's output directory, read-write: the only
+  part of the artifacts PVC the pod can write (a ``subPath`` mount), so no run can overwrite or
+  delete another's models or checkpoints, and no stage its predecessors'. The final model goes to
+  ``.../final``;
+* ``/artifacts/<path>`` for each input on the artifacts PVC (the previous stages' ``final``, or a
+  ``pvc://<artifacts claim>/<path>`` URI) -- that path alone, read-only;
+* ``/data/<claim>`` -- every other PVC named by a ``pvc://<claim>/<path>`` URI, read-only;
+* ``/tmp`` (HOME and caches) and ``/dev/shm`` (memory-backed) -- emptyDirs: the root filesystem is
+  read-only.
+
+Every stage pod meets the Pod Security Standards "restricted" profile: it runs as the trainer
+image's non-root user (``TRAINER_UID``), with seccomp RuntimeDefault, no capabilities and no
+privilege escalation; ``fsGroup`` makes freshly provisioned volumes writable by that user.
 """
 
 from __future__ import annotations
@@ -20,17 +29,30 @@ import yaml
 from ftoperator import API_VERSION, KIND
 from ftoperator import naming
 from ftoperator.api import FineTuneRunSpec, ResourcesSpec, effective_resources, trainer_processes
+from ftoperator.naming import ARTIFACTS_MOUNT, CONFIG_DIR, DATA_MOUNT_ROOT, SHM_DIR, TERMINATION_LOG, TMP_DIR
 from ftoperator.config import OperatorConfig
 from ftoperator.validation import stage_enabled, trains_reward_model
 from trainer.config import EXPECTED_GPUS_ENV, DataPaths, PPOConfig, ReportingConfig, RewardConfig, SFTConfig, StageJob
 
-CONFIG_DIR = "/etc/finetune"
 JOB_FILE = "job.yaml"
-ARTIFACTS_MOUNT = "/artifacts"
-DATA_MOUNT_ROOT = "/data"
-TERMINATION_LOG = "/dev/termination-log"
 TRAINER_CONTAINER = naming.TRAINER_CONTAINER
-GPU_RESOURCE = "nvidia.com/gpu"
+TRAINER_UID = 65532
+"""The trainer image's USER (uid and gid; tests/chart/test_dockerfile.py holds the Dockerfile to it).
+Stage pods run as it, and fsGroup gives it write access to new volumes."""
+SHM_GIB_PER_PROCESS = 1
+"""Size limit of the memory-backed /dev/shm per trainer process (DataLoader workers, NCCL); its use
+counts against the pod's memory limit."""
+# Defaults for a read-only root filesystem, set unless podTemplate.env sets them: caches under /tmp.
+CACHE_ENV = {
+    "HOME": TMP_DIR,
+    "XDG_CACHE_HOME": f"{TMP_DIR}/.cache",
+    "HF_HOME": f"{TMP_DIR}/.cache/huggingface",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
+VOLUME_CONFIG = "finetune-config"
+VOLUME_ARTIFACTS = "finetune-artifacts"
+VOLUME_TMP = "finetune-tmp"
+VOLUME_SHM = "finetune-shm"
 _STAGE_CONFIG_CLASSES = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
 _CONTROL_FIELDS = {"enabled", "resources"}
 
@@ -179,15 +201,67 @@ def stage_config_map(spec: FineTuneRunSpec, *, run: RunRef, stage: str, config: 
 # ----------------------------------------------------------------------------- Pod
 
 
-def _container_resources(resources: ResourcesSpec) -> dict[str, Any]:
+def _container_resources(resources: ResourcesSpec, *, accelerator: str,
+                         extra: dict[str, str]) -> dict[str, Any]:
     amounts: dict[str, str] = {}
     if resources.cpu is not None:
         amounts["cpu"] = resources.cpu
     if resources.memory is not None:
         amounts["memory"] = resources.memory
     if resources.gpus:
-        amounts[GPU_RESOURCE] = str(resources.gpus)
+        amounts[accelerator] = str(resources.gpus)
+    amounts.update(extra)
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Pod-level securityContext: Pod Security "restricted", as the trainer image's user."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRAINER_UID,
+        "runAsGroup": TRAINER_UID,
+        # New volumes (a fresh PVC, the subPath directories kubelet creates) become group-writable
+        # by the trainer; OnRootMismatch skips the recursive chown of a large PVC already right.
+        "fsGroup": TRAINER_UID,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """Container-level securityContext: nothing beyond what an unprivileged process needs."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _artifacts_inputs(job: StageJob) -> list[str]:
+    """Paths under /artifacts the stage reads (previous stages' models, URIs on the artifacts claim)."""
+    candidates = [job.model, job.reward_model, job.data.sft, job.data.preferences, job.data.prompts]
+    inputs: list[str] = []
+    for path in candidates:
+        if path and path.startswith(f"{ARTIFACTS_MOUNT}/") and path not in inputs:
+            inputs.append(path)
+    return inputs
+
+
+def _artifacts_mounts(job: StageJob) -> list[dict[str, Any]]:
+    """The stage's own output directory read-write, each input on the artifacts claim read-only.
+
+    subPath mounts: the pod never sees the claim's root, so it cannot reach other runs' outputs
+    (kubelet creates a missing output directory; with fsGroup it is writable by the trainer).
+    """
+    def sub_path(path: str) -> str:
+        return path.removeprefix(f"{ARTIFACTS_MOUNT}/")
+
+    mounts = [{"name": VOLUME_ARTIFACTS, "mountPath": job.output_dir, "subPath": sub_path(job.output_dir)}]
+    for path in _artifacts_inputs(job):
+        mounts.append({"name": VOLUME_ARTIFACTS, "mountPath": path, "subPath": sub_path(path), "readOnly": True})
+    return mounts
 
 
 def trainer_command(stage: str, gpus: int) -> list[str]:
@@ -201,10 +275,17 @@ def trainer_command(stage: str, gpus: int) -> list[str]:
 def stage_pod(
     spec: FineTuneRunSpec, *, run: RunRef, stage: str, attempt: int, config: OperatorConfig
 ) -> dict[str, Any]:
-    """The pod of one attempt of one stage. restartPolicy Never: the operator does the retries."""
+    """The pod of one attempt of one stage. restartPolicy Never: the operator does the retries.
+
+    spec.podTemplate is applied on top of what the operator needs; validation has already
+    refused anything in it that would clash (reserved labels, env names, volume names and paths).
+    """
     name = naming.pod_name(run.name, stage, attempt)
+    template = spec.pod_template
     resources = effective_resources(spec, stage)
+    processes = trainer_processes(resources.gpus)
     claims = _claims(spec, run, stage)
+    job = stage_job(spec, run=run, stage=stage, config=config)
     image = spec.image or config.trainer_image
     env = [
         {"name": "POD_NAMESPACE", "value": run.namespace},
@@ -216,24 +297,36 @@ def stage_pod(
         {"name": EXPECTED_GPUS_ENV, "value": str(resources.gpus or 0)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    user_env = [var.model_dump(mode="json", by_alias=True, exclude_none=True) for var in template.env]
+    user_names = {var["name"] for var in user_env}
+    env += [{"name": key, "value": value} for key, value in CACHE_ENV.items() if key not in user_names]
+    env = [var for var in env if var["name"] not in user_names] + user_env
     if config.stage_command_override is not None:
         command = ["/bin/sh", "-c", config.stage_command_override]
     else:
         command = trainer_command(stage, resources.gpus or 0)
 
     mounts = [
-        {"name": "stage-config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "artifacts", "mountPath": ARTIFACTS_MOUNT},
+        {"name": VOLUME_CONFIG, "mountPath": CONFIG_DIR, "readOnly": True},
+        *_artifacts_mounts(job),
     ]
     volumes: list[dict[str, Any]] = [
-        {"name": "stage-config",
+        {"name": VOLUME_CONFIG,
          "configMap": {"name": naming.stage_config_map_name(run.name, stage)}},
-        {"name": "artifacts", "persistentVolumeClaim": {"claimName": spec.artifacts.pvc}},
+        {"name": VOLUME_ARTIFACTS, "persistentVolumeClaim": {"claimName": spec.artifacts.pvc}},
     ]
     for index, claim in enumerate(claims):
-        volume = f"data-{index}"
+        volume = f"{naming.OPERATOR_VOLUME_PREFIX}data-{index}"
         mounts.append({"name": volume, "mountPath": f"{DATA_MOUNT_ROOT}/{claim}", "readOnly": True})
         volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+    mounts += [{"name": VOLUME_TMP, "mountPath": TMP_DIR}, {"name": VOLUME_SHM, "mountPath": SHM_DIR}]
+    volumes += [
+        {"name": VOLUME_TMP, "emptyDir": {}},
+        {"name": VOLUME_SHM, "emptyDir": {"medium": "Memory", "sizeLimit": f"{SHM_GIB_PER_PROCESS * processes}Gi"}},
+    ]
+    mounts += [m.model_dump(mode="json", by_alias=True, exclude_none=True) for m in template.volume_mounts]
+    volumes += [v.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+                for v in template.volumes]
 
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
@@ -243,33 +336,52 @@ def stage_pod(
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": container_security_context(),
     }
+    if template.env_from:
+        container["envFrom"] = [source.model_dump(mode="json", by_alias=True, exclude_none=True)
+                                for source in template.env_from]
     annotations: dict[str, str] = {}
     if config.trainer_metrics_port is not None:
         container["ports"] = [{"name": "metrics", "containerPort": config.trainer_metrics_port,
                                "protocol": "TCP"}]
         annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(config.trainer_metrics_port),
                        "prometheus.io/path": "/metrics"}
-    container_resources = _container_resources(resources)
+    annotations = {**annotations, **template.annotations}
+    container_resources = _container_resources(resources, accelerator=template.accelerator_resource,
+                                               extra=template.extra_resources)
     if container_resources:
         container["resources"] = container_resources
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": naming.trainer_service_account_name(run.name),
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": volumes,
     }
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True)
-                                   for t in spec.tolerations]
+    node_selector = spec.merged_node_selector()
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = spec.merged_tolerations()
+    if tolerations:
+        pod_spec["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tolerations]
+    if template.affinity is not None:
+        pod_spec["affinity"] = template.affinity.model_dump(mode="json", by_alias=True, exclude_none=True,
+                                                            exclude_defaults=True)
+    if template.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": ref.name} for ref in template.image_pull_secrets]
+    for field, key in (("priority_class_name", "priorityClassName"), ("scheduler_name", "schedulerName"),
+                       ("runtime_class_name", "runtimeClassName"),
+                       ("termination_grace_period_seconds", "terminationGracePeriodSeconds")):
+        value = getattr(template, field)
+        if value is not None:
+            pod_spec[key] = value
+    labels = {**template.labels, **naming.pod_labels(run.name, stage, attempt)}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": _metadata(run, name, labels=naming.pod_labels(run.name, stage, attempt),
-                              annotations=annotations),
+        "metadata": _metadata(run, name, labels=labels, annotations=annotations),
         "spec": pod_spec,
     }
 

@@ -200,9 +200,16 @@ def crd() -> dict[str, Any]:
     }
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes a shared sub-schema (one model used by two fields) out twice instead of as a YAML alias."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def render() -> str:
     """The CRD file's exact text."""
-    return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=100, allow_unicode=True)
+    return HEADER + yaml.dump(crd(), Dumper=_PlainDumper, sort_keys=False, width=100, allow_unicode=True)
 
 
 def main() -> None:

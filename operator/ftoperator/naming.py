@@ -10,12 +10,27 @@ from __future__ import annotations
 import hashlib
 
 from ftoperator import GROUP
+from trainer.config import EXPECTED_GPUS_ENV
 
 MAX_NAME = 63
 """Every child name stays a valid DNS label (pod hostnames, label values, Service-like names)."""
 
 TRAINER_CONTAINER = "trainer"
 """Name of the trainer container in every stage pod."""
+
+# Paths inside a stage pod (the operator's; podTemplate.volumeMounts may not use them).
+CONFIG_DIR = "/etc/finetune"
+ARTIFACTS_MOUNT = "/artifacts"
+DATA_MOUNT_ROOT = "/data"
+TMP_DIR = "/tmp"
+SHM_DIR = "/dev/shm"
+TERMINATION_LOG = "/dev/termination-log"
+OPERATOR_MOUNT_PATHS = (CONFIG_DIR, ARTIFACTS_MOUNT, DATA_MOUNT_ROOT, TMP_DIR, SHM_DIR, TERMINATION_LOG)
+OPERATOR_VOLUME_PREFIX = "finetune-"
+"""Stage pod volumes the operator adds are named finetune-*; podTemplate.volumes may not be."""
+OPERATOR_ENV = ("POD_NAMESPACE", "POD_NAME", "FINETUNE_RUN", "FINETUNE_STAGE", "FINETUNE_ATTEMPT",
+                "FINETUNE_OUTPUT_DIR", EXPECTED_GPUS_ENV)
+"""Variables the operator sets in every stage pod; podTemplate.env may not set them."""
 LABEL_RUN = f"{GROUP}/run"
 LABEL_STAGE = f"{GROUP}/stage"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
@@ -84,6 +99,16 @@ def pod_labels(run: str, stage: str, attempt: int) -> dict[str, str]:
         LABEL_NAME: TRAINER_APP,
         LABEL_COMPONENT: COMPONENT_TRAINER,
     }
+
+
+OPERATOR_LABEL_PREFIX = f"{GROUP}/"
+OPERATOR_LABELS = (LABEL_NAME, LABEL_COMPONENT, LABEL_MANAGED_BY)
+"""With every finetune.dev/* key: the labels the operator selects stage pods by; podTemplate.labels may not set them."""
+
+
+def is_operator_label(key: str) -> bool:
+    """True for label keys the operator sets and selects on."""
+    return key.startswith(OPERATOR_LABEL_PREFIX) or key in OPERATOR_LABELS
 
 
 def run_selector(run: str) -> str:

@@ -109,6 +109,12 @@ def observe_pod(pod: dict[str, Any]) -> ObservedPod | None:
     scheduled = _condition(status, "PodScheduled")
     if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         unschedulable = shorten(scheduled.get("message") or "unschedulable")
+    elif scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "SchedulingGated":
+        # A queue (Kueue's pod integration, podTemplate.labels kueue.x-k8s.io/queue-name) holds the pod
+        # until it admits it: waiting for resources, not stuck.
+        gates = [g.get("name") for g in (pod.get("spec") or {}).get("schedulingGates") or [] if g.get("name")]
+        unschedulable = shorten(f"waiting for scheduling gates {', '.join(gates) or '(unnamed)'} to be removed "
+                                "(e.g. admission by a Kueue queue)")
 
     containers = (pod.get("spec") or {}).get("containers") or []
     trainer = next((c for c in containers if c.get("name") == TRAINER_CONTAINER), containers[0] if containers else {})

@@ -8,7 +8,7 @@ Immutability: once a run is active (started and not finished) ``spec.model``,
 ``spec.data``, ``spec.artifacts`` and ``spec.image`` are frozen, and so is
 ``spec.stages.<stage>`` (except its ``resources``) once that stage has
 started. Everything else -- suspend, backoffLimit, activeDeadlineSeconds,
-resources, nodeSelector, tolerations -- may change and applies to the next pod.
+resources, podTemplate, nodeSelector, tolerations -- may change and applies to the next pod.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ftoperator import naming
 from ftoperator.api import (
     STAGES, FineTuneRunSpec, FineTuneRunStatus, ResourcesSpec, effective_resources, trainer_processes,
 )
@@ -152,6 +153,60 @@ def _check_resources(prefix: str, resources: ResourcesSpec | None, max_gpus: int
     return errors
 
 
+def _overlaps(path: str, reserved: str) -> bool:
+    """path is reserved, inside it, or a parent of it (a mount there would hide or be hidden)."""
+    path, reserved = path.rstrip("/") or "/", reserved.rstrip("/")
+    return path == reserved or path.startswith(f"{reserved}/") or reserved.startswith(f"{path}/" if path != "/" else "/")
+
+
+def _check_pod_template(spec: FineTuneRunSpec) -> list[FieldError]:
+    """What the operator's own part of a stage pod reserves, and the Pod API's cross-field rules."""
+    template, prefix = spec.pod_template, "spec.podTemplate"
+    errors = []
+    for key in template.labels:
+        if naming.is_operator_label(key):
+            errors.append(FieldError(f"{prefix}.labels", f"{key!r} is set by the operator (it selects stage pods "
+                                     f"by it); use another key"))
+    for index, var in enumerate(template.env):
+        if var.name in naming.OPERATOR_ENV:
+            errors.append(FieldError(f"{prefix}.env[{index}].name", f"{var.name} is set by the operator"))
+    names: set[str] = set()
+    for index, volume in enumerate(template.volumes):
+        field = f"{prefix}.volumes[{index}]"
+        if volume.name.startswith(naming.OPERATOR_VOLUME_PREFIX):
+            errors.append(FieldError(f"{field}.name", f"{volume.name!r}: names starting with "
+                                     f"{naming.OPERATOR_VOLUME_PREFIX!r} are the operator's; rename the volume"))
+        if volume.name in names:
+            errors.append(FieldError(f"{field}.name", f"{volume.name!r} is listed twice"))
+        names.add(volume.name)
+        if volume.claim() == spec.artifacts.pvc:
+            errors.append(FieldError(
+                f"{field}.persistentVolumeClaim.claimName",
+                f"{spec.artifacts.pvc!r} is the artifacts claim: each run sees only its own output directory "
+                "of it; read another run's output with a pvc:// URI in spec.model or spec.data"))
+    paths: set[str] = set()
+    for index, mount in enumerate(template.volume_mounts):
+        field = f"{prefix}.volumeMounts[{index}]"
+        if mount.name not in names:
+            errors.append(FieldError(f"{field}.name", f"{mount.name!r} is not in {prefix}.volumes"))
+        clash = next((path for path in naming.OPERATOR_MOUNT_PATHS if _overlaps(mount.mount_path, path)
+                      and not mount.mount_path.startswith(f"{naming.TMP_DIR}/")), None)
+        if clash is not None:
+            errors.append(FieldError(f"{field}.mountPath", f"{mount.mount_path!r} overlaps {clash}, which the "
+                                     "operator mounts; choose another path (below /tmp is fine, e.g. a cache)"))
+        if mount.mount_path in paths:
+            errors.append(FieldError(f"{field}.mountPath", f"{mount.mount_path!r} is mounted twice"))
+        paths.add(mount.mount_path)
+    for key, value in template.node_selector.items():
+        if spec.node_selector.get(key, value) != value:
+            errors.append(FieldError(f"{prefix}.nodeSelector", f"{key}: {value!r} contradicts spec.nodeSelector "
+                                     f"{key}: {spec.node_selector[key]!r} (deprecated; move it here)"))
+    if template.accelerator_resource in template.extra_resources:
+        errors.append(FieldError(f"{prefix}.extraResources", f"{template.accelerator_resource} is the accelerator "
+                                 "resource; request it with resources.gpus"))
+    return errors
+
+
 def check_semantics(
     spec: FineTuneRunSpec, *, max_gpus_per_stage: int | None, default_image: str | None
 ) -> list[FieldError]:
@@ -187,6 +242,8 @@ def check_semantics(
         settings = getattr(spec.stages, stage)
         if settings is not None:
             errors += _check_resources(f"spec.stages.{stage}.resources", settings.resources, max_gpus_per_stage)
+
+    errors += _check_pod_template(spec)
 
     if spec.image is None and not default_image:
         errors.append(FieldError(

@@ -61,7 +61,15 @@ def crd() -> dict:
 
 def test_the_promised_examples_exist():
     names = {p.name for p in RUN_EXAMPLES}
-    assert {"gpu-1b-preferences.yaml", "heuristic-rewards.yaml", "multi-gpu.yaml"} <= names
+    assert {"gpu-1b-preferences.yaml", "heuristic-rewards.yaml", "multi-gpu.yaml", "pod-template.yaml"} <= names
+
+
+def test_the_pod_template_example_shows_every_pod_template_field():
+    from ftoperator.podapi import PodTemplate
+
+    template = runs(REPO / "examples" / "pod-template.yaml")[0]["spec"]["podTemplate"]
+    shown = set(template) | {"extraResources", "schedulerName", "runtimeClassName"}  # commented out / rarely set
+    assert shown == {field.alias for field in PodTemplate.model_fields.values()}
 
 
 def test_examples_cover_preferences_heuristic_rewards_and_multi_gpu():

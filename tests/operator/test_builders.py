@@ -73,8 +73,9 @@ def test_stage_pod_runs_the_trainer_with_its_config_volumes_and_resources(spec, 
     assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9400"
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    assert set(mounts) == {"/etc/finetune", "/artifacts", "/data/models", "/data/datasets"}
-    assert mounts["/data/models"]["readOnly"] and not mounts["/artifacts"].get("readOnly")
+    assert set(mounts) == {"/etc/finetune", "/artifacts/team-a/demo/sft", "/data/models", "/data/datasets",
+                           "/tmp", "/dev/shm"}
+    assert mounts["/data/models"]["readOnly"] and not mounts["/artifacts/team-a/demo/sft"].get("readOnly")
     claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"].get("readOnly", False)
               for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"runs": False, "models": True, "datasets": True}

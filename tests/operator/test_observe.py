@@ -24,6 +24,14 @@ def test_unschedulable_pod_carries_the_schedulers_message():
     assert pod.active and (pod.stage, pod.attempt) == ("sft", 1)
 
 
+def test_a_pod_held_by_a_queue_scheduling_gate_waits_for_resources():
+    raw = raw_pod("Pending", conditions=[{"type": "PodScheduled", "status": "False", "reason": "SchedulingGated",
+                                          "message": "Scheduling is blocked due to non-empty scheduling gates"}])
+    raw["spec"] = {"schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]}
+    pod = observe_pod(raw)
+    assert "kueue.x-k8s.io/admission" in pod.unschedulable and pod.active
+
+
 def test_failed_pod_keeps_reason_exit_code_and_termination_message_together():
     with_message = observe_pod(raw_pod("Failed", containers=[{"state": {"terminated": {
         "exitCode": 1, "reason": "Error", "message": "sft: dataset /data/x.jsonl line 3: missing 'prompt'\n"}}}]))
