@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -122,6 +122,15 @@ class OptimConfig(ApiModel):
     """Metrics and progress are reported every this many optimizer steps."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of all weights when set."""
+
+    # Not fields (no schema): which settings a resume may change. Every other setting shapes the
+    # training trajectory, so a checkpoint written with another value is refused (docs/trainer.md).
+    OPERATIONAL_SETTINGS: ClassVar[frozenset[str]] = frozenset(
+        {"checkpoint_every_steps", "keep_checkpoints", "log_every_steps"})
+    """Settings that never change the trained weights: ignored when a stage compares its outputs' fingerprint."""
+    RESUME_APPLIES: ClassVar[frozenset[str]] = frozenset({"learning_rate", "weight_decay", "max_grad_norm"})
+    """Settings a resume applies from the new config (the optimizer and schedule are updated after loading
+    the checkpoint); the weights then differ from an uninterrupted run's, as asked for."""
 
 
 class SFTConfig(OptimConfig):
@@ -277,6 +286,9 @@ class PPOConfig(OptimConfig):
     max_kl: float | None = Field(50.0, gt=0)
     """Guardrail: the stage stops with a clear reason when the mean sequence KL exceeds this, in nats."""
 
+    OPERATIONAL_SETTINGS: ClassVar[frozenset[str]] = OptimConfig.OPERATIONAL_SETTINGS | {
+        "sample_every_steps", "max_kl"}
+
     @model_validator(mode="after")
     def _sizes_fit(self) -> "PPOConfig":
         # The one place these rules live: the webhook (the CRD's stage specs subclass this model)
@@ -334,6 +346,10 @@ class StageJob(ApiModel):
     """One stage to run: the file ``python -m trainer --config`` reads."""
 
     stage: StageName
+    run_uid: str | None = None
+    """uid of the FineTuneRun this stage belongs to (set by the operator). Recorded in every checkpoint and
+    in final/: outputs in outputDir that carry another uid (a deleted run of the same name) are removed and
+    the stage starts over. None for a run started by hand, which owns only outputs without a uid."""
     model: str
     """Input model: a local directory, or hf://org/name (needs network). For reward and PPO, the SFT output."""
     reward_model: str | None = None

@@ -38,7 +38,7 @@ DATA_KEY = "progress.json"
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 MAX_SAMPLES = 3
 SAMPLE_CHARS = 500
-TERMINAL_KINDS = ("succeeded", "failed")
+TERMINAL_KINDS = ("succeeded", "failed", "interrupted")
 
 
 def own_namespace(namespace_file: Path = NAMESPACE_FILE) -> str:

@@ -8,7 +8,6 @@ the weights and a ``COMPLETE`` marker written last.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from pathlib import Path
 import torch
 
 from trainer.config import HUB_SCHEME, LoraConfig, parse_hub_source
+from trainer.durable import publish_directory
+from trainer.provenance import FINGERPRINT_FILE
 from trainer.runtime import COMPLETE_MARKER, PermanentStageFailure, StageContext
 
 @dataclass(frozen=True)
@@ -156,10 +157,12 @@ def load_sequence_classifier(path: ModelSource | str, *, dtype: torch.dtype, lor
 
 
 def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, dict] | None = None) -> Path:
-    """Write ``<outputDir>/final/``: merged weights (safetensors), tokenizer, extra JSON files, marker last.
+    """Write ``<outputDir>/final/``: merged weights (safetensors), tokenizer, extra JSON files,
+    ``fingerprint.json`` (what produced it, ``trainer.provenance``), marker last.
 
     Called on every process; only the main process writes. The directory is
-    built as ``final.tmp`` and renamed, so ``final/`` never holds half a model.
+    built as ``final.tmp``, fsynced and renamed (``trainer.durable``), so ``final/``
+    never holds half a model, not even after a power loss.
     """
     accelerator = ctx.accelerator
     final = ctx.output_dir / "final"
@@ -177,8 +180,7 @@ def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, di
             tokenizer.save_pretrained(temp)
         for name, content in (extra_files or {}).items():
             (temp / name).write_text(json.dumps(content, indent=2))
-        (temp / COMPLETE_MARKER).write_text("")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temp, final)
+        (temp / FINGERPRINT_FILE).write_text(json.dumps(ctx.fingerprint, indent=2))
+        publish_directory(temp, final, marker=COMPLETE_MARKER)
     accelerator.wait_for_everyone()
     return final

@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from trainer import ppo_math
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer import ppo_math, runtime
+from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.data import load_prompt_rows
 from trainer.modeling import (HUB_SCHEME, ModelSource, disable_dropout, load_causal_lm, load_sequence_classifier,
                               load_tokenizer, resolve_model_source, save_final)
 from trainer.rewards import CompositeReward, RewardError, load_normalization
 from trainer.runtime import PermanentStageFailure, StageContext, StageFailed
-from trainer.schedule import StepPlan, linear_warmup_decay
+from trainer.schedule import StepPlan, apply_optimizer_settings, linear_warmup_decay
 
 SAMPLES_FILE = "samples.jsonl"
 SAMPLES_REPORTED = 4
@@ -308,11 +308,8 @@ def ppo_update(ctx: StageContext, ro: Rollouts, *, advantages, returns, policy, 
 
 def check_finite(values: dict[str, float], *, step: int) -> None:
     """Raise StageFailed naming every non-finite value (NaN or inf in a loss, reward, KL ...)."""
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        listed = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
-        raise StageFailed(f"ppo: non-finite values at step {step}: {listed}; lower ppo.learningRate, check the "
-                          "reward functions and reward model, or use precision fp32")
+    runtime.check_finite(values, stage="ppo", step=step, advice="lower ppo.learningRate, check the reward functions "
+                         "and reward model, or use precision fp32")
 
 
 def check_kl(kl: float, *, max_kl: float | None, step: int) -> None:
@@ -448,19 +445,17 @@ def run(ctx: StageContext) -> Path:
     plan = StepPlan(num_examples=len(train_prompts), batch_size=cfg.batch_size, accumulation=1, world_size=world,
                     epochs=math.ceil(cfg.steps * global_batch / len(train_prompts)) + 1, seed=cfg.seed)
 
-    start = 0
-    resume_from = latest_checkpoint(ctx.output_dir)
-    if resume_from is not None:
-        state = load_checkpoint(ctx, resume_from)
-        start = int(state["step"])
+    start, state = resume_from_latest(ctx)
+    if start:
         kl_ctl.load_state_dict(state["kl_controller"])
-        print(f"[ppo] resumed from {resume_from} at step {start}", flush=True)
+        apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ctx.report("progress", step=start, total_steps=cfg.steps)
     if start == 0 and acc.is_main_process:  # the SFT model's samples: the baseline to compare with
         samples = sample_held_out(ctx, step=0, prompts=held_out, policy=policy, reference=reference,
                                   reward=reward, encoder=encoder)
         _report_samples(ctx, samples, step=0, total=cfg.steps)
 
+    ctx.stop.armed = True
     for step in range(start + 1, cfg.steps + 1):
         torch.manual_seed(step_seed(cfg.seed, rank=rank, step=step))
         indices = plan.step_micro_batches(step - 1, rank=rank)[0]
@@ -510,12 +505,17 @@ def run(ctx: StageContext) -> Path:
             samples = sample_held_out(ctx, step=step, prompts=held_out, policy=policy, reference=reference,
                                       reward=reward, encoder=encoder)
             _report_samples(ctx, samples, step=step, total=cfg.steps)
-        if step % cfg.checkpoint_every_steps == 0 and step < cfg.steps:
+        # The last step too: a crash while writing final/ then costs no rollouts.
+        stopping = ctx.stop.requested()
+        if step % cfg.checkpoint_every_steps == 0 or step == cfg.steps or stopping:
             path = save_checkpoint(ctx, step=step, extra_state={
                 "step": step, "kl_controller": kl_ctl.state_dict(), "data_position": plan.position(step),
             })
             ctx.report("checkpoint", step=step, total_steps=cfg.steps, checkpoint=str(path))
+        if stopping:
+            raise ctx.stop.interrupted(step=step, checkpoint=path)
 
+    ctx.stop.armed = False
     return save_final(ctx, policy, tokenizer)
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
 
-EventKind = Literal["started", "progress", "checkpoint", "samples", "succeeded", "failed"]
+EventKind = Literal["started", "progress", "checkpoint", "samples", "succeeded", "failed", "interrupted"]
 
 
 @dataclass
@@ -24,7 +24,8 @@ class ProgressEvent:
 
     ``metrics`` hold plain floats (loss, reward mean, KL ...); ``samples`` hold
     dicts with prompt, response, reward and kl; ``artifact`` is the final model
-    directory on success; ``reason`` is the failure reason on failure.
+    directory on success; ``reason`` is the failure reason on failure, or what was saved when
+    SIGTERM interrupted the stage (kind ``interrupted``).
     """
 
     stage: str

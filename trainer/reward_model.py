@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 from trainer.checkpoint import save_checkpoint
 from trainer.data import PreferenceRow, encode_for_reward, load_preference_rows, pad_right, split_for_eval
 from trainer.modeling import load_sequence_classifier, load_tokenizer, resolve_model_source, save_final
-from trainer.runtime import PermanentStageFailure, StageContext
+from trainer.runtime import PermanentStageFailure, StageContext, check_finite, step_health
 from trainer.supervised import prepare_supervised
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -128,8 +128,10 @@ def run(ctx: StageContext) -> Path:
     model.train()
     window = torch.zeros(3, device=ctx.device)  # loss sum, correct pairs, pairs
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    ctx.stop.armed = True
     for step in range(start, total):
         micro_batches = plan.step_micro_batches(step, rank=accelerator.process_index)
+        step_loss = torch.zeros((), device=ctx.device)
         for i, indices in enumerate(micro_batches):
             chunk = [train[j] for j in indices]
             last = i == len(micro_batches) - 1
@@ -142,11 +144,14 @@ def run(ctx: StageContext) -> Path:
                 loss = bradley_terry_loss(chosen, rejected, margin=margin,
                                           center_coefficient=cfg.center_rewards_coefficient) / len(micro_batches)
                 accelerator.backward(loss)
+            step_loss += loss.detach()
             window += torch.stack([loss.detach(),
                                    (chosen > rejected).float().sum().detach(),
                                    torch.tensor(float(len(chunk)), device=ctx.device)])
             window_tokens += sum(len(c) + len(r) for c, r, _ in chunk)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        check_finite(step_health(accelerator, loss=step_loss, grad_norm=grad_norm), stage="reward", step=step + 1,
+                     advice="lower reward.learningRate or maxGradNorm, check the preference data, or use precision fp32")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -168,10 +173,14 @@ def run(ctx: StageContext) -> Path:
             window.zero_()
             window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
 
-        if done % cfg.checkpoint_every_steps == 0 or done == total:
+        stopping = ctx.stop.requested()
+        if done % cfg.checkpoint_every_steps == 0 or done == total or stopping:
             path = save_checkpoint(ctx, step=done, extra_state={"examples": len(train), **plan.position(done)})
             ctx.report("checkpoint", step=done, total_steps=total, checkpoint=str(path))
+        if stopping:
+            raise ctx.stop.interrupted(step=done, checkpoint=path)
 
+    ctx.stop.armed = False
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     if held_out:

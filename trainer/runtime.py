@@ -7,8 +7,13 @@ termination messages; stages raise and never print their own failure.
 from __future__ import annotations
 
 import importlib
+import math
 import os
+import re
+import signal
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +42,90 @@ class PermanentStageFailure(StageFailed):
     the process exits with ``PERMANENT_FAILURE_EXIT_CODE`` and the operator does not retry."""
 
 
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGTERM
+"""Exit code after a SIGTERM (preemption, node drain, suspend, pod deletion): 143, as a process killed by it."""
+
+
+class StageInterrupted(Exception):
+    """SIGTERM was received; the message says what was saved. Not a failure of the stage: the next attempt resumes."""
+
+
+class GracefulStop:
+    """Turns SIGTERM into a stop at the next step boundary, after a checkpoint of that step.
+
+    Kubernetes sends SIGTERM, waits ``terminationGracePeriodSeconds`` (30 by default) and
+    then sends SIGKILL. While a stage's training loop runs (``armed``), the handler only
+    records the signal; the loop asks ``requested()`` after every step, saves a checkpoint
+    and raises StageInterrupted. Outside the loop (loading models, writing ``final/``)
+    there is no step to save, so the handler raises StageInterrupted at once.
+
+    The handler is needed even to die promptly: the trainer is PID 1 in its container, and
+    the kernel ignores signals that PID 1 has no handler for.
+    """
+
+    def __init__(self, accelerator: Any = None):
+        self.accelerator = accelerator
+        self.received_at: float | None = None
+        """time.monotonic() of the first SIGTERM, or None."""
+        self.armed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received_at is None:
+            self.received_at = time.monotonic()
+        if not self.armed:
+            raise StageInterrupted("SIGTERM outside the training loop; nothing to save, the next attempt resumes "
+                                   "from the last checkpoint")
+
+    def requested(self) -> bool:
+        """Whether any process received SIGTERM; the same answer on every process (one small all-reduce)."""
+        flag = self.received_at is not None
+        if self.accelerator is None or self.accelerator.num_processes == 1:
+            return flag
+        total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum")
+        return float(total) > 0
+
+    def interrupted(self, *, step: int, checkpoint: Path) -> StageInterrupted:
+        waited = time.monotonic() - self.received_at if self.received_at is not None else 0.0
+        return StageInterrupted(f"SIGTERM: stopped after step {step} with checkpoint {checkpoint} "
+                                f"({waited:.1f} s after the signal); the next attempt resumes there")
+
+
 def is_permanent(exc: BaseException) -> bool:
     """Whether ``exc`` fails the same way on every retry (the trainer exits with the permanent code)."""
     from trainer.data import DatasetError
 
     return isinstance(exc, (PermanentStageFailure, DatasetError, ConfigError))
+
+
+def check_finite(values: dict[str, float], *, stage: str, step: int, advice: str) -> None:
+    """StageFailed naming every non-finite value (NaN or inf in a loss, gradient norm, reward, KL ...).
+
+    Called before the optimizer step, so the weights and the last checkpoint are still sound.
+    """
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        listed = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        raise StageFailed(f"{stage}: non-finite values at step {step}: {listed}; {advice}")
+
+
+def step_health(accelerator, *, loss: torch.Tensor, grad_norm) -> dict[str, float]:
+    """{"loss", "grad_norm"} of one optimizer step, averaged over processes (a NaN anywhere stays NaN).
+
+    Under fp16 the gradient scaler skips steps with inf gradients by design, so the norm is
+    left out there and only the loss is checked.
+    """
+    stats = torch.stack([loss.detach().float().reshape(()),
+                         torch.as_tensor(grad_norm, device=loss.device).detach().float().reshape(())])
+    if accelerator.num_processes > 1:
+        stats = accelerator.reduce(stats, "mean")
+    health = {"loss": float(stats[0]), "grad_norm": float(stats[1])}
+    if getattr(accelerator, "scaler", None) is not None:
+        del health["grad_norm"]
+    return health
 
 
 def stage_config(job: StageJob):
@@ -72,6 +156,10 @@ class StageContext:
     output_dir: Path
     device: torch.device
     dtype: torch.dtype
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    """What produced this stage's outputs (``trainer.provenance.job_fingerprint``): saved in every checkpoint and final/."""
+    stop: GracefulStop = field(default_factory=GracefulStop)
+    """SIGTERM handling: arm it around the training loop and ask ``stop.requested()`` after every step."""
     step: int = field(default=0)
     """Last step reported; the failure event carries it."""
     total_steps: int = field(default=0)
@@ -104,35 +192,89 @@ class StageContext:
         ))
 
 
-def check_cuda(*, expected_gpus: str | None, cuda: bool) -> None:
-    """PermanentStageFailure when the pod was given GPUs (``expected_gpus`` > 0) but CUDA sees none.
+MIN_DRIVER_FOR_CUDA = {13: 580, 12: 525, 11: 450}
+"""Oldest NVIDIA Linux driver (major version) that runs torch built for each CUDA major version
+(NVIDIA's CUDA toolkit release notes; 12.x relies on minor-version compatibility)."""
+CUDA12_INDEX_URL = "https://download.pytorch.org/whl/cu128"
+"""PyTorch's wheel index of the CUDA 12.8 build: the trainer image for drivers 525-579 (Dockerfile TORCH_INDEX_URL)."""
+NVIDIA_DRIVER_VERSION_FILE = Path("/proc/driver/nvidia/version")
+
+
+def nvidia_driver_version(path: Path = NVIDIA_DRIVER_VERSION_FILE) -> str | None:
+    """The NVIDIA kernel driver version visible in the container (``580.65.06``), or None when there is none."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module.*?\s(\d+\.\d+(?:\.\d+)?)\s", text)
+    return match.group(1) if match else None
+
+
+def check_cuda(*, expected_gpus: str | None, cuda: bool, visible_gpus: int | None = None,
+               cuda_build: str | None = None, driver_version: str | None = None) -> None:
+    """PermanentStageFailure when the pod was given GPUs (``expected_gpus`` > 0) but CUDA cannot use them.
 
     Training on the CPU instead would take days and look like a hang; a retry on the same image
-    and node class fails the same way (usually a CPU-only torch build or a missing driver).
+    and node class fails the same way. The message names the cause: a CPU-only torch build, no
+    driver in the container, or a driver older than the torch build needs (``cuda_build`` is
+    ``torch.version.cuda``, ``driver_version`` what ``nvidia_driver_version`` found).
     """
     try:
         wanted = int(expected_gpus or 0)
     except ValueError:
         wanted = 0
-    if wanted > 0 and not cuda:
+    if wanted <= 0:
+        return
+    if cuda:
+        if visible_gpus is not None and visible_gpus < wanted:
+            raise PermanentStageFailure(
+                f"{wanted} GPU(s) were requested (spec.resources.gpus) but CUDA sees {visible_gpus}: check "
+                "CUDA_VISIBLE_DEVICES and the NVIDIA device plugin on the node")
+        return
+    head = (f"{wanted} GPU(s) were requested (spec.resources.gpus) but CUDA is not usable in the container "
+            f"(torch {torch.__version__}")
+    if cuda_build is None:
+        raise PermanentStageFailure(f"{head}, a CPU-only build): use the CUDA trainer image, or set gpus to 0")
+    head += f" built for CUDA {cuda_build}"
+    needed = MIN_DRIVER_FOR_CUDA.get(int(cuda_build.split(".")[0]))
+    requirement = f"it needs NVIDIA driver {needed} or newer on the node" if needed else "see the pod log"
+    cuda12 = (f"; for older drivers (525 or newer) build the trainer image with --build-arg "
+              f"TORCH_INDEX_URL={CUDA12_INDEX_URL}") if needed and needed > MIN_DRIVER_FOR_CUDA[12] else ""
+    if driver_version is None:
         raise PermanentStageFailure(
-            f"{wanted} GPU(s) were requested (spec.resources.gpus) but CUDA is not available in the container "
-            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): use an image with a CUDA build of "
-            "torch and nodes with the NVIDIA driver, or set gpus to 0")
+            f"{head}; {requirement}): no NVIDIA driver is visible in the container ({NVIDIA_DRIVER_VERSION_FILE} "
+            "is missing): check the node's driver, the NVIDIA container toolkit and device plugin" + cuda12)
+    if needed and int(driver_version.split(".")[0]) < needed:
+        raise PermanentStageFailure(
+            f"{head}; {requirement}): the node's driver is {driver_version}: upgrade it to {needed} or newer"
+            + cuda12)
+    raise PermanentStageFailure(f"{head}, driver {driver_version}; {requirement}): CUDA failed to initialise, "
+                                "see the pod log for the CUDA error")
 
 
-def build_context(job: StageJob) -> StageContext:
-    """Accelerator, reporters and metrics for ``job``; starts the metrics server on the main process."""
+def build_context(job: StageJob, *, stop: GracefulStop) -> StageContext:
+    """Accelerator, reporters and metrics for ``job``; starts the metrics server on the main process.
+
+    Another run's outputs in outputDir are removed first (``trainer.outputs.claim_output_dir``).
+    """
     from accelerate import Accelerator
+
+    from trainer.outputs import claim_output_dir  # imports trainer.checkpoint, which imports this module
+    from trainer.provenance import job_fingerprint
 
     cfg = stage_config(job)
     cuda = torch.cuda.is_available()
-    check_cuda(expected_gpus=os.environ.get(EXPECTED_GPUS_ENV), cuda=cuda)
+    check_cuda(expected_gpus=os.environ.get(EXPECTED_GPUS_ENV), cuda=cuda,
+               visible_gpus=torch.cuda.device_count() if cuda else 0, cuda_build=torch.version.cuda,
+               driver_version=nvidia_driver_version())
     dtype = resolve_dtype(cfg.precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
+    stop.accelerator = accelerator
     output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = job_fingerprint(job, processes=accelerator.num_processes)
+    claim_output_dir(job, output_dir=output_dir, accelerator=accelerator)
     metrics = TrainerMetrics(stage=job.stage, gpu=cuda)
     reporters: list[Reporter] = []
     if accelerator.is_main_process:
@@ -146,8 +288,10 @@ def build_context(job: StageJob) -> StageContext:
                                                 min_interval_seconds=job.reporting.report_interval_seconds))
         if job.reporting.metrics_port is not None:
             metrics.start_server(job.reporting.metrics_port)
-    return StageContext(job=job, accelerator=accelerator, reporter=FanOutReporter(reporters),
-                        metrics=metrics, output_dir=output_dir, device=accelerator.device, dtype=dtype)
+    ctx = StageContext(job=job, accelerator=accelerator, reporter=FanOutReporter(reporters), metrics=metrics,
+                       output_dir=output_dir, device=accelerator.device, dtype=dtype, fingerprint=fingerprint,
+                       stop=stop)
+    return ctx
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -159,10 +303,6 @@ def failure_reason(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
     return f"{type(exc).__name__}: {exc}{where}"
-
-
-def final_is_complete(output_dir: Path) -> bool:
-    return (output_dir / "final" / COMPLETE_MARKER).is_file()
 
 
 def termination_message(exc: BaseException) -> str:
@@ -177,16 +317,22 @@ def exit_code(exc: BaseException) -> int:
 
 def run_stage(job: StageJob) -> int:
     """Run the job's stage; return the process exit code: 0 success, ``PERMANENT_FAILURE_EXIT_CODE``
-    for an error that retrying cannot fix (``is_permanent``), 1 for any other failure.
+    for an error that retrying cannot fix (``is_permanent``), ``INTERRUPTED_EXIT_CODE`` after a
+    SIGTERM (``GracefulStop``), 1 for any other failure.
 
     On failure the reason is reported, printed and written to
-    ``reporting.terminationLogPath``. A stage whose ``final/`` is already
-    complete succeeds at once, so a re-run of a finished pod does no work.
+    ``reporting.terminationLogPath``. A stage whose ``final/`` is complete and was
+    produced by this very job succeeds at once, so a re-run of a finished pod does no
+    work (``trainer.outputs.final_is_current``).
     """
+    from trainer.outputs import final_is_current
+
+    stop = GracefulStop()
+    stop.install()
     ctx = None
     try:
-        ctx = build_context(job)
-        if final_is_complete(ctx.output_dir):
+        ctx = build_context(job, stop=stop)
+        if final_is_current(ctx):
             ctx.report("succeeded", step=0, total_steps=0, artifact=str(ctx.output_dir / "final"))
             return 0
         ctx.report("started", step=0, total_steps=0)
@@ -194,6 +340,16 @@ def run_stage(job: StageJob) -> int:
         artifact = stage.run(ctx)
         ctx.report("succeeded", step=ctx.total_steps, total_steps=ctx.total_steps, artifact=str(artifact))
         return 0
+    except StageInterrupted as exc:
+        stop.armed = True  # a second SIGTERM while reporting only records
+        print(f"[{job.stage}] interrupted: {exc}", file=sys.stderr, flush=True)
+        write_termination_message(job.reporting.termination_log_path, f"Interrupted: {exc}")
+        if ctx is not None:
+            try:
+                ctx.report("interrupted", step=ctx.step, total_steps=ctx.total_steps, reason=str(exc))
+            except Exception:
+                pass
+        return INTERRUPTED_EXIT_CODE
     except Exception as exc:  # the one place every failure becomes a reason and an exit code
         reason = failure_reason(exc)
         print(f"[{job.stage}] failed: {reason}", file=sys.stderr, flush=True)

@@ -102,3 +102,19 @@ def build_optimizer(model, *, learning_rate: float, weight_decay: float, warmup_
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(linear_warmup_decay, warmup_steps=warmup_steps, total_steps=total_steps))
     return optimizer, scheduler
+
+
+def apply_optimizer_settings(optimizer, scheduler, *, learning_rate: float, weight_decay: float) -> None:
+    """Set the peak learning rate and weight decay after a checkpoint restored older ones.
+
+    ``load_state`` restores them from the checkpoint (AdamW keeps both in its param
+    groups, LambdaLR keeps the peak as ``base_lrs``), so without this a resume would
+    silently go on with the old values. The schedule's position is kept: the current
+    rate becomes ``learning_rate * multiplier(step)``. Idempotent when nothing changed.
+    """
+    scheduler.base_lrs = [learning_rate for _ in optimizer.param_groups]
+    for group, multiplier in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * multiplier(scheduler.last_epoch)
+        group["weight_decay"] = weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() returns

@@ -19,8 +19,10 @@ from accelerate.utils import set_seed
 from trainer.checkpoint import save_checkpoint
 from trainer.data import IGNORE_INDEX, TokenizedExample, load_sft_rows, pad_right, tokenize_sft_row
 from trainer.modeling import load_causal_lm, load_tokenizer, resolve_model_source, save_final
-from trainer.runtime import PermanentStageFailure, StageContext
+from trainer.runtime import PermanentStageFailure, StageContext, check_finite, step_health
 from trainer.supervised import prepare_supervised
+
+NON_FINITE_ADVICE = "lower sft.learningRate or maxGradNorm, check the data, or use precision fp32"
 
 
 def collate(examples: list[TokenizedExample], *, pad_token_id: int, device) -> dict[str, torch.Tensor]:
@@ -53,6 +55,7 @@ def run(ctx: StageContext) -> Path:
     model, optimizer, scheduler, plan = setup.model, setup.optimizer, setup.scheduler, setup.plan
     start, total = setup.start_step, plan.total_steps
     model.train()
+    ctx.stop.armed = True
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     window_samples = 0
     for step in range(start, total):
@@ -69,6 +72,8 @@ def run(ctx: StageContext) -> Path:
             window_tokens += int(batch["attention_mask"].sum())
             window_samples += len(indices)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        check_finite(step_health(accelerator, loss=step_loss, grad_norm=grad_norm), stage="sft", step=step + 1,
+                     advice=NON_FINITE_ADVICE)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -94,8 +99,12 @@ def run(ctx: StageContext) -> Path:
             window_samples = 0
 
         # The last step is checkpointed too: a crash while writing final/ then costs no training.
-        if done % cfg.checkpoint_every_steps == 0 or done == total:
+        stopping = ctx.stop.requested()
+        if done % cfg.checkpoint_every_steps == 0 or done == total or stopping:
             path = save_checkpoint(ctx, step=done, extra_state={"examples": len(examples), **plan.position(done)})
             ctx.report("checkpoint", step=done, total_steps=total, checkpoint=str(path))
+        if stopping:
+            raise ctx.stop.interrupted(step=done, checkpoint=path)
 
+    ctx.stop.armed = False
     return save_final(ctx, model, tokenizer)

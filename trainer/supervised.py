@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from trainer.checkpoint import resume_from_latest
 from trainer.config import OptimConfig
 from trainer.runtime import StageContext
-from trainer.schedule import StepPlan, build_optimizer
+from trainer.schedule import StepPlan, apply_optimizer_settings, build_optimizer
 
 
 @dataclass
@@ -32,8 +32,9 @@ def prepare_supervised(ctx: StageContext, model, *, cfg: OptimConfig, epochs: in
                        num_examples: int) -> SupervisedSetup:
     """Plan, optimizer and schedule for ``model``, prepared by accelerate and resumed if a checkpoint exists.
 
-    A checkpoint written for a different number of examples or processes is
-    refused (``resume_from_latest`` raises StageFailed saying why).
+    A checkpoint written from other inputs or settings is refused
+    (``resume_from_latest`` raises PermanentStageFailure saying what changed); a
+    changed learning rate or weight decay is applied.
     """
     accelerator = ctx.accelerator
     plan = StepPlan(num_examples=num_examples, batch_size=cfg.batch_size,
@@ -46,6 +47,8 @@ def prepare_supervised(ctx: StageContext, model, *, cfg: OptimConfig, epochs: in
     accelerator.register_for_checkpointing(scheduler)
 
     set_seed(cfg.seed + accelerator.process_index)
-    start, _ = resume_from_latest(ctx, expect={"examples": num_examples})
+    start, _ = resume_from_latest(ctx)
+    if start:
+        apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ctx.report("progress", step=start, total_steps=plan.total_steps)
     return SupervisedSetup(model=model, optimizer=optimizer, scheduler=scheduler, plan=plan, start_step=start)

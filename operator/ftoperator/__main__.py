@@ -74,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     trainer.add_argument("--stage-command-override", default=None,
                          help="BENCHMARK HOOK, not for users: run this shell command instead of the trainer in "
                               "every stage pod (benchmarks/operator_scale.py)")
+    election = parser.add_argument_group("high availability")
+    election.add_argument("--leader-election-namespace", metavar="NS",
+                          help="elect a leader with the Lease 'finetune-operator' in this namespace: only the "
+                               "replica holding it acts, the others wait (default: off, for a single replica)")
+    election.add_argument("--leader-election-id", default=os.environ.get("POD_NAME") or socket.gethostname(),
+                          help="this replica's identity in the Lease (default: $POD_NAME, else the host name)")
+    election.add_argument("--lease-duration-seconds", type=int, default=15,
+                          help="a leader that has not renewed for this long may be replaced")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if bool(args.webhook_cert) != bool(args.webhook_key):
@@ -130,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics = OperatorMetrics()
     api = KubeApi(load_api_client(connections=args.reconcile_workers + 8), on_request=lambda verb: metrics.api_requests.labels(verb=verb).inc())
     reconciler = RunReconciler(api=api, config=config, metrics=metrics)
+    elector = None
+    if args.leader_election_namespace:
+        from ftoperator.election import LeaderElector
+
+        elector = LeaderElector(api, namespace=args.leader_election_namespace, identity=args.leader_election_id,
+                                duration_seconds=args.lease_duration_seconds)
+        elector.acquire(health_port=args.liveness_port or None)  # blocks while another replica leads
     memo = kopf.Memo(
         config=config,
         metrics=metrics,
@@ -139,13 +154,18 @@ def main(argv: list[str] | None = None) -> int:
         webhook_server=webhook_server(args),
         manage_webhook=bool(args.webhook_url) and not args.no_webhook,
     )
-    kopf.run(
-        standalone=True,
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-        liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
-        memo=memo,
-    )
+    try:
+        # standalone: no kopf peering; at most one replica gets here (the Lease above).
+        kopf.run(
+            standalone=True,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
+            memo=memo,
+        )
+    finally:
+        if elector is not None:
+            elector.release()
     return 0
 
 

@@ -164,6 +164,7 @@ def stage_job(spec: FineTuneRunSpec, *, run: RunRef, stage: str, config: Operato
         reward_model = f"{stage_output_dir(run, 'reward')}/final"
     return StageJob(
         stage=stage,
+        run_uid=run.uid,  # outputs of a deleted run of the same name are never reused (trainer.outputs)
         model=_input_model(spec, run, stage).path,
         reward_model=reward_model,
         output_dir=stage_output_dir(run, stage),

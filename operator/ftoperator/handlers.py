@@ -1,13 +1,17 @@
 """kopf wiring: thin handlers that hand over to the reconciler, the progress copier and validation.
 
-* a daemon per FineTuneRun runs its reconcile loop (level-based, see ``reconciler.RunLoops``);
+* every FineTuneRun has a reconcile loop (level-based, see ``reconciler.RunLoops``), started by
+  the run's first watch event (kopf's initial listing included) and ended by its deletion;
 * watch events on runs (spec changes), their pods and their progress ConfigMaps nudge that loop
   or copy progress -- they never decide anything themselves;
 * a validating admission handler calls the pure validation.
 
-No change-detecting handler (on.create/update/delete) is registered, so kopf
-stores no last-handled-configuration annotation on runs (kopf #1087); the
-daemon needs kopf's finalizer, named ``finetune.dev/operator``.
+No change-detecting handler (on.create/update/delete) and no kopf daemon is registered, so kopf
+stores no last-handled-configuration annotation on runs (kopf #1087) and puts no finalizer on
+them: a run can be deleted while the operator is scaled to zero or uninstalled, and its children
+go with it through their owner references. Operators before this one used kopf daemons and so a
+finalizer, ``finetune.dev/operator``; kopf removes it from a run when it next sees it, since no
+handler here needs it.
 
 Expected in ``memo`` (set by ``__main__``): ``loops`` (RunLoops), ``reconciler``
 (RunReconciler), ``config`` (OperatorConfig), ``metrics`` (OperatorMetrics),
@@ -53,18 +57,19 @@ def _owning_run(body: Any) -> str | None:
     return None
 
 
-# On deletion kopf sets `stopped`, waits cancellation_backoff (the loop returns at once unless a pass is
-# in flight), then re-checks and removes the finalizer: a short backoff keeps `kubectl delete` quick.
-@kopf.daemon(GROUP, VERSION, PLURAL, id="reconcile", cancellation_backoff=1.0, cancellation_timeout=10.0)
-async def reconcile_run(name: str, namespace: str, stopped: Any, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    await memo.loops.run(namespace=namespace, name=name, stopped=stopped, logger=logger)
+@kopf.on.cleanup()
+async def stop_loops(memo: kopf.Memo, **_: Any) -> None:
+    await memo.loops.stop_all()
 
 
+# async: it starts an asyncio task, which needs the event loop's thread (kopf runs sync handlers in threads).
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def run_changed(type: str, body: Any, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    if type == "DELETED":
+async def run_changed(type: str, body: Any, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
         memo.loops.forget(namespace, name)
         return
+    if memo.loops.ensure(namespace, name):
+        return  # a new loop's first pass is immediate
     generation = body.get("metadata", {}).get("generation")
     if generation != body.get("status", {}).get("observedGeneration"):
         memo.loops.nudge(namespace, name)
@@ -84,7 +89,7 @@ async def progress_changed(type: str, body: Any, namespace: str, memo: kopf.Memo
     if run is None or type == "DELETED":
         return
     try:
-        await asyncio.to_thread(memo.reconciler.copy_progress, namespace, run, dict(body.get("data") or {}))
+        await asyncio.to_thread(memo.reconciler.copy_progress, namespace, run, dict(body))
     except Exception as exc:  # progress is best effort; the next update brings it again
         memo.metrics.reconcile_errors.labels(handler="progress").inc()
         logger.warning(f"cannot copy progress of {namespace}/{run}: {exc!r}")

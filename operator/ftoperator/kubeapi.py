@@ -28,6 +28,7 @@ _KIND_PATHS = {
     "Event": ("/api/v1", "events"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
     KIND: (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 
@@ -55,6 +56,21 @@ def load_api_client(*, connections: int = 32) -> Any:
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = connections
     return client.ApiClient(configuration)
+
+
+_VERBS = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+
+
+def permission_of(method: str, path: str) -> tuple[str, str, str]:
+    """The RBAC (group, resource, verb) a request needs (``permissions`` lists them all)."""
+    parts = path.strip("/").split("/")
+    group = "" if parts[0] == "api" else parts[1]
+    rest = parts[2:] if parts[0] == "api" else parts[3:]
+    if rest[:1] == ["namespaces"]:
+        rest = rest[2:]
+    resource = rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
+    verb = _VERBS.get(method) or ("get" if len(rest) > 1 else "list")
+    return group, resource, verb
 
 
 def _path(kind: str, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
@@ -175,6 +191,20 @@ class KubeApi:
             return True
         except ApiError as exc:
             if exc.status == 404:
+                return False
+            raise
+
+    # --------------------------------------------------------------------- leader election
+
+    def replace(self, obj: dict[str, Any]) -> bool:
+        """PUT a namespaced object with the resourceVersion it was read with; False on 409 Conflict
+        (someone changed it since: read it again)."""
+        meta = obj["metadata"]
+        try:
+            self.request("PUT", _path(obj["kind"], meta["namespace"], meta["name"]), body=obj)
+            return True
+        except ApiError as exc:
+            if exc.status == 409:
                 return False
             raise
 

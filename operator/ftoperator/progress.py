@@ -10,7 +10,11 @@ document under the key ``progress.json``::
 
 A pod can write anything there, so nothing is trusted: unknown stages and
 malformed values are dropped, metric names must look like metric names, the
-number of metrics and samples is capped and strings are truncated. The result
+number of metrics and samples is capped, strings are truncated and stripped of
+control characters (terminal escapes, bidirectional overrides) that would
+garble ``kubectl`` output. Which run the ConfigMap belongs to is decided by the
+reconciler from the run's uid and the ConfigMap's name (``run_owns``), never
+from fields the pod could rewrite. The result
 is a JSON merge patch for ``status`` touching only progress fields, which the
 reconciler never writes.
 """
@@ -22,6 +26,7 @@ import math
 import re
 from typing import Any
 
+from ftoperator import naming
 from ftoperator.api import STAGES
 
 PROGRESS_KEY = "progress.json"
@@ -49,10 +54,36 @@ def _count(value: Any) -> int | None:
     return value
 
 
+# C0 and C1 control characters but newline and tab, and the bidirectional embedding/override/isolate marks.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def _text(value: Any) -> str | None:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str):
+        return None
+    value = _CONTROL.sub("", value)
+    if not value:
         return None  # left out: the local API server rejects "" in a custom resource as null
     return value if len(value) <= SAMPLE_CHARS else value[: SAMPLE_CHARS - 3] + "..."
+
+
+def run_owns(config_map: dict[str, Any], run: dict[str, Any] | None) -> bool:
+    """Whether ``config_map`` is the progress ConfigMap of ``run`` (the object as read from the API).
+
+    The trainer may patch its ConfigMap, owner references included, so those are only a hint: the
+    ConfigMap's name (which the trainer cannot change, and its Role names no other) must be the
+    run's progress ConfigMap name, and the run's uid must be the one the reference names.
+    """
+    if run is None or run.get("metadata", {}).get("deletionTimestamp"):
+        return False
+    meta = config_map.get("metadata") or {}
+    run_meta = run.get("metadata") or {}
+    if meta.get("namespace") != run_meta.get("namespace"):
+        return False
+    if meta.get("name") != naming.progress_config_map_name(run_meta.get("name", "")):
+        return False
+    return any(ref.get("uid") == run_meta.get("uid") and ref.get("controller")
+               for ref in meta.get("ownerReferences") or [])
 
 
 def sanitize_metrics(raw: Any) -> dict[str, float]:

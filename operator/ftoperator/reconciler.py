@@ -15,10 +15,14 @@ deterministic), never a status that points at nothing. A create that answers
 or carries no run label) ends the pass before the status is written
 (``ChildConflict``); the next pass sees the object and waits for it to go.
 
-``RunLoops`` runs one asyncio loop per run (a kopf daemon calls ``run``):
-reconcile, then sleep until nudged by a watch event (the run's spec, one of
-its pods) or until the resync interval. One loop per run means one writer per
-run: two passes for the same run never overlap.
+``RunLoops`` runs one asyncio loop per run (``ensure`` starts it when the
+run's watch event -- or kopf's initial listing -- shows the run): reconcile,
+then sleep until nudged by a watch event (the run's spec, one of its pods) or
+until the resync interval. One loop per run means one writer per run: two
+passes for the same run never overlap. The loop ends when the run is gone or
+being deleted. It is not a kopf daemon on purpose: kopf puts a finalizer on
+every object with a daemon, and a finalizer would keep runs from being deleted
+while the operator is scaled to zero or uninstalled.
 """
 
 from __future__ import annotations
@@ -141,12 +145,35 @@ class RunReconciler:
                                 "(delete it if it stays)")
         log.debug("%s/%s: %s %s already exists", run.namespace, run.name, action.kind, action.name)
 
-    def copy_progress(self, namespace: str, run_name: str, data: dict[str, str] | None) -> bool:
-        """Copy a progress ConfigMap's data into the run's status; False if there was nothing to copy."""
-        patch = progress.status_patch(data)
+    def copy_progress(self, namespace: str, run_name: str, config_map: dict[str, Any]) -> bool:
+        """Copy a progress ConfigMap's data into the status of ``run_name`` (the name its owner reference
+        gives); False if there was nothing to copy or the ConfigMap is not that run's (``progress.run_owns``).
+        """
+        patch = progress.status_patch(dict(config_map.get("data") or {}))
         if patch is None:
             return False
+        run = self.api.get_run(namespace, run_name)
+        if not progress.run_owns(config_map, run):
+            log.warning("%s/%s: ignoring ConfigMap %s: it is not that run's progress ConfigMap (name or uid "
+                        "differ)", namespace, run_name, (config_map.get("metadata") or {}).get("name"))
+            return False
         return self.api.patch_run_status(namespace, run_name, patch) is not None
+
+
+class StopFlag:
+    """Set when a run's loop must end (the run was deleted, the operator is stopping)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> bool:
+        return await self._event.wait()
 
 
 class RunLoops:
@@ -165,6 +192,29 @@ class RunLoops:
         self.debounce_seconds = debounce_seconds
         self.max_backoff_seconds = max_backoff_seconds
         self._wakeups: dict[RunKey, asyncio.Event] = {}
+        self._tasks: dict[RunKey, tuple[asyncio.Task, StopFlag]] = {}
+
+    def ensure(self, namespace: str, name: str) -> bool:
+        """Start the run's loop unless it is running (call from the event loop); True if started."""
+        key = (namespace, name)
+        current = self._tasks.get(key)
+        if current is not None and not current[0].done():
+            return False
+        stop = StopFlag()
+        task = asyncio.get_running_loop().create_task(self.run(namespace=namespace, name=name, stopped=stop),
+                                                      name=f"reconcile {namespace}/{name}")
+        self._tasks[key] = (task, stop)
+        task.add_done_callback(lambda done: self._tasks.pop(key, None) if self._tasks.get(key, (None,))[0] is done
+                               else None)
+        return True
+
+    async def stop_all(self) -> None:
+        """Stop every loop (operator shutdown) and wait for passes in flight."""
+        tasks = list(self._tasks.values())
+        for _, stop in tasks:
+            stop.set()
+        if tasks:
+            await asyncio.wait([task for task, _ in tasks], timeout=10)
 
     def nudge(self, namespace: str, name: str) -> None:
         """Wake the run's loop now (no-op if it has none yet: the loop's first pass is immediate)."""
@@ -194,6 +244,8 @@ class RunLoops:
                 try:
                     decision = await asyncio.get_running_loop().run_in_executor(
                         self.executor, self.reconciler.reconcile, namespace, name)
+                    if decision is None:
+                        return  # the run is gone or being deleted; its children go with it (owner references)
                     wait = self._next_wait(decision)
                     failures = 0
                 except Exception as exc:  # keep the loop alive; the next pass starts from scratch
@@ -213,5 +265,9 @@ class RunLoops:
                 del self._wakeups[key]
 
     def forget(self, namespace: str, name: str) -> None:
-        """The run is deleted: drop it from the state gauge."""
+        """The run is deleted: stop its loop and drop it from the state gauge."""
+        current = self._tasks.get((namespace, name))
+        if current is not None:
+            current[1].set()
+            self.nudge(namespace, name)
         self.reconciler.metrics.set_run_state((namespace, name), None)

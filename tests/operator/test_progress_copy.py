@@ -52,3 +52,14 @@ def test_garbage_yields_no_patch():
     assert status_patch({"progress.json": "{not json"}) is None
     assert status_patch({"progress.json": "[1, 2]"}) is None
     assert status_patch(data({"stages": {}})) is None
+
+
+def test_sample_text_is_stripped_of_control_characters():
+    document = {"current": "ppo", "stages": {"ppo": {"step": 1}}, "samples": [{
+        "stage": "ppo", "step": 1, "prompt": "hi\x1b[2J\x1b]0;pwned\x07 there\r",
+        "response": "line one\nline\ttwo\u202e\x00\x85"}]}
+    sample = status_patch({"progress.json": json.dumps(document)})["samples"][0]
+    assert sample["prompt"] == "hi[2J]0;pwned there"
+    assert sample["response"] == "line one\nline\ttwo"
+    only_controls = {**document, "samples": [{"stage": "ppo", "prompt": "\x1b\x07"}]}
+    assert "prompt" not in status_patch({"progress.json": json.dumps(only_controls)})["samples"][0]

@@ -93,13 +93,33 @@ def test_gone_or_deleting_run_is_left_alone(spec, now):
     assert [call[0] for call in api.calls] == ["get"]
 
 
+def progress_config_map(name="demo-progress", uid="u1", text='{"current": "sft", "stages": {"sft": {"step": 2, '
+                        '"totalSteps": 4}}}'):
+    return {"metadata": {"name": name, "namespace": "ns",
+                         "ownerReferences": [{"kind": "FineTuneRun", "name": "demo", "uid": uid, "controller": True}]},
+            "data": {"progress.json": text}}
+
+
 def test_progress_is_copied_as_a_patch_of_progress_fields_only(now):
     api = FakeApi({"metadata": {"name": "demo", "namespace": "ns", "uid": "u1"}, "status": {"state": "Running"}})
-    copied = reconciler(api, now).copy_progress("ns", "demo", {"progress.json": '{"current": "sft", "stages": '
-                                                              '{"sft": {"step": 2, "totalSteps": 4}}}'})
+    copied = reconciler(api, now).copy_progress("ns", "demo", progress_config_map())
     assert copied
-    assert api.calls == [("patch", ("progress", "stages"))]
+    assert api.calls == [("get", "demo"), ("patch", ("progress", "stages"))]
     assert api.run["status"]["progress"] == "sft 2/4" and api.run["status"]["state"] == "Running"
+
+
+@pytest.mark.parametrize("config_map", [
+    # Another run's pod rewrote its own ConfigMap's owner reference to point at "demo" (name and uid):
+    # the ConfigMap's name, which the pod cannot change, is not demo's progress ConfigMap.
+    progress_config_map(name="other-progress"),
+    # The reference names "demo" but with the uid of a deleted run of that name.
+    progress_config_map(uid="u-old"),
+])
+def test_progress_is_matched_to_its_run_by_uid_and_name_not_by_the_owner_reference_alone(now, config_map):
+    api = FakeApi({"metadata": {"name": "demo", "namespace": "ns", "uid": "u1"}, "status": {"state": "Running"}})
+    assert not reconciler(api, now).copy_progress("ns", "demo", config_map)
+    assert [call[0] for call in api.calls] == ["get"]
+    assert "progress" not in api.run["status"]
 
 
 def run_object(spec, uid="u2"):

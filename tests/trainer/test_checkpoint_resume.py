@@ -77,14 +77,3 @@ def test_incomplete_checkpoints_are_never_resumed_from(tmp_path):
     (root / ".tmp-step-8" / COMPLETE_MARKER).write_text("")
     assert latest_checkpoint(tmp_path) == root / "step-4"
     assert latest_checkpoint(tmp_path / "elsewhere") is None
-
-
-def test_finished_stage_rerun_succeeds_without_training(tmp_path):
-    final = tmp_path / "out" / "final"
-    final.mkdir(parents=True)
-    (final / COMPLETE_MARKER).write_text("")
-    # The model does not even exist: a finished stage must not look at it again.
-    job = {"stage": "sft", "model": str(tmp_path / "gone"), "outputDir": str(tmp_path / "out"),
-           "data": {"sft": str(tmp_path / "gone.jsonl")}}
-    assert run_in_process("sft", write_job(tmp_path / "job.yaml", **job)) == 0
-    assert [e["kind"] for e in progress_events(tmp_path / "out")] == ["succeeded"]

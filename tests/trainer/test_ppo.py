@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from trainer import ppo
+from trainer.checkpoint import complete_checkpoints
 from trainer.runtime import StageFailed
 
 from .stage_runs import (load_state_dict, max_abs_diff, progress_events, run_cli, run_in_process, write_job,
@@ -92,6 +93,8 @@ def test_ppo_cli_end_to_end_writes_a_loadable_policy_metrics_and_samples(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     output = tmp_path / "out"
     AutoModelForCausalLM.from_pretrained(output / "final")  # a plain causal LM, no value head
+    # checkpointEverySteps=2 and the last step: a crash while writing final/ costs no rollouts.
+    assert [step for step, _ in complete_checkpoints(output)] == [2, 3]
 
     events = progress_events(output)
     assert events[-1]["kind"] == "succeeded" and events[-1]["step"] == 3

@@ -70,7 +70,7 @@ def test_functions_only_reward_stage_writes_just_the_functions(tmp_path):
            "reward": {"functions": functions}}
     assert run_in_process("reward", write_job(tmp_path / "job.yaml", **job)) == 0
     final = tmp_path / "out" / "final"
-    assert sorted(p.name for p in final.iterdir()) == ["COMPLETE", "reward_functions.json"]
+    assert sorted(p.name for p in final.iterdir()) == ["COMPLETE", "fingerprint.json", "reward_functions.json"]
     saved = json.loads((final / "reward_functions.json").read_text())["functions"]
     assert saved[0] == {"type": "length", "weight": 1.0, "targetLengthTokens": 20}
 

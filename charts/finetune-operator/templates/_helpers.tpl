@@ -80,6 +80,19 @@ app.kubernetes.io/part-of: finetune-operator
 {{- printf "%s-webhook" (include "finetune-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{- define "finetune-operator.leaderElectionRoleName" -}}
+{{- printf "%s-leader-election" (include "finetune-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Aggregated into the built-in edit/admin and view ClusterRoles. */}}
+{{- define "finetune-operator.editClusterRoleName" -}}
+{{- printf "%s-edit" (include "finetune-operator.clusterName" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "finetune-operator.viewClusterRoleName" -}}
+{{- printf "%s-view" (include "finetune-operator.clusterName" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "finetune-operator.webhookConfigurationName" -}}
 {{- printf "%s-validation" (include "finetune-operator.clusterName" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}

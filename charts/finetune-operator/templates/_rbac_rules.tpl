@@ -4,39 +4,38 @@ Shared by the ClusterRole (rbac.scope=cluster) and the per-namespace Roles
 (rbac.scope=namespace) so both grant exactly the same.
 */}}
 {{- define "finetune-operator.namespacedRules" -}}
-# The custom resource: watch, patch status and kopf's finalizers/annotations.
+# Exactly what the operator uses (operator/ftoperator/permissions.py says why for
+# each verb; tests/chart/test_rbac.py compares the two).
 - apiGroups: ["finetune.dev"]
   resources: ["finetuneruns"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["finetune.dev"]
   resources: ["finetuneruns/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 # Children carry blockOwnerDeletion; clusters with the OwnerReferencesPermissionEnforcement
 # admission plugin (OpenShift, hardened clusters) require this to set it.
 - apiGroups: ["finetune.dev"]
   resources: ["finetuneruns/finalizers"]
   verbs: ["update"]
-# Children of a run: trainer pods, the stage-config/progress ConfigMaps and a
-# ServiceAccount per run.
 - apiGroups: [""]
-  resources: ["pods", "serviceaccounts"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
-# update is held because the operator grants it (by resourceName) to the run's
-# ServiceAccount, and RBAC only lets you grant what you hold.
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+# patch and update are held because the operator grants them (by resourceName) to
+# the run's ServiceAccount, and RBAC only lets you grant what you hold.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch", "update"]
-# A Role + RoleBinding per run, letting its pods write only their progress ConfigMap.
+  verbs: ["get", "list", "watch", "create", "patch", "update"]
+# A ServiceAccount, Role and RoleBinding per run, letting its pods write only their
+# progress ConfigMap (deleted with the run by the garbage collector).
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "create"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "create", "delete", "patch"]
-# kopf posts events about the objects it handles.
+  verbs: ["get", "create"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/*
@@ -51,4 +50,13 @@ kopf retries for ~40 s at start-up, then logs that namespace changes go unnotice
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
+{{- end }}
+
+{{/*
+Leader election: the Lease in the release namespace (Role leader-election).
+*/}}
+{{- define "finetune-operator.leaderElectionRules" -}}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "create", "update"]
 {{- end }}
