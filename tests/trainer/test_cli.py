@@ -89,6 +89,44 @@ def test_no_cuda_when_gpus_were_requested_is_permanent():
     check_cuda(expected_gpus="1", cuda=True)
 
 
+@pytest.mark.parametrize(("cuda_build", "driver", "expected"), [
+    (None, None, "a CPU-only build): use the CUDA trainer image"),
+    ("13.0", None, "built for CUDA 13.0; it needs NVIDIA driver 580 or newer on the node): no NVIDIA driver is "
+                   "visible in the container"),
+    ("13.0", "550.54.14", "the node's driver is 550.54.14: upgrade it to 580 or newer; for older drivers (525 or "
+                          "newer) build the trainer image with --build-arg "
+                          "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128"),
+    ("12.8", "520.61.05", "it needs NVIDIA driver 525 or newer on the node): the node's driver is 520.61.05"),
+    ("13.0", "580.65.06", "driver 580.65.06; it needs NVIDIA driver 580 or newer on the node): CUDA failed"),
+])
+def test_the_no_cuda_message_names_the_driver_requirement_of_the_torch_build(cuda_build, driver, expected):
+    from trainer.runtime import PermanentStageFailure, check_cuda
+
+    with pytest.raises(PermanentStageFailure) as raised:
+        check_cuda(expected_gpus="1", cuda=False, cuda_build=cuda_build, driver_version=driver)
+    assert expected in str(raised.value)
+
+
+def test_fewer_visible_gpus_than_requested_is_permanent():
+    from trainer.runtime import PermanentStageFailure, check_cuda
+
+    with pytest.raises(PermanentStageFailure, match="4 GPU\\(s\\) were requested .* but CUDA sees 2"):
+        check_cuda(expected_gpus="4", cuda=True, visible_gpus=2)
+
+
+@pytest.mark.parametrize(("text", "version"), [
+    ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024\n", "550.54.14"),
+    ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs-builder@U16)\n",
+     "580.65.06"),
+])
+def test_the_driver_version_is_read_from_the_kernel_module(tmp_path, text, version):
+    from trainer.runtime import nvidia_driver_version
+
+    (tmp_path / "version").write_text(text)
+    assert nvidia_driver_version(tmp_path / "version") == version
+    assert nvidia_driver_version(tmp_path / "none") is None
+
+
 def test_exit_code_and_termination_message_tell_permanent_from_retryable_errors():
     from trainer.data import DatasetError
     from trainer.runtime import PermanentStageFailure, exit_code, termination_message
