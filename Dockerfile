@@ -12,6 +12,13 @@
 #
 # Base images are pinned by version. For reproducible production builds, pin
 # them by digest as well (`python:3.11.13-slim-bookworm@sha256:...`).
+#
+# Dependencies are installed in layers of their own, before the project's code
+# is copied, so a code change rebuilds only the last layers.
+#
+# Without Docker or a registry, hack/localcluster/images.py builds both targets
+# with buildah on a Debian base of its own (PYTHON_IMAGE) and the CPU torch wheel
+# (TORCH_WHEEL) for the local cluster's node.
 
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
@@ -42,16 +49,28 @@ WORKDIR /src
 # wheels), so no CUDA base image is needed: the node only needs the NVIDIA
 # driver and device plugin. Pass --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ
 # to pick another CUDA build of the same version.
+# Builds for machines without a GPU put a wheel of the same version (the CPU
+# build) into docker/wheels/ (git-ignored) and pass --build-arg TORCH_WHEEL=<its
+# file name>; docker/wheels/ is only mounted for that step, so the wheel file
+# itself stays out of the image.
 # ---------------------------------------------------------------------------
 FROM base AS trainer
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=""
-RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
-COPY pyproject.toml README.md ./
+ARG TORCH_WHEEL=""
+RUN --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
+    if [ -n "$TORCH_WHEEL" ]; then pip install "/tmp/wheels/$TORCH_WHEEL"; \
+    else pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"; fi \
+ && python -c "import sys, torch; torch.__version__.split('+')[0] == sys.argv[1] \
+                or sys.exit(f'torch {torch.__version__} installed, TORCH_VERSION is {sys.argv[1]}')" "$TORCH_VERSION"
+# The project's dependencies, read from pyproject.toml (the pinned torch above
+# already satisfies the train extra's range, so pip keeps it).
+COPY pyproject.toml docker/project-requirements.py ./
+RUN python project-requirements.py train > requirements.txt && pip install -r requirements.txt
+COPY README.md ./
 COPY trainer ./trainer
 COPY operator ./operator
 COPY hack/localcluster ./hack/localcluster
-# The pinned torch above already satisfies the train extra's range, so pip keeps it.
 RUN pip install ".[train]" \
  && python -c "import torch, trainer.config; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 COPY docker/trainer-entrypoint.sh /usr/local/bin/trainer-entrypoint
@@ -74,7 +93,9 @@ CMD ["--help"]
 # operator imports with those modules blocked.
 # ---------------------------------------------------------------------------
 FROM base AS operator
-COPY pyproject.toml README.md ./
+COPY pyproject.toml docker/project-requirements.py ./
+RUN python project-requirements.py operator > requirements.txt && pip install -r requirements.txt
+COPY README.md ./
 COPY trainer ./trainer
 COPY operator ./operator
 COPY hack/localcluster ./hack/localcluster
