@@ -70,8 +70,15 @@ class GracefulStop:
         self.armed = False
 
     def install(self) -> None:
+        """Handle SIGTERM in this process until ``uninstall``; a no-op outside the main thread."""
+        self._previous = None
         if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-            signal.signal(signal.SIGTERM, self._handle)
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def uninstall(self) -> None:
+        if getattr(self, "_previous", None) is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
     def _handle(self, signum, frame) -> None:
         if self.received_at is None:
@@ -365,6 +372,7 @@ def run_stage(job: StageJob) -> int:
                 pass
         return exit_code(exc)
     finally:
+        stop.uninstall()  # run in-process (tests), the caller's handler is back
         if ctx is not None:
             ctx.reporter.close()
             ctx.metrics.stop_server()

@@ -67,6 +67,7 @@ def test_sigterm_mid_stage_checkpoints_the_current_step_and_the_resumed_run_matc
     # At most one step lost: the checkpoint is of the last step that finished.
     assert [step for step, _ in complete_checkpoints(output)] == [trained]
     assert events[-1]["kind"] == "interrupted" and f"stopped after step {trained}" in events[-1]["reason"]
+    print(f"interrupted: {events[-1]['reason']}")  # "(N s after the signal)": step end + checkpoint
     assert (tmp_path / "termination-log").read_text().startswith("Interrupted: SIGTERM")
     assert not (output / "final").exists()
 
