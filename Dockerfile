@@ -45,10 +45,11 @@ WORKDIR /src
 # trainer: CUDA PyTorch + the project.
 # torch is installed first and pinned to the same version hack/setup.sh pins
 # for the CPU dev environment, so the image runs what the tests ran. PyPI's
-# manylinux torch wheel is the CUDA build (it pulls the nvidia-*-cu12 runtime
+# manylinux torch wheel is the CUDA build (it pulls the CUDA runtime as nvidia-*
 # wheels), so no CUDA base image is needed: the node only needs the NVIDIA
-# driver and device plugin. Pass --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ
-# to pick another CUDA build of the same version.
+# driver (new enough for that CUDA: docs/deploy.md) and device plugin. Pass
+# --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ to pick
+# another CUDA build of the same version.
 # Builds for machines without a GPU put a wheel of the same version (the CPU
 # build) into docker/wheels/ (git-ignored) and pass --build-arg TORCH_WHEEL=<its
 # file name>; docker/wheels/ is only mounted for that step, so the wheel file

@@ -372,12 +372,21 @@ def build_and_export(*, name: str, reference: str, inputs_hash: str, base: str, 
         cmd = ["buildah", "bud", "--layers", "--pull=never", "--isolation", "chroot", "--network", "host",
                "--volume", f"{HOST_CA_BUNDLE}:/etc/ssl/certs/ca-certificates.crt:ro",
                "--build-arg", f"PYTHON_IMAGE={base}",
-               "--label", f"{HASH_LABEL}={inputs_hash}",
-               "--target", name, "--tag", reference, "--tag", unique,
-               "--iidfile", str(id_file), "--file", str(DOCKERFILE)]
+               "--target", name, "--iidfile", str(id_file), "--file", str(DOCKERFILE)]
         for arg, value in build_args.items():
             cmd += ["--build-arg", f"{arg}={value}"]
         run([*cmd, str(REPO)])
+        # The hash label is set in a commit of its own (an empty layer, well
+        # under a second): buildah 1.28's layer cache ignores `bud --label`,
+        # so an unchanged build would return its old image with the old label.
+        container = _output(["buildah", "from", "--pull=never", id_file.read_text().strip()]).strip()
+        try:
+            run(["buildah", "config", "--label", f"{HASH_LABEL}={inputs_hash}", container])
+            run(["buildah", "commit", "--quiet", "--iidfile", str(id_file), container, unique],
+                stdout=subprocess.DEVNULL)
+        finally:
+            subprocess.run(["buildah", "rm", container], capture_output=True)
+        run(["buildah", "tag", unique, reference])
     archive = archive_path(name)
     with step(f"export {name} image to {archive}"):
         partial = archive.with_suffix(".tar.partial")
@@ -405,29 +414,40 @@ def build_images(*, log=print) -> list:
         return _build_images(log=log)
 
 
-def _build_images(*, log) -> list:
-    started = time.monotonic()
-    version = dockerfile_torch_version(DOCKERFILE.read_text())
-    wheel = ensure_torch_wheel(version=version, log=log)
-    mirror = debian_mirror_uri()
-    base_hash = base_inputs_hash(BASE_RECIPE, mirror=mirror)
+def image_plans(*, log=print) -> list:
+    """What build_images() builds, from the current inputs: one dict per image.
+
+    Keys: name (the Dockerfile target), reference, build_args, base_hash,
+    inputs_hash. Copies the torch wheel into docker/wheels/ if it is missing.
+    """
+    wheel = ensure_torch_wheel(version=dockerfile_torch_version(DOCKERFILE.read_text()), log=log)
+    base_hash = base_inputs_hash(BASE_RECIPE, mirror=debian_mirror_uri())
     context = context_hash(REPO)
     plans = [
         {"name": "trainer", "reference": TRAINER_IMAGE, "build_args": {"TORCH_WHEEL": wheel}},
         {"name": "operator", "reference": OPERATOR_IMAGE, "build_args": {}},
     ]
+    for plan in plans:
+        plan["base_hash"] = base_hash
+        plan["inputs_hash"] = image_inputs_hash(context=context, base=base_hash, target=plan["name"],
+                                                build_args=plan["build_args"])
+    return plans
+
+
+def _build_images(*, log) -> list:
+    started = time.monotonic()
+    plans = image_plans(log=log)
     archives = []
     base = None
     for plan in plans:
-        inputs_hash = image_inputs_hash(context=context, base=base_hash, target=plan["name"],
-                                        build_args=plan["build_args"])
+        inputs_hash = plan["inputs_hash"]
         archive = archive_path(plan["name"])
         record = read_record(archive)
         if archive.is_file() and record and record["inputs_hash"] == inputs_hash:
             log_line(f"{plan['reference']} cached: {archive} ({inputs_hash[:16]})", log=log)
         else:
             _require_root_and_tools(["debootstrap", "buildah"])
-            base = base or ensure_base_image(base_hash=base_hash, mirror=mirror, log=log)
+            base = base or ensure_base_image(base_hash=plan["base_hash"], mirror=debian_mirror_uri(), log=log)
             build_and_export(name=plan["name"], reference=plan["reference"], inputs_hash=inputs_hash,
                              base=base, build_args=plan["build_args"])
         archives.append(archive)
