@@ -45,7 +45,7 @@ def command_up(args) -> int:
     with open(log_path, "w") as log:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "localcluster", "serve", "--nodes", str(args.nodes),
-             "--gpus", str(args.gpus)],
+             "--gpus", str(args.gpus), "--runtime", args.runtime],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env=dict(os.environ, PYTHONPATH=_pythonpath()),
         )
@@ -76,7 +76,8 @@ def command_serve(args) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    cluster = Cluster(state_dir=run_dir, nodes=default_nodes(args.nodes, gpus=args.gpus))
+    cluster = Cluster(state_dir=run_dir, nodes=default_nodes(args.nodes, gpus=args.gpus),
+                      runtime=args.runtime)
     with cluster:
         (run_dir / "ready").write_text(cluster.kubeconfig)
         stop.wait()
@@ -93,12 +94,29 @@ def command_down(args, quiet=False) -> int:
         while pathlib.Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
     leftovers = kill_recorded(run_dir)
+    _clean_real_node()
     (run_dir / "daemon.pid").unlink(missing_ok=True)
     (run_dir / "ready").unlink(missing_ok=True)
     if not quiet:
         print(f"localcluster down (daemon {pid or 'not running'}, "
               f"killed {len(leftovers)} leftover process groups)")
     return 0
+
+
+def _clean_real_node() -> None:
+    """Remove what a real node that died without stopping left (containers, mounts, cgroups),
+    unless a live cluster (say a test run) holds the node: then it is not ours to touch."""
+    from localcluster import node
+
+    lock = node.NodeLock()
+    try:
+        lock.acquire()
+    except node.NodeError:
+        return
+    try:
+        node.clean_machine()
+    finally:
+        lock.release()
 
 
 def command_kubeconfig(args) -> int:
@@ -131,9 +149,12 @@ def main(argv=None) -> int:
                               help="delete the Kubernetes source tree after building (~1.5 GB)")
     for name in ("up", "serve"):
         sub = commands.add_parser(name, help="start a detached cluster" if name == "up" else argparse.SUPPRESS)
-        sub.add_argument("--nodes", type=int, default=1, help="number of fake GPU nodes")
+        sub.add_argument("--runtime", choices=("containerd", "agent"), default="containerd",
+                         help="containerd: one real node (kubelet, containerd, runc; default); "
+                              "agent: any number of fake nodes running pods as local processes")
+        sub.add_argument("--nodes", type=int, default=1, help="number of nodes (more than 1 needs --runtime agent)")
         sub.add_argument("--gpus", type=int, default=2, help="nvidia.com/gpu per node")
-        sub.add_argument("--timeout", type=float, default=180, help="seconds to wait for readiness")
+        sub.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness")
     commands.add_parser("down", help="stop the detached cluster and everything it started")
     commands.add_parser("kubeconfig", help="print the detached cluster's kubeconfig path")
     commands.add_parser("status", help="show whether the detached cluster runs")

@@ -29,7 +29,9 @@ import time
 
 from localcluster import paths
 
-COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+COMPONENTS = (
+    "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy",
+)
 APT_PACKAGES = (
     "etcd-server",
     "golang-go",
@@ -38,6 +40,16 @@ APT_PACKAGES = (
     "make",
     "golang-github-modern-go-reflect2-dev",
     "golang-github-json-iterator-go-dev",
+    # the real node: container runtime, pod network, image building
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "iptables",
+    "conntrack",
+    "buildah",
+    "debootstrap",
+    "gcc",
+    "libc6-dev",
 )
 # vendored path -> Debian -dev package source path
 VENDOR_REPLACEMENTS = {
@@ -232,8 +244,27 @@ def build(*, keep_source: bool = True) -> pathlib.Path:
             shutil.rmtree(source_root(), ignore_errors=True)
     with step("kubectl and helm"):
         tools.ensure_tools()
+    image_archives(log=log)
     log(f"ready in {time.monotonic() - started:.1f}s: {paths.bin_dir()}")
     return paths.bin_dir()
+
+
+def image_archives(*, log=log) -> list:
+    """The images a real node runs, built when missing or when their inputs changed.
+
+    The pause image (from the Kubernetes source, once) and the project's trainer and
+    operator images (from the Dockerfile, rebuilt when the code changes, so that
+    pods run the working tree's code; see images.py).
+    """
+    from localcluster import images, pause
+
+    pause_archive = paths.version_dir() / "pause-image.tar"
+    if not pause_archive.is_file():
+        with step("pause image"):
+            pause.build_pause_archive(kubernetes_tree=kubernetes_tree(), archive=pause_archive)
+    with step("trainer and operator images"):
+        project_archives = images.build_images(log=log)
+    return [pause_archive, *project_archives]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
-"""`Cluster`: etcd + kube-apiserver + controller-manager + scheduler + node agent.
+"""`Cluster`: etcd + kube-apiserver + controller-manager + scheduler + a node.
 
-Everything listens on 127.0.0.1 on free ports, lives in one state directory
-and is stopped by `stop()` (also registered with atexit). Usage:
+The node is real by default (`runtime="containerd"`: the kubelet, containerd,
+runc, a CNI bridge and kube-proxy; see node.py), or, with `runtime="agent"`,
+the process-running node agent (agent.py), which fakes any number of nodes
+and is kept for tests that need many of them.
+
+Everything the cluster starts lives in one state directory and is stopped by
+`stop()` (also registered with atexit). Usage:
 
     with Cluster() as cluster:
         subprocess.run([cluster.kubectl_path, "--kubeconfig", cluster.kubeconfig, "get", "nodes"])
@@ -25,7 +30,7 @@ import urllib.request
 
 import yaml
 
-from localcluster import build, paths, pki, tools
+from localcluster import build, node, paths, pki, tools, volumes
 from localcluster.processes import ProcessGroups
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -39,7 +44,11 @@ class ClusterError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class NodeSpec:
-    """One fake node. Quantities use Kubernetes notation ("16", "64Gi")."""
+    """One node. Quantities use Kubernetes notation ("16", "64Gi").
+
+    A real node reports the machine's cpu and memory; only `name`, `gpus`
+    (fake nvidia.com/gpu, an extended resource) and `labels` apply to it.
+    """
 
     name: str
     cpu: str = "16"
@@ -67,20 +76,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class Cluster:
-    """A local control plane plus a node agent running pods as processes.
+RUNTIMES = ("containerd", "agent")
 
-    state_dir: where certificates, logs, etcd data, pod dirs and PVC dirs go;
-    a fresh temp dir (removed by stop()) when None.
+
+class Cluster:
+    """A local control plane plus one real node (default) or node-agent nodes.
+
+    state_dir: where certificates, logs, etcd data and PVC dirs go; a fresh
+    temp dir (removed by stop()) when None. runtime: "containerd" (one real
+    node; one such cluster per machine) or "agent" (any number of fake nodes,
+    pods as local processes).
     """
 
-    uses_node_agent = True
-
-    def __init__(self, *, state_dir=None, nodes=None, bin_dir=None, log=print):
+    def __init__(self, *, state_dir=None, nodes=None, bin_dir=None, log=print, runtime="containerd"):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime={runtime!r}: expected one of {RUNTIMES}")
+        self.nodes = list(nodes) if nodes is not None else default_nodes()
+        if runtime == "containerd" and len(self.nodes) != 1:
+            raise ValueError(f"a real node cluster has exactly one node, got {len(self.nodes)}; "
+                             "use runtime='agent' for several fake nodes")
+        self.runtime = runtime
         self._owns_state_dir = state_dir is None
         self.state_dir = pathlib.Path(state_dir or tempfile.mkdtemp(prefix="localcluster-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.nodes = list(nodes) if nodes is not None else default_nodes()
         self.bin_dir = pathlib.Path(bin_dir or paths.bin_dir())
         self.log = log
         self.processes = ProcessGroups(self.state_dir)
@@ -88,7 +106,13 @@ class Cluster:
         self.apiserver_port = None
         self.admin_token = secrets.token_hex(16)
         self.agent = None
+        self.node = None
+        self.provisioner = None
         self._stopped = False
+
+    @property
+    def uses_node_agent(self) -> bool:
+        return self.runtime == "agent"
 
     # --- lifecycle -------------------------------------------------------
 
@@ -98,31 +122,44 @@ class Cluster:
     def __exit__(self, *exc_info):
         self.stop()
 
-    def start(self, *, timeout_seconds: float = 120):
+    def start(self, *, timeout_seconds: float = 300):
         """Start everything and wait until nodes are Ready; raise ClusterError on failure."""
         missing = [n for n in build.COMPONENTS + ("etcd",) if not (self.bin_dir / n).is_file()]
         if missing:
             raise ClusterError(
                 f"{missing} not in {self.bin_dir}: run `python -m localcluster build` first"
             )
+        archives = build.image_archives(log=self.log) if self.runtime == "containerd" else []
         atexit.register(self.stop)
         started = time.monotonic()
         deadline = started + timeout_seconds
         try:
-            self._write_pki_and_configs()
-            self._start_etcd(deadline)
-            self._start_apiserver(deadline)
+            if self.runtime == "containerd":
+                self.node = self._real_node()
+                self.node.prepare()
+            self._timed("certificates", self._write_pki_and_configs)
+            self._timed("etcd", lambda: self._start_etcd(deadline))
+            self._timed("kube-apiserver", lambda: self._start_apiserver(deadline))
             self._start_controllers()
-            from localcluster.agent import NodeAgent
+            if self.node is not None:
+                self.provisioner = volumes.HostPathProvisioner(
+                    api_client_factory=self.api_client, root=self.state_dir / "pvcs", log=self.log)
+                self.provisioner.start()
+                self.node.start(deadline=deadline, archives=archives)
+            else:
+                from localcluster.agent import NodeAgent
 
-            self.agent = NodeAgent(
-                api_client_factory=self.api_client, nodes=self.nodes,
-                state_dir=self.state_dir, processes=self.processes,
-                apiserver_port=self.apiserver_port, ca_file=self.state_dir / "pki" / "ca.crt",
-                log=self.log,
-            )
-            self.agent.start()
-            self._wait_until_usable(deadline)
+                self.agent = NodeAgent(
+                    api_client_factory=self.api_client, nodes=self.nodes,
+                    state_dir=self.state_dir, processes=self.processes,
+                    apiserver_port=self.apiserver_port, ca_file=self.state_dir / "pki" / "ca.crt",
+                    log=self.log,
+                )
+                self.agent.start()
+            self._timed("node Ready", lambda: self._wait_until_usable(deadline))
+        except node.NodeError as exc:
+            self.stop()
+            raise ClusterError(str(exc)) from exc
         except BaseException:
             self.stop()
             raise
@@ -138,8 +175,12 @@ class Cluster:
         atexit.unregister(self.stop)
         if self.agent is not None:
             self.agent.stop()
+        if self.provisioner is not None:
+            self.provisioner.stop()
         # A throwaway cluster needs no graceful drain; the apiserver alone takes 5 s.
         self.processes.terminate_all(grace_seconds=1)
+        if self.node is not None:
+            self.node.stop()
         if getattr(self, "etcd_data", None):
             shutil.rmtree(self.etcd_data, ignore_errors=True)
         if self._owns_state_dir:
@@ -174,19 +215,70 @@ class Cluster:
         configuration.connection_pool_maxsize = 32
         return client.ApiClient(configuration)
 
-    def pvc_dir(self, namespace: str, claim: str) -> pathlib.Path:
-        """Host directory that a pod's `persistentVolumeClaim: {claimName: claim}` mounts."""
-        directory = self.state_dir / "pvcs" / namespace / claim
-        directory.mkdir(parents=True, exist_ok=True)
+    def pvc_dir(self, namespace: str, claim: str, *, size: str = "10Gi") -> pathlib.Path:
+        """Host directory behind the claim `claim` in `namespace` (created; pre-populate it).
+
+        On a real node the PersistentVolumeClaim is created too when it does not
+        exist (ReadWriteOnce, `size`), and the provisioner binds it to a hostPath
+        volume on this directory, so the pod mounts exactly these files.
+        """
+        if self.runtime == "agent":
+            directory = self.state_dir / "pvcs" / namespace / claim
+            directory.mkdir(parents=True, exist_ok=True)
+            return directory
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        directory = volumes.host_dir(self.state_dir / "pvcs", namespace, claim)
+        claim_object = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                        "metadata": {"name": claim},
+                        "spec": {"accessModes": ["ReadWriteOnce"],
+                                 "resources": {"requests": {"storage": size}}}}
+        try:
+            client.CoreV1Api(self.api_client()).create_namespaced_persistent_volume_claim(
+                namespace, claim_object)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
         return directory
 
     def pod_log(self, namespace: str, name: str, container=None) -> str:
-        """stdout+stderr of a pod's container (first container when None), all restarts."""
-        if self.agent is None:
-            raise ClusterError("the node agent is not running")
-        return self.agent.pod_log(namespace, name, container)
+        """stdout+stderr of a pod's container (first container when None); on a real
+        node, as `kubectl logs` shows it (the current run of the container)."""
+        if self.agent is not None:
+            return self.agent.pod_log(namespace, name, container)
+        from kubernetes import client
+
+        core = client.CoreV1Api(self.api_client())
+        if container is None:
+            container = core.read_namespaced_pod(name, namespace).spec.containers[0].name
+        return core.read_namespaced_pod_log(name, namespace, container=container)
 
     # --- internals -----------------------------------------------------------
+
+    def _timed(self, what: str, action):
+        started = time.monotonic()
+        result = action()
+        self.log(f"[localcluster] {what} in {time.monotonic() - started:.1f}s")
+        return result
+
+    def _real_node(self) -> "node.RealNode":
+        spec = self.nodes[0]
+        return node.RealNode(
+            name=spec.name, gpus=spec.gpus, labels=spec.labels, bin_dir=self.bin_dir,
+            state_dir=self.state_dir, processes=self.processes, pki_dir=self.state_dir / "pki",
+            kubeconfig_for=self._identity_kubeconfig, free_port=free_port, log=self.log)
+
+    def _identity_kubeconfig(self, identity: str) -> pathlib.Path:
+        """A kubeconfig that authenticates with the signed identity's certificate."""
+        pki_dir = self.state_dir / "pki"
+        document = kubeconfig_document(
+            server=self.server, ca_pem=(pki_dir / "ca.crt").read_bytes(), token=None, user=identity,
+            client_cert=pki_dir / f"{identity}.crt", client_key=pki_dir / f"{identity}.key")
+        path = self._path(f"{identity}.kubeconfig")
+        path.write_text(yaml.safe_dump(document))
+        path.chmod(0o600)
+        return path
 
     def _path(self, *parts) -> pathlib.Path:
         path = self.state_dir.joinpath(*parts)
@@ -194,12 +286,19 @@ class Cluster:
         return path
 
     def _write_pki_and_configs(self) -> None:
-        material = pki.generate(now=datetime.datetime.now(datetime.timezone.utc))
+        identities, apiserver_ips = {}, ()
+        if self.node is not None:
+            identities = pki.node_identities(self.node.name, node.NODE_IP)
+            apiserver_ips = (node.GATEWAY_IP,)
+        material = pki.generate(now=datetime.datetime.now(datetime.timezone.utc),
+                                apiserver_ips=apiserver_ips, identities=identities)
         files = {
             "ca.crt": material.ca_cert, "ca.key": material.ca_key,
             "apiserver.crt": material.apiserver_cert, "apiserver.key": material.apiserver_key,
             "sa.key": material.service_account_key, "sa.pub": material.service_account_pub,
         }
+        for identity, (cert, key) in material.identities.items():
+            files[f"{identity}.crt"], files[f"{identity}.key"] = cert, key
         for name, content in files.items():
             path = self._path("pki", name)
             path.write_bytes(content)
@@ -233,16 +332,29 @@ class Cluster:
 
     def _start_apiserver(self, deadline: float) -> None:
         pki_dir = self.state_dir / "pki"
+        if self.node is not None:
+            # Pods reach the API server through the `kubernetes` Service, whose endpoint
+            # is the advertised address: the bridge's gateway. The server then calls the
+            # kubelet (logs, exec, port-forward) with its own client certificate.
+            network = ["--bind-address=0.0.0.0", f"--advertise-address={node.GATEWAY_IP}",
+                       f"--kubelet-client-certificate={pki_dir / 'apiserver-kubelet-client.crt'}",
+                       f"--kubelet-client-key={pki_dir / 'apiserver-kubelet-client.key'}",
+                       f"--kubelet-certificate-authority={pki_dir / 'ca.crt'}",
+                       "--kubelet-preferred-address-types=InternalIP",
+                       "--enable-admission-plugins=NodeRestriction"]
+        else:
+            network = ["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"]
         self.processes.spawn(
             [self.bin_dir / "kube-apiserver",
              f"--etcd-servers={self.etcd_url}",
-             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+             *network,
              f"--secure-port={self.apiserver_port}", "--insecure-port=0",
              f"--tls-cert-file={pki_dir / 'apiserver.crt'}",
              f"--tls-private-key-file={pki_dir / 'apiserver.key'}",
              f"--client-ca-file={pki_dir / 'ca.crt'}",
              f"--token-auth-file={pki_dir / 'tokens.csv'}",
-             "--authorization-mode=RBAC",
+             # Node: each kubelet may touch only its node and its pods' objects.
+             "--authorization-mode=Node,RBAC",
              f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
              f"--service-account-signing-key-file={pki_dir / 'sa.key'}",
              f"--service-account-key-file={pki_dir / 'sa.pub'}",
@@ -274,7 +386,8 @@ class Cluster:
         )
         scheduler_config = self._path("kube-scheduler.yaml")
         scheduler_config.write_text(yaml.safe_dump(
-            scheduler_configuration(self.kubeconfig, health_port=free_port())))
+            scheduler_configuration(self.kubeconfig, health_port=free_port(),
+                                    volume_plugins=self.node is not None)))
         self.processes.spawn(
             [self.bin_dir / "kube-scheduler", f"--config={scheduler_config}",
              "--port=0", "--secure-port=0", "--v=1"],
@@ -286,8 +399,15 @@ class Cluster:
         from kubernetes import client
 
         core = client.CoreV1Api(self.api_client())
+        patched = False
         while True:
             ready = self._ready_node_names(core)
+            if self.node is not None and ready:
+                if not self._gpus_advertised(core):
+                    if not patched:
+                        self.node.advertise_gpus(core)
+                        patched = True
+                    ready = set()  # the kubelet copies capacity to allocatable at its next status update
             has_sa = _exists(lambda: core.read_namespaced_service_account("default", "default"))
             has_ca = _exists(lambda: core.read_namespaced_config_map("kube-root-ca.crt", "default"))
             if ready >= {n.name for n in self.nodes} and has_sa and has_ca:
@@ -300,6 +420,11 @@ class Cluster:
                     f"{self.state_dir / 'logs'}"
                 )
             time.sleep(0.2)
+
+    def _gpus_advertised(self, core) -> bool:
+        wanted = str(self.nodes[0].gpus)
+        allocatable = core.read_node(self.nodes[0].name).status.allocatable or {}
+        return self.nodes[0].gpus == 0 or allocatable.get("nvidia.com/gpu") == wanted
 
     @staticmethod
     def _ready_node_names(core) -> set:
@@ -339,18 +464,22 @@ class Cluster:
                            f"logs in {self.state_dir / 'logs'}")
 
 
-# Pods name PVCs that need not exist (the agent maps a claim name to a host
-# dir), so the scheduler must not wait for claims to be bound.
+# With the node agent, pods name PVCs that need not exist (the agent maps a
+# claim name to a host dir), so the scheduler must not wait for claims to be
+# bound; a real node mounts real PersistentVolumes and keeps them on.
 VOLUME_PLUGINS = ("VolumeBinding", "VolumeRestrictions", "VolumeZone", "NodeVolumeLimits",
                   "EBSLimits", "GCEPDLimits", "AzureDiskLimits", "CinderLimits")
 
 
-def scheduler_configuration(kubeconfig: str, *, health_port: int) -> dict:
+def scheduler_configuration(kubeconfig: str, *, health_port: int, volume_plugins: bool = False) -> dict:
     """Scheduler settings; with --config its --port flags are ignored, so the
     health/metrics listener (default 0.0.0.0:10251) is moved to a free loopback
     port here, letting two clusters run side by side."""
     disabled = {"disabled": [{"name": name} for name in VOLUME_PLUGINS]}
     address = f"127.0.0.1:{health_port}"
+    profile = {"schedulerName": "default-scheduler"}
+    if not volume_plugins:
+        profile["plugins"] = {point: disabled for point in ("preFilter", "filter", "reserve", "preBind", "score")}
     return {
         "healthzBindAddress": address,
         "metricsBindAddress": address,
@@ -358,15 +487,15 @@ def scheduler_configuration(kubeconfig: str, *, health_port: int) -> dict:
         "kind": "KubeSchedulerConfiguration",
         "clientConnection": {"kubeconfig": kubeconfig},
         "leaderElection": {"leaderElect": False},
-        "profiles": [{
-            "schedulerName": "default-scheduler",
-            "plugins": {point: disabled for point in
-                        ("preFilter", "filter", "reserve", "preBind", "score")},
-        }],
+        "profiles": [profile],
     }
 
 
-def kubeconfig_document(*, server: str, ca_pem: bytes, token: str, user: str) -> dict:
+def kubeconfig_document(*, server: str, ca_pem: bytes, token, user: str,
+                        client_cert=None, client_key=None) -> dict:
+    """An admin kubeconfig with a bearer token, or one with a client certificate (files)."""
+    credentials = {"token": token} if token else {
+        "client-certificate": str(client_cert), "client-key": str(client_key)}
     return {
         "apiVersion": "v1",
         "kind": "Config",
@@ -374,7 +503,7 @@ def kubeconfig_document(*, server: str, ca_pem: bytes, token: str, user: str) ->
             "server": server,
             "certificate-authority-data": base64.b64encode(ca_pem).decode(),
         }}],
-        "users": [{"name": user, "user": {"token": token}}],
+        "users": [{"name": user, "user": credentials}],
         "contexts": [{"name": "localcluster", "context": {"cluster": "localcluster", "user": user}}],
         "current-context": "localcluster",
     }

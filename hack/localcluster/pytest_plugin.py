@@ -1,8 +1,9 @@
 """pytest plugin: the session-scoped `kube_cluster` fixture.
 
 Enable with `pytest_plugins = ["localcluster.pytest_plugin"]` in the root
-conftest.py. By default it builds (once, cached) and starts a local cluster
-with a node agent; with FINETUNE_E2E_CLUSTER=kind (or `existing`) and KUBECONFIG
+conftest.py. By default it builds (once, cached; images are rebuilt when the
+code they hold changed) and starts a local cluster with one real node (kubelet,
+containerd, runc); with FINETUNE_E2E_CLUSTER=kind (or `existing`) and KUBECONFIG
 set it uses that cluster instead. If the cluster cannot start, the tests using
 it FAIL with the reason: an end-to-end suite that silently skips proves nothing.
 

@@ -8,6 +8,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from localcluster.cluster import Cluster
+from localcluster.images import OPERATOR_IMAGE
 from localcluster.polling import wait_for
 
 CRD = """
@@ -54,7 +55,8 @@ def sleeping_pod(name: str, *, gpus: int = 0, owner=None) -> dict:
         "spec": {
             "restartPolicy": "Never",
             "containers": [{
-                "name": "main", "image": "python:3.11",
+                # An image the real node has (built locally; nothing can be pulled).
+                "name": "main", "image": OPERATOR_IMAGE, "imagePullPolicy": "Never",
                 "command": ["python", "-c", "import time; time.sleep(600)"],
                 "resources": {"limits": {"nvidia.com/gpu": str(gpus)}} if gpus else {},
             }],
@@ -130,10 +132,9 @@ def test_deleting_owner_garbage_collects_the_owned_pod(kube_cluster, namespace):
 
 
 def test_a_second_cluster_runs_beside_the_first(kube_cluster):
-    # Every component listens on a free loopback port, so nothing collides.
-    if not kube_cluster.uses_node_agent:
-        pytest.skip("starts a second local cluster; pointless against kind or an existing one")
-    with Cluster(log=lambda message: None) as second:
+    # Every component listens on a free loopback port, so nothing collides; the
+    # machine has one real node (the session's), so the second runs the node agent.
+    with Cluster(runtime="agent", log=lambda message: None) as second:
         assert second.server != kube_cluster.server
         for cluster in (kube_cluster, second):
             nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]

@@ -1,4 +1,9 @@
-"""The node agent runs pods as local processes and reports status like a kubelet."""
+"""The node agent runs pods as local processes and reports status like a kubelet.
+
+It is kept for what a single real node cannot do: many fake nodes (the operator
+scale benchmark, multi-node scheduling); these tests start an agent cluster of
+their own beside the session's real-node cluster.
+"""
 
 import os
 import pathlib
@@ -18,10 +23,12 @@ POD_NAMESPACE_ENV = {"name": "POD_NAMESPACE",
 
 
 @pytest.fixture(scope="module")
-def agent_cluster(kube_cluster):
-    if not kube_cluster.uses_node_agent:
-        pytest.skip("these tests inspect host processes and dirs of the local node agent")
-    return kube_cluster
+def agent_cluster():
+    """A cluster of its own with the node agent (the session's cluster has a real node)."""
+    from localcluster.cluster import Cluster
+
+    with Cluster(runtime="agent", log=lambda message: None) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
