@@ -144,22 +144,34 @@ class SFTConfig(OptimConfig):
 
 _FUNCTION_REFERENCE = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$"
 
-RewardFunctionType = Literal["length", "regex", "keywords", "bannedPhrases", "python"]
+RewardFunctionType = Literal["length", "regex", "keywords", "bannedPhrases", "exactAnswer", "numericAnswer",
+                             "python", "pythonBatch"]
+
+DEFAULT_ANSWER_FIELD = "answer"
+DEFAULT_NUMERIC_TOLERANCE = 1e-6
 
 
 class RewardFunction(ApiModel):
-    """A heuristic reward on the response text; several are summed with their weights.
+    """A reward on the response text (and the prompt row's extra fields); several are summed with their weights.
 
     length: -|tokens - targetLengthTokens| / targetLengthTokens (0 is best).
     regex: 1 if ``pattern`` matches the response, else 0.
     keywords: fraction of ``keywords`` present (case-insensitive).
     bannedPhrases: -1 for each of ``phrases`` present (case-insensitive).
-    python: ``function`` ("module:function") called as f(prompt, response) -> float -- user code,
-    run inside the trainer process with all its access.
+    exactAnswer: 1 if the response's final answer equals the prompt row's ``answerField``, else 0. The final
+    answer is the last \\boxed{...}, else the text after the last "####", else the whole response; both sides
+    are stripped of surrounding whitespace, "$" and a trailing ".".
+    numericAnswer: 1 if the last number of the final answer (as above, else of the whole response) is within
+    ``tolerance`` of the row's ``answerField`` read as a number ("1,000" and "-2.5" are numbers), else 0.
+    python: ``function`` ("module:function") called as f(prompt, response) -> float.
+    pythonBatch: ``function`` called as TRL calls a reward function, f(prompts=[...], completions=[...],
+    **fields) -> list of floats (None for "not applicable", counted as 0), where fields holds, for every extra
+    field of the prompt rows (such as "answer"), the list of its values (None where a row lacks it).
+    python and pythonBatch run user code inside the trainer process with all its access.
     """
 
     type: RewardFunctionType
-    """Which function: length, regex, keywords, bannedPhrases or python."""
+    """Which function: length, regex, keywords, bannedPhrases, exactAnswer, numericAnswer, python or pythonBatch."""
     weight: float = 1.0
     """Multiplier of this function's score in the sum."""
     target_length_tokens: int | None = Field(None, ge=1)
@@ -170,8 +182,12 @@ class RewardFunction(ApiModel):
     """For type keywords: words rewarded when present."""
     phrases: list[str] | None = None
     """For type bannedPhrases: phrases penalised when present."""
+    answer_field: str | None = Field(None, min_length=1)
+    """For types exactAnswer and numericAnswer: the prompt row field holding the expected answer; unset means "answer"."""
+    tolerance: float | None = Field(None, ge=0)
+    """For type numericAnswer: largest absolute difference still counted as correct; unset means 1e-6."""
     function: str | None = Field(None, json_schema_extra={"pattern": _FUNCTION_REFERENCE})
-    """For type python: "module:function", importable in the trainer image. This runs arbitrary code inside the trainer, with the trainer's access (the run's outputs, its Secrets and environment, its network): import only code you trust, from an image you control."""
+    """For types python and pythonBatch: "module:function", importable in the trainer image. This runs arbitrary code inside the trainer, with the trainer's access (the run's outputs, its Secrets and environment, its network): import only code you trust, from an image you control."""
 
     @field_validator("pattern")
     @classmethod
@@ -198,9 +214,12 @@ class RewardFunction(ApiModel):
             "regex": "pattern",
             "keywords": "keywords",
             "bannedPhrases": "phrases",
+            "exactAnswer": None,
+            "numericAnswer": None,
             "python": "function",
+            "pythonBatch": "function",
         }[self.type]
-        if getattr(self, needed) in (None, []):
+        if needed is not None and getattr(self, needed) in (None, []):
             alias = to_camel(needed)
             raise ValueError(f"reward function of type {self.type} needs field {alias}")
         return self

@@ -1,8 +1,10 @@
-"""The PPO reward: weighted heuristic functions plus an optional trained reward model.
+"""The reward of the online stages (PPO, GRPO, RLOO): weighted functions plus an optional trained reward model.
 
-``build_heuristic`` turns one ``RewardFunction`` (trainer.config) into a callable
-f(prompt, response) -> float; ``CompositeReward`` sums them with their weights and
-adds ``reward_model_weight`` times the reward model's normalised score.
+``build_reward_function`` turns one ``RewardFunction`` (trainer.config) into a batch callable
+f(prompts, responses, rows) -> list[float], where ``rows`` are the prompt rows' extra fields
+(``{"answer": "42"}``) that verifiable rewards check against; ``build_heuristic`` is the
+per-response form of the functions that need no extra field. ``CompositeReward`` sums them
+with their weights and adds ``reward_model_weight`` times the reward model's normalised score.
 
 The reward model scores prompt + response at the last real token (Huang et al.
 detail "reward at the last token") and its raw score is normalised with the
@@ -21,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import RewardFunction
+from trainer.config import DEFAULT_ANSWER_FIELD, DEFAULT_NUMERIC_TOLERANCE, RewardFunction
 
 HeuristicFn = Callable[[str, str], float]
+BatchRewardFn = Callable[[Sequence[str], Sequence[str], Sequence[dict]], list]
+"""f(prompts, responses, rows) -> one float (or None: not applicable, counted as 0) per response."""
 
 NORMALIZATION_FILE = "reward_normalization.json"
 
@@ -77,8 +81,104 @@ def _python_reward(spec: str) -> HeuristicFn:
     return fn
 
 
+# --------------------------------------------------------------------------- verifiable answers
+
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, braces balanced; None when there is none (or it is unclosed)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:j]
+    return None
+
+
+def final_answer(response: str) -> str | None:
+    """The marked final answer: the last \\boxed{...}, else the text after the last "####"; None when unmarked."""
+    boxed = _last_boxed(response)
+    if boxed is not None:
+        return boxed
+    if "####" in response:
+        return response.rsplit("####", 1)[1]
+    return None
+
+
+def _normalise_answer(text: str) -> str:
+    return " ".join(text.split()).strip("$ ").rstrip(".").strip()
+
+
+def parse_number(text: str) -> float | None:
+    """The last number in ``text`` ("1,000" -> 1000.0, "-2.5" -> -2.5), or None when there is none."""
+    found = _NUMBER.findall(text)
+    return float(found[-1].replace(",", "")) if found else None
+
+
+def exact_answer_matches(response: str, expected: str) -> bool:
+    """Whether the final answer (marked, else the whole response) equals ``expected`` after normalising both."""
+    answer = final_answer(response)
+    return _normalise_answer(response if answer is None else answer) == _normalise_answer(expected)
+
+
+def numeric_answer_matches(response: str, expected: float, *, tolerance: float) -> bool:
+    """Whether the last number of the final answer (marked, else the whole response) is within ``tolerance``."""
+    answer = final_answer(response)
+    value = parse_number(response if answer is None else answer)
+    return value is not None and abs(value - expected) <= tolerance
+
+
+def _expected(row: dict, field: str, *, name: str) -> object:
+    if field not in row or row[field] is None:
+        raise RewardError(f"reward function {name}: the prompt row has no field {field!r} "
+                          f"(fields: {sorted(row) or 'none'}); add it to every row of data.prompts or set answerField")
+    return row[field]
+
+
+def _exact_answer_reward(field: str) -> BatchRewardFn:
+    def exact(prompts, responses, rows):
+        return [float(exact_answer_matches(r, str(_expected(row, field, name="exactAnswer"))))
+                for r, row in zip(responses, rows)]
+    return exact
+
+
+def _numeric_answer_reward(field: str, tolerance: float) -> BatchRewardFn:
+    def numeric(prompts, responses, rows):
+        scores = []
+        for response, row in zip(responses, rows):
+            raw = _expected(row, field, name="numericAnswer")
+            expected = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) \
+                else parse_number(str(raw))
+            if expected is None:
+                raise RewardError(f"reward function numericAnswer: field {field!r} of the prompt row is {raw!r}, "
+                                  "not a number; use exactAnswer for non-numeric answers")
+            scores.append(float(numeric_answer_matches(response, expected, tolerance=tolerance)))
+        return scores
+    return numeric
+
+
+def _trl_batch_reward(fn: Callable) -> BatchRewardFn:
+    """Call ``fn`` as TRL calls reward functions: prompts=, completions=, and one list per extra row field."""
+    def batch(prompts, responses, rows):
+        names = sorted({key for row in rows for key in row})
+        fields = {name: [row.get(name) for row in rows] for name in names}
+        return fn(prompts=list(prompts), completions=list(responses), **fields)
+    return batch
+
+
+def _per_response(fn: HeuristicFn) -> BatchRewardFn:
+    return lambda prompts, responses, rows: [fn(p, r) for p, r in zip(prompts, responses)]
+
+
 def build_heuristic(config: RewardFunction, *, tokenizer=None) -> HeuristicFn:
-    """The unweighted function f(prompt, response) -> float for one RewardFunction config."""
+    """The unweighted function f(prompt, response) -> float for one RewardFunction config that needs no row field."""
     if config.type == "length":
         return _length_reward(config.target_length_tokens, tokenizer)
     if config.type == "regex":
@@ -89,11 +189,36 @@ def build_heuristic(config: RewardFunction, *, tokenizer=None) -> HeuristicFn:
         return _banned_reward(config.phrases)
     if config.type == "python":
         return _python_reward(config.function)
-    raise RewardError(f"unknown reward function type {config.type!r}")
+    raise RewardError(f"reward function type {config.type!r} needs the prompt row: use build_reward_function")
+
+
+def build_reward_function(config: RewardFunction, *, tokenizer=None) -> BatchRewardFn:
+    """The unweighted batch function f(prompts, responses, rows) for one RewardFunction config."""
+    field = config.answer_field or DEFAULT_ANSWER_FIELD
+    if config.type == "exactAnswer":
+        return _exact_answer_reward(field)
+    if config.type == "numericAnswer":
+        tolerance = DEFAULT_NUMERIC_TOLERANCE if config.tolerance is None else config.tolerance
+        return _numeric_answer_reward(field, tolerance)
+    if config.type == "pythonBatch":
+        return _trl_batch_reward(_python_reward(config.function))
+    return _per_response(build_heuristic(config, tokenizer=tokenizer))
 
 
 def _describe(config: RewardFunction) -> str:
-    return f"{config.type}:{config.function}" if config.type == "python" else config.type
+    return f"{config.type}:{config.function}" if config.type in ("python", "pythonBatch") else config.type
+
+
+def _checked_batch(values: object, *, name: str, responses: Sequence[str], none_allowed: bool) -> list[float]:
+    """One finite float per response; None (TRL's "not applicable") counts as 0 where ``none_allowed``."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)) or len(values) != len(responses):
+        got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+        raise RewardError(f"reward function {name} returned {got} for {len(responses)} responses; "
+                          "it must return a list with one float per response")
+    return [0.0 if v is None and none_allowed else _checked(v, name=name, response=r)
+            for v, r in zip(values, responses)]
 
 
 def _checked(value: object, *, name: str, response: str) -> float:
@@ -133,22 +258,24 @@ class CompositeReward:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.device = device
-        self._functions = [(f.weight, _describe(f), build_heuristic(f, tokenizer=tokenizer)) for f in functions]
+        self._functions = [(f.weight, _describe(f), f.type == "pythonBatch", build_reward_function(f, tokenizer=tokenizer))
+                           for f in functions]
         self.reward_model = reward_model
         self.mean, self.std = normalization
         self.reward_model_weight = reward_model_weight
         if not self._functions and reward_model is None:
-            raise RewardError("PPO has nothing to optimise: set reward.functions and/or train a reward model")
+            raise RewardError("nothing to optimise: set reward.functions and/or train a reward model")
 
-    def heuristic_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """(b,) float32 weighted sum of the heuristic functions."""
-        totals = []
-        for prompt, response in zip(prompts, responses):
-            total = 0.0
-            for weight, name, fn in self._functions:
-                total += weight * _checked(fn(prompt, response), name=name, response=response)
-            totals.append(total)
-        return torch.tensor(totals, dtype=torch.float32)
+    def heuristic_scores(self, prompts: Sequence[str], responses: Sequence[str],
+                         rows: Sequence[dict] | None = None) -> torch.Tensor:
+        """(b,) float32 weighted sum of the functions; ``rows`` are the prompt rows' extra fields (default none)."""
+        rows = [{} for _ in prompts] if rows is None else rows
+        totals = torch.zeros(len(responses), dtype=torch.float64)
+        for weight, name, none_allowed, fn in self._functions:
+            values = _checked_batch(fn(prompts, responses, rows), name=name, responses=responses,
+                                    none_allowed=none_allowed)
+            totals += weight * torch.tensor(values, dtype=torch.float64)
+        return totals.float()
 
     @torch.no_grad()
     def model_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
@@ -168,9 +295,10 @@ class CompositeReward:
         logits = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (b, 1)
         return ((logits[:, 0] - self.mean) / self.std).cpu()
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """(b,) float32 total score on the CPU."""
-        scores = self.heuristic_scores(prompts, responses)
+    def score(self, prompts: Sequence[str], responses: Sequence[str],
+              rows: Sequence[dict] | None = None) -> torch.Tensor:
+        """(b,) float32 total score on the CPU; ``rows``: the prompt rows' extra fields, for verifiable rewards."""
+        scores = self.heuristic_scores(prompts, responses, rows)
         if self.reward_model is not None:
             scores = scores + self.reward_model_weight * self.model_scores(prompts, responses)
         return scores

@@ -118,3 +118,60 @@ def test_load_normalization(tmp_path):
     (tmp_path / "reward_normalization.json").write_text(json.dumps({"mean": 1.5, "std": 0.0}))
     with pytest.raises(RewardError, match="std must be a positive number"):
         load_normalization(tmp_path)
+
+
+# --------------------------------------------------------------------------- verifiable rewards
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("so the answer is \\boxed{42}.", "42"),
+    ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # the last box, nested braces kept
+    ("working... #### 17", " 17"),
+    ("no marker here", None),
+    ("\\boxed{unclosed", None),
+])
+def test_final_answer_is_the_last_box_else_after_the_last_hashes(response, expected):
+    from trainer.rewards import final_answer
+
+    assert final_answer(response) == expected
+
+
+def test_exact_answer_compares_the_marked_answer_or_the_whole_response():
+    f = CompositeReward([fn(type="exactAnswer")])
+    responses = ["The capital is \\boxed{Paris}.", " Paris. ", "paris", "Lyon #### Paris", "\\boxed{Lyon} Paris"]
+    assert f.score(["q"] * 5, responses, [{"answer": "Paris"}] * 5).tolist() == [1.0, 1.0, 0.0, 1.0, 0.0]
+
+
+def test_numeric_answer_reads_the_last_number_with_separators_and_tolerance():
+    f = CompositeReward([fn(type="numericAnswer", answerField="solution", tolerance=0.01)])
+    responses = ["3 + 4 = 7", "first 7 then 8", "\\boxed{1,000} not 7", "-2.499", "no number", "#### 7.0 apples"]
+    rows = [{"solution": "7"}, {"solution": 7}, {"solution": "1000"}, {"solution": "-2.5"}, {"solution": "7"},
+            {"solution": 7}]
+    assert f.score(["q"] * 6, responses, rows).tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+
+
+def test_answer_rewards_name_the_missing_field_and_reject_a_non_numeric_answer():
+    with pytest.raises(RewardError, match="no field 'answer'.*answerField"):
+        CompositeReward([fn(type="exactAnswer")]).score(["q"], ["r"], [{"solution": "1"}])
+    with pytest.raises(RewardError, match="'abc', not a number"):
+        CompositeReward([fn(type="numericAnswer")]).score(["q"], ["1"], [{"answer": "abc"}])
+
+
+def test_python_batch_reward_is_called_like_trl_with_every_row_field(tmp_path, monkeypatch):
+    (tmp_path / "trl_rewards.py").write_text(
+        "def correct(prompts, completions, answer, **kwargs):\n"
+        "    assert kwargs == {'difficulty': [1, None]}, kwargs\n"
+        "    return [1.0 if c.strip() == a else None for c, a in zip(completions, answer)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = CompositeReward([fn(type="pythonBatch", function="trl_rewards:correct", weight=2.0),
+                         fn(type="regex", pattern="4")])
+    rows = [{"answer": "4", "difficulty": 1}, {"answer": "5"}]
+    # row 0: 2 * 1 + regex 1 = 3; row 1: None (not applicable) counts 0, regex 1
+    assert f.score(["2+2", "2+3"], [" 4", "4"], rows).tolist() == [3.0, 1.0]
+
+
+def test_python_batch_reward_returning_the_wrong_count_fails_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "short_rewards.py").write_text("def one(prompts, completions, **kw):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardError, match="pythonBatch:short_rewards:one returned 1 values for 2 responses"):
+        CompositeReward([fn(type="pythonBatch", function="short_rewards:one")]).score(["a", "b"], ["x", "y"])
