@@ -47,9 +47,10 @@ WORKDIR /src
 # for the CPU dev environment, so the image runs what the tests ran. PyPI's
 # manylinux torch wheel is the CUDA build (it pulls the CUDA runtime as nvidia-*
 # wheels), so no CUDA base image is needed: the node only needs the NVIDIA
-# driver (new enough for that CUDA: docs/deploy.md) and device plugin. Pass
-# --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ to pick
-# another CUDA build of the same version.
+# driver and device plugin. torch 2.13.0 from PyPI is built for CUDA 13: nodes
+# need NVIDIA driver >= 580 (docs/deploy.md). For older drivers pick another
+# CUDA build of the same version, e.g.
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128   # CUDA 12.8, drivers >= 525
 # Builds for machines without a GPU put a wheel of the same version (the CPU
 # build) into docker/wheels/ (git-ignored) and pass --build-arg TORCH_WHEEL=<its
 # file name>; docker/wheels/ is only mounted for that step, so the wheel file

@@ -2,11 +2,14 @@
 
 Steps, each announced with a timestamped line:
 
-1. start the local cluster (`python -m localcluster up`; reused when already up);
-2. build the tiny model, tokenizer and toy datasets into the cluster's PVC
-   directories, at the pvc:// paths examples/tiny-cpu.yaml names (reused);
-3. install the operator with the Helm chart (`helm upgrade --install`, webhook
-   called by URL because the local API server cannot reach Services);
+1. start the local cluster (`python -m localcluster up`; reused when already up):
+   the control plane and a real node (kubelet, containerd, runc) running the
+   trainer and operator images built from our Dockerfile;
+2. apply examples/tiny-cpu-storage.yaml (the run's PersistentVolumeClaims, bound
+   to host directories) and build the tiny model, tokenizer and toy datasets
+   into those directories, at the pvc:// paths examples/tiny-cpu.yaml names (reused);
+3. install the operator with the Helm chart (`helm upgrade --install`), which
+   runs from its own image; the API server calls its webhook through its Service;
 4. apply examples/tiny-cpu.yaml (a previous demo run of it is deleted first) and
    show `kubectl get finetuneruns -w` until the run is Succeeded or Failed;
 5. print where the model is and save a PNG of PPO reward and KL per step
@@ -20,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +37,7 @@ import demo_assets  # noqa: E402
 from localcluster import paths, tools  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
+STORAGE = REPO / "examples" / "tiny-cpu-storage.yaml"
 CHART = REPO / "charts" / "finetune-operator"
 RELEASE = "finetune"
 OPERATOR_NAMESPACE = "finetune-system"
@@ -67,12 +70,6 @@ def helm(kubeconfig: str, *args: str, check: bool = True) -> subprocess.Complete
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 # ----------------------------------------------------------------------------- steps
 
 
@@ -98,31 +95,24 @@ def load_example() -> dict:
 
 
 def pvc_root(namespace: str) -> Path:
-    """Where the node agent of the detached cluster keeps the claims of a namespace."""
+    """Where the detached cluster's volume provisioner puts the claims of a namespace."""
     return paths.run_dir() / "pvcs" / namespace
 
 
-def prepare_assets(run: dict) -> None:
-    say("building the tiny model, tokenizer and toy datasets into the cluster's PVC directories")
+def prepare_assets(kubeconfig: str, run: dict) -> None:
+    namespace = run["metadata"]["namespace"]
+    say(f"kubectl apply -n {namespace} -f {STORAGE.relative_to(REPO)}")
+    kubectl(kubeconfig, "apply", "-n", namespace, "-f", str(STORAGE))
+    say("building the tiny model, tokenizer and toy datasets into the claims' host directories")
     demo_assets.write_for_run(run["spec"], pvc_root=pvc_root(run["metadata"]["namespace"]),
                               log=lambda line: say(f"  {line}"))
 
 
 def install_operator(kubeconfig: str) -> None:
-    """helm upgrade --install with the webhook called by URL; keeps the ports of an earlier install."""
-    previous = helm(kubeconfig, "get", "values", RELEASE, "-n", OPERATOR_NAMESPACE, "-o", "json", check=False)
-    values = json.loads(previous.stdout or "null") if previous.returncode == 0 else None
-    if values and values.get("webhook", {}).get("port"):
-        webhook_port = values["webhook"]["port"]
-        metrics_port, liveness_port = values["metrics"]["port"], values["liveness"]["port"]
-    else:
-        webhook_port, metrics_port, liveness_port = free_port(), free_port(), free_port()
+    """helm upgrade --install with the chart's defaults: the operator image, the webhook behind its Service."""
     say(f"installing the operator: helm upgrade --install {RELEASE} charts/finetune-operator "
-        f"(webhook at https://127.0.0.1:{webhook_port}, metrics on :{metrics_port})")
-    helm(kubeconfig, "upgrade", "--install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE, "--create-namespace",
-         "--set", f"webhook.url=https://127.0.0.1:{webhook_port}", "--set", f"webhook.port={webhook_port}",
-         "--set", f"metrics.port={metrics_port}", "--set", f"liveness.port={liveness_port}",
-         "--set", "metrics.service.port=8080")
+        f"-n {OPERATOR_NAMESPACE} --create-namespace")
+    helm(kubeconfig, "upgrade", "--install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE, "--create-namespace")
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         pods = json.loads(kubectl(kubeconfig, "get", "pods", "-n", OPERATOR_NAMESPACE, "-l",
@@ -247,7 +237,8 @@ def report(run: dict, obj: dict, kubeconfig: str) -> int:
         for condition in status.get("conditions") or []:
             say(f"  condition {condition['type']}={condition['status']} {condition.get('reason')}: "
                 f"{condition.get('message', '')}")
-        say(f"details: kubectl describe finetunerun {name} -n {namespace}; pod logs under {paths.run_dir() / 'pods'}")
+        say(f"details: kubectl describe finetunerun {name} -n {namespace}; "
+            f"kubectl logs -n {namespace} -l finetune.dev/run={name}")
         return 1
     last_stage = [s for s in ("sft", "reward", "ppo") if (stages.get(s) or {}).get("artifact")]
     for stage in last_stage:
@@ -274,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kubeconfig = start_cluster()
         run = load_example()
-        prepare_assets(run)
+        prepare_assets(kubeconfig, run)
         install_operator(kubeconfig)
         apply_run(kubeconfig, run)
         obj = watch_until_done(kubeconfig, run, timeout_seconds=args.timeout)

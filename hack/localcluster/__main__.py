@@ -119,6 +119,13 @@ def _clean_real_node() -> None:
         lock.release()
 
 
+def command_images(args) -> int:
+    from localcluster import images
+
+    images.build_images()
+    return 0
+
+
 def command_kubeconfig(args) -> int:
     run_dir = paths.run_dir()
     if not (run_dir / "ready").exists():
@@ -155,12 +162,14 @@ def main(argv=None) -> int:
         sub.add_argument("--nodes", type=int, default=1, help="number of nodes (more than 1 needs --runtime agent)")
         sub.add_argument("--gpus", type=int, default=2, help="nvidia.com/gpu per node")
         sub.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness")
+    commands.add_parser("images", help="build (or reuse) the trainer and operator images (idempotent)")
     commands.add_parser("down", help="stop the detached cluster and everything it started")
     commands.add_parser("kubeconfig", help="print the detached cluster's kubeconfig path")
     commands.add_parser("status", help="show whether the detached cluster runs")
     args = parser.parse_args(argv)
     handlers = {"build": command_build, "up": command_up, "serve": command_serve,
-                "down": command_down, "kubeconfig": command_kubeconfig, "status": command_status}
+                "down": command_down, "images": command_images, "kubeconfig": command_kubeconfig,
+                "status": command_status}
     try:
         return handlers[args.command](args)
     except build.BuildError as exc:

@@ -381,6 +381,9 @@ class Cluster:
              f"--root-ca-file={pki_dir / 'ca.crt'}",
              f"--service-cluster-ip-range={SERVICE_CIDR}",
              "--use-service-account-credentials=false",
+             # A node that stops reporting is NotReady after 30 s (default 40 s), so the
+             # lost-node test takes one minute; a loaded 2-core machine still renews in time.
+             "--node-monitor-grace-period=30s", "--node-monitor-period=2s",
              "--concurrent-gc-syncs=5"],
             log_path=self._path("logs", "kube-controller-manager.log"),
         )

@@ -488,7 +488,16 @@ class RealNode:
                 "--v=1"]
         if labels:
             argv.append(f"--node-labels={labels}")
-        self.processes.spawn(argv, log_path=self.state_dir / "logs" / "kubelet.log")
+        self.kubelet_argv = argv
+        self.kubelet = self.processes.spawn(argv, log_path=self.state_dir / "logs" / "kubelet.log")
+
+    def stop_kubelet(self) -> None:
+        """Kill the kubelet (as a lost node: containers keep running, nobody reports them)."""
+        self.processes.terminate(self.kubelet, grace_seconds=0)
+
+    def start_kubelet(self) -> None:
+        """Start the kubelet again with the same settings and root dir (as a node coming back)."""
+        self.kubelet = self.processes.spawn(self.kubelet_argv, log_path=self.state_dir / "logs" / "kubelet.log")
 
     def _start_kube_proxy(self) -> None:
         config = self.state_dir / "kube-proxy.yaml"

@@ -1,17 +1,15 @@
 """End to end: `helm install` the chart into the local cluster and run examples/tiny-cpu.yaml to Succeeded.
 
-The node agent runs the chart's own Deployment (its explicit `command`, with the
-project's Python; the image is ignored), so this proves the chart's command line,
-RBAC, mounted webhook certificate, probes' ports and webhook configuration work
-together with the real operator. The release is namespace-scoped (the stricter
-RBAC) and the API server calls the webhook by URL, since the local API server
-cannot reach Services.
+The local cluster's real node runs the chart's own Deployment from the operator image built from our
+Dockerfile, with the chart's defaults: this proves the image, the chart's command line, RBAC, security
+context, the mounted webhook certificate, probes and the webhook configuration (the API server calls the
+webhook through its Service) work together with the real operator. The release is namespace-scoped (the
+stricter RBAC).
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 import urllib.request
@@ -29,13 +27,8 @@ RELEASE = "ft-e2e"
 OPERATOR_NAMESPACE = "ft-e2e-system"
 RUN_NAMESPACE = "ft-e2e-runs"
 EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
+STORAGE = REPO / "examples" / "tiny-cpu-storage.yaml"
 RUN_TIMEOUT_SECONDS = 900
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for(what: str, check, *, timeout_seconds: float, diagnose=lambda: ""):
@@ -68,9 +61,8 @@ def adopt_existing_crd(kube_cluster) -> None:
 
 @pytest.fixture
 def installed_operator(kube_cluster):
-    if not kube_cluster.uses_node_agent:
-        pytest.skip("needs the local node agent: the example's inputs are written into host PVC directories")
-    ports = {"webhook": free_port(), "metrics": free_port(), "liveness": free_port()}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    ports = {"metrics": values["metrics"]["port"], "liveness": values["liveness"]["port"]}
     kube_cluster.kubectl("create", "namespace", RUN_NAMESPACE, check=False)
     adopt_existing_crd(kube_cluster)
     helm = [kube_cluster.helm_path, "--kubeconfig", kube_cluster.kubeconfig]
@@ -78,10 +70,7 @@ def installed_operator(kube_cluster):
 
     install = subprocess.run(
         [*helm, "install", RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE, "--create-namespace",
-         "--set", "rbac.scope=namespace", "--set", f"watchNamespaces={{{RUN_NAMESPACE}}}",
-         "--set", f"webhook.url=https://127.0.0.1:{ports['webhook']}",
-         "--set", f"webhook.port={ports['webhook']}", "--set", f"metrics.port={ports['metrics']}",
-         "--set", f"liveness.port={ports['liveness']}"],
+         "--set", "rbac.scope=namespace", "--set", f"watchNamespaces={{{RUN_NAMESPACE}}}"],
         capture_output=True, text=True)
     assert install.returncode == 0, install.stderr
     try:
@@ -112,13 +101,14 @@ def test_helm_installed_operator_runs_the_tiny_cpu_example_to_succeeded(kube_clu
     ports = installed_operator
     run = load_run()
     name = run["metadata"]["name"]
-    pvc_root = kube_cluster.pvc_dir(RUN_NAMESPACE, run["spec"]["artifacts"]["pvc"]).parent
+    claims = [d["metadata"]["name"] for d in yaml.safe_load_all(STORAGE.read_text()) if d]
+    pvc_root = [kube_cluster.pvc_dir(RUN_NAMESPACE, claim) for claim in claims][0].parent
     demo_assets.write_for_run(run["spec"], pvc_root=pvc_root, log=lambda line: None)
 
     wait_for("the operator pod to run", lambda: operator_pod(kube_cluster), timeout_seconds=120,
              diagnose=lambda: kube_cluster.kubectl("describe", "pods", "-n", OPERATOR_NAMESPACE).stdout)
 
-    # The webhook is reached through webhook.url with the chart's certificate: a bad run is
+    # The webhook is reached through its Service with the chart's certificate: a bad run is
     # rejected at apply time with the operator's message (retry while the operator starts serving).
     bad = json.loads(json.dumps(run))
     bad["metadata"]["name"] = "no-prompts"
@@ -152,8 +142,9 @@ def test_helm_installed_operator_runs_the_tiny_cpu_example_to_succeeded(kube_clu
             final = demo_assets.pvc_path(stage_status["artifact"], pvc_root)
             assert (final / "config.json").exists(), f"{stage} artifact {final} has no model"
 
-    # The operator's metrics endpoint answers on the port the chart passed.
-    with urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=5) as response:
+    # The operator's metrics and liveness endpoints answer on the pod's own IP at the chart's ports.
+    pod_ip = operator_pod(kube_cluster)["status"]["podIP"]
+    with urllib.request.urlopen(f"http://{pod_ip}:{ports['metrics']}/metrics", timeout=5) as response:
         assert response.status == 200
-    with urllib.request.urlopen(f"http://127.0.0.1:{ports['liveness']}/healthz", timeout=5) as response:
+    with urllib.request.urlopen(f"http://{pod_ip}:{ports['liveness']}/healthz", timeout=5) as response:
         assert response.status == 200
