@@ -21,9 +21,7 @@ t = response tokens (right-padded after the stop token), v = vocabulary.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,16 +29,18 @@ import torch
 
 from trainer import ppo_math, runtime
 from trainer.checkpoint import resume_from_latest, save_checkpoint
-from trainer.data import load_prompt_rows
-from trainer.modeling import (HUB_SCHEME, ModelSource, disable_dropout, load_causal_lm, load_sequence_classifier,
-                              load_tokenizer, resolve_model_source, save_final)
-from trainer.rewards import CompositeReward, RewardError, load_normalization
+from trainer.modeling import disable_dropout, load_causal_lm, load_tokenizer, resolve_model_source, save_final
+from trainer.rewards import CompositeReward
+from trainer.rollout import (SAMPLES_FILE, PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now,
+                             positions, reduce_mean, reduce_sum, report_samples, response_logits, response_logprobs,
+                             reward_model_source, sample_and_score, sample_held_out, score_responses, split_prompts,
+                             step_seed)
 from trainer.runtime import PermanentStageFailure, StageContext, StageFailed
 from trainer.schedule import StepPlan, apply_optimizer_settings, linear_warmup_decay
 
-SAMPLES_FILE = "samples.jsonl"
-SAMPLES_REPORTED = 4
-"""How many of the latest held-out samples travel in a progress event."""
+__all__ = ["SAMPLES_FILE", "ValueModel", "check_finite", "check_kl", "reward_model_source", "run", "score_responses",
+           "split_prompts", "step_seed"]
+"""Re-exported from trainer.rollout, where the code shared with GRPO/RLOO lives."""
 
 
 # ---------------------------------------------------------------------------
@@ -75,51 +75,13 @@ class ValueModel(torch.nn.Module):
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (b, s)
 
 
-def reward_model_source(reward_model: str | None) -> ModelSource | None:
-    """The ``from_pretrained`` source of job.rewardModel, or None when it holds no trained model.
-
-    A reward-stage output trained without preference data is a directory with only
-    reward_functions.json: no model, not an error. A path that does not exist is an
-    error, so a typo cannot silently run PPO without the reward model.
-    """
-    if not reward_model:
-        return None
-    path = Path(reward_model)
-    if not reward_model.startswith(HUB_SCHEME) and path.is_dir() and not (path / "config.json").is_file():
-        return None
-    try:
-        return resolve_model_source(reward_model)
-    except StageFailed as exc:  # keeps the class: a missing model is permanent
-        raise type(exc)(f"rewardModel: {exc}; point it at the reward stage's final/ directory") from exc
-
-
-def build_reward(ctx: StageContext, tokenizer, *, reward_source: ModelSource | None) -> CompositeReward:
-    """Heuristic functions from job.reward.functions, plus the reward model at ``reward_source`` if any."""
-    job = ctx.job
-    reward_model, normalization = None, (0.0, 1.0)
-    if reward_source is not None:
-        reward_model = load_sequence_classifier(reward_source, dtype=ctx.dtype,
-                                                pad_token_id=tokenizer.pad_token_id)
-        reward_model.to(ctx.device).eval().requires_grad_(False)
-        try:
-            normalization = load_normalization(reward_source)
-        except RewardError as exc:
-            raise StageFailed(f"rewardModel: {exc}") from exc
-    try:
-        return CompositeReward(job.reward.functions, tokenizer=tokenizer, reward_model=reward_model,
-                               normalization=normalization, reward_model_weight=job.ppo.reward_model_weight,
-                               max_length=job.ppo.max_seq_length_tokens, device=ctx.device)
-    except RewardError as exc:  # a function that cannot be built fails the same way on every retry
-        raise PermanentStageFailure(str(exc)) from exc
-
-
 # ---------------------------------------------------------------------------
 # rollouts
 
 
 @dataclass
 class Rollouts:
-    """One batch of episodes on this process; every tensor is detached."""
+    """One batch of episodes on this process: the sampled batch plus PPO's forward passes; all detached."""
 
     prompts: list[str]
     responses_text: list[str]
@@ -136,117 +98,39 @@ class Rollouts:
     entropy: torch.Tensor  # (b, t) policy entropy per position
 
 
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding: 0 at the first real token."""
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)
-
-
-def left_pad(token_lists: list[list[int]], *, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), both (b, p), prompts aligned to the right so generation continues each one."""
-    width = max(len(x) for x in token_lists)
-    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-    for row, tokens in enumerate(token_lists):
-        if tokens:
-            ids[row, width - len(tokens):] = torch.tensor(tokens)
-            mask[row, width - len(tokens):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def response_logits(model, input_ids, attention_mask, *, response_length: int, temperature: float) -> torch.Tensor:
-    """Logits predicting each response token, divided by the sampling temperature: (b, t, v) float32.
-
-    The logits at position p - 1 + i predict response token i; ``logits_to_keep`` avoids
-    materialising the vocabulary-sized logits of the prompt.
-    """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                logits_to_keep=response_length + 1)
-    return out.logits[:, :-1].float() / temperature
-
-
 def response_values(value_model, input_ids, attention_mask, *, prompt_length: int) -> torch.Tensor:
     """V(prompt + response[:i]) for each response token i: (b, t) float32."""
     values = value_model(input_ids, attention_mask, positions(attention_mask))  # (b, p + t)
     return values[:, prompt_length - 1:-1].float()
 
 
-class PromptEncoder:
-    """Tokenises prompt text like the SFT stage does (special tokens on, the end of long prompts kept)."""
-
-    def __init__(self, tokenizer, *, max_prompt_tokens: int):
-        self.tokenizer = tokenizer
-        self.max_prompt_tokens = max_prompt_tokens
-
-    def __call__(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        lists = [self.tokenizer(p, add_special_tokens=True)["input_ids"][-self.max_prompt_tokens:] for p in prompts]
-        return left_pad(lists, pad_id=self.tokenizer.pad_token_id, device=device)
-
-
 @torch.no_grad()
-def generate(policy, query, query_mask, *, cfg, stop_token_id, pad_token_id) -> torch.Tensor:
-    """Sample responses: (b, t) new tokens, t <= responseLengthTokens (generation stops when all rows stopped)."""
-    out = policy.generate(
-        input_ids=query, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
-        top_k=cfg.top_k or 0, top_p=1.0, max_new_tokens=cfg.response_length_tokens,
-        eos_token_id=stop_token_id, pad_token_id=pad_token_id,
-    )
-    return out[:, query.shape[1]:]
-
-
-def score_responses(reward: CompositeReward, prompts: list[str], responses: list[str]) -> torch.Tensor:
-    """(b,) scores on the CPU; a reward function that returns garbage stops the stage with its name."""
-    try:
-        return reward.score(prompts, responses)
-    except RewardError as exc:
-        raise StageFailed(str(exc)) from exc
-
-
-@torch.no_grad()
-def collect_rollouts(ctx: StageContext, *, prompts: list[str], policy, reference, value_model,
+def collect_rollouts(ctx: StageContext, *, prompts: list[PromptRow], policy, reference, value_model,
                      reward: CompositeReward, encoder: PromptEncoder, timings: dict[str, float]) -> Rollouts:
     """Generate, cut at the stop token, score and evaluate one batch (no gradients)."""
     cfg = ctx.job.ppo
     acc = ctx.accelerator
-    tokenizer = encoder.tokenizer
-    stop_id = tokenizer.eos_token_id if cfg.stop_token == "eos" else None
-    device = ctx.device
-
-    tick = _now(device)
-    query, query_mask = encoder(prompts, device)  # (b, p)
     policy_module = acc.unwrap_model(policy)
-    policy_module.eval()
-    with acc.autocast():
-        raw = generate(policy_module, query, query_mask, cfg=cfg, stop_token_id=stop_id,
-                       pad_token_id=tokenizer.pad_token_id)  # (b, t)
-    timings["generation"] = _now(device) - tick
+    passes: dict[str, torch.Tensor] = {}
 
-    tick = _now(device)
-    responses, mask, has_stop = ppo_math.truncate_at_stop_token(raw, stop_token_id=stop_id,
-                                                                pad_token_id=tokenizer.pad_token_id)
-    input_ids = torch.cat([query, responses], 1)  # (b, p + t)
-    attention_mask = torch.cat([query_mask, mask], 1)
-    t = responses.shape[1]
-    with acc.autocast():
-        logits = response_logits(policy_module, input_ids, attention_mask, response_length=t,
-                                 temperature=cfg.temperature)  # (b, t, v)
-        logprobs = ppo_math.logprobs_from_logits(logits, responses)
-        entropy = ppo_math.entropy_from_logits(logits)
-        del logits
-        ref_logits = response_logits(reference, input_ids, attention_mask, response_length=t,
-                                     temperature=cfg.temperature)
-        ref_logprobs = ppo_math.logprobs_from_logits(ref_logits, responses)
-        del ref_logits
-        values = response_values(acc.unwrap_model(value_model), input_ids, attention_mask,
-                                 prompt_length=query.shape[1])
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    scores = score_responses(reward, prompts, texts).to(device)
-    if cfg.missing_eos_penalty is not None:
-        scores = scores - cfg.missing_eos_penalty * (~has_stop).float()
-    timings["scoring"] = _now(device) - tick
-    return Rollouts(prompts=prompts, responses_text=texts, input_ids=input_ids, attention_mask=attention_mask,
-                    prompt_length=query.shape[1], responses=responses, mask=mask.float(),
-                    logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, scores=scores,
-                    has_stop=has_stop, entropy=entropy)
+    def forward_passes(batch: SampledBatch) -> None:
+        t = batch.responses.shape[1]
+        with acc.autocast():
+            logits = response_logits(policy_module, batch.input_ids, batch.attention_mask, response_length=t,
+                                     temperature=cfg.temperature)  # (b, t, v)
+            passes["logprobs"] = ppo_math.logprobs_from_logits(logits, batch.responses)
+            passes["entropy"] = ppo_math.entropy_from_logits(logits)
+            del logits
+            passes["ref_logprobs"] = response_logprobs(reference, batch, temperature=cfg.temperature)
+            passes["values"] = response_values(acc.unwrap_model(value_model), batch.input_ids, batch.attention_mask,
+                                               prompt_length=batch.prompt_length)
+
+    batch = sample_and_score(ctx, cfg=cfg, policy_module=policy_module, encoder=encoder, reward=reward,
+                             prompts=prompts, timings=timings, before_scoring=forward_passes)
+    return Rollouts(prompts=batch.prompts, responses_text=batch.responses_text, input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask, prompt_length=batch.prompt_length,
+                    responses=batch.responses, mask=batch.mask, scores=batch.scores, has_stop=batch.has_stop,
+                    **passes)
 
 
 # ---------------------------------------------------------------------------
@@ -321,81 +205,7 @@ def check_kl(kl: float, *, max_kl: float | None, step: int) -> None:
 
 
 # ---------------------------------------------------------------------------
-# held-out samples
-
-
-@torch.no_grad()
-def sample_held_out(ctx: StageContext, *, step: int, prompts: list[str], policy, reference,
-                    reward: CompositeReward, encoder: PromptEncoder) -> list[dict]:
-    """Sample one response per held-out prompt and record prompt, response, reward and KL.
-
-    Sampled (not greedy) at the training temperature, with the same seed every time, so
-    the recorded reward estimates what PPO optimises and successive steps are compared on
-    the same random draws.  Appends to <outputDir>/samples.jsonl; main process only.
-    """
-    cfg = ctx.job.ppo
-    acc = ctx.accelerator
-    tokenizer = encoder.tokenizer
-    stop_id = tokenizer.eos_token_id if cfg.stop_token == "eos" else None
-    policy_module = acc.unwrap_model(policy)
-    policy_module.eval()
-    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed + 7919)
-        query, query_mask = encoder(prompts, ctx.device)
-        with acc.autocast():
-            raw = generate(policy_module, query, query_mask, cfg=cfg, stop_token_id=stop_id,
-                           pad_token_id=tokenizer.pad_token_id)
-    responses, mask, has_stop = ppo_math.truncate_at_stop_token(raw, stop_token_id=stop_id,
-                                                                pad_token_id=tokenizer.pad_token_id)
-    input_ids = torch.cat([query, responses], 1)
-    attention_mask = torch.cat([query_mask, mask], 1)
-    t = responses.shape[1]
-    with acc.autocast():
-        logp = ppo_math.logprobs_from_logits(response_logits(
-            policy_module, input_ids, attention_mask, response_length=t, temperature=cfg.temperature), responses)
-        ref_logp = ppo_math.logprobs_from_logits(response_logits(
-            reference, input_ids, attention_mask, response_length=t, temperature=cfg.temperature), responses)
-    kl = (ppo_math.kl_per_token(logp, ref_logp, estimator=cfg.kl_estimator) * mask).sum(1)  # (b,)
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    scores = score_responses(reward, prompts, texts)
-    if cfg.missing_eos_penalty is not None:
-        scores = scores - cfg.missing_eos_penalty * (~has_stop).float().cpu()
-    samples = [{"step": step, "prompt": p, "response": r, "reward": float(s), "kl": float(k)}
-               for p, r, s, k in zip(prompts, texts, scores.tolist(), kl.tolist())]
-    with open(ctx.output_dir / SAMPLES_FILE, "a", encoding="utf-8") as handle:
-        for sample in samples:
-            handle.write(json.dumps(sample) + "\n")
-    return samples
-
-
-def _report_samples(ctx, samples: list[dict], *, step: int, total: int) -> None:
-    metrics = {"eval_reward_mean": sum(s["reward"] for s in samples) / len(samples),
-               "eval_kl": sum(s["kl"] for s in samples) / len(samples)}
-    ctx.report("samples", step=step, total_steps=total, metrics=metrics, samples=samples[:SAMPLES_REPORTED])
-
-
-# ---------------------------------------------------------------------------
 # the stage
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def step_seed(seed: int, *, rank: int, step: int) -> int:
-    """Sampling seed of one step on one process: distinct per rank (Huang et al.), a pure function of the step
-    so a resumed run draws exactly the samples the interrupted one would have."""
-    return (seed * 1_000_003 + rank * 100_003 + step) % (2**63)
-
-
-def split_prompts(prompts: list[str], *, held_out: int, source: str) -> tuple[list[str], list[str]]:
-    """(held-out, training): the first ``held_out`` rows are never trained on."""
-    if len(prompts) <= held_out:
-        raise PermanentStageFailure(f"{source}: {len(prompts)} prompts, but ppo.samplePrompts={held_out} are held out "
-                          "for samples; provide more prompts or lower ppo.samplePrompts")
-    return prompts[:held_out], prompts[held_out:]
 
 
 def run(ctx: StageContext) -> Path:
@@ -403,7 +213,7 @@ def run(ctx: StageContext) -> Path:
     job, cfg, acc = ctx.job, ctx.job.ppo, ctx.accelerator
     if not job.data.prompts:
         raise PermanentStageFailure("ppo needs data.prompts (a JSON Lines file of {\"prompt\": ...} rows)")
-    held_out, train_prompts = split_prompts(load_prompt_rows(job.data.prompts), held_out=cfg.sample_prompts,
+    held_out, train_prompts = split_prompts(load_prompts(job.data.prompts), held_out=cfg.sample_prompts,
                                             source=job.data.prompts)
     model_source = resolve_model_source(job.model)
     tokenizer = load_tokenizer(model_source)
@@ -422,7 +232,7 @@ def run(ctx: StageContext) -> Path:
     for model in (policy, reference, value_model):
         disable_dropout(model)
     reference.to(ctx.device).eval().requires_grad_(False)
-    reward = build_reward(ctx, tokenizer, reward_source=reward_source)
+    reward = build_reward(ctx, tokenizer, reward_source=reward_source, cfg=cfg)
 
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_model.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -451,9 +261,9 @@ def run(ctx: StageContext) -> Path:
         apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ctx.report("progress", step=start, total_steps=cfg.steps)
     if start == 0 and acc.is_main_process:  # the SFT model's samples: the baseline to compare with
-        samples = sample_held_out(ctx, step=0, prompts=held_out, policy=policy, reference=reference,
-                                  reward=reward, encoder=encoder)
-        _report_samples(ctx, samples, step=0, total=cfg.steps)
+        samples = sample_held_out(ctx, cfg=cfg, step=0, prompts=held_out, policy=policy, reference=reference,
+                                  reward=reward, encoder=encoder, kl_estimator=cfg.kl_estimator)
+        report_samples(ctx, samples, step=0, total=cfg.steps)
 
     ctx.stop.armed = True
     for step in range(start + 1, cfg.steps + 1):
@@ -464,13 +274,13 @@ def run(ctx: StageContext) -> Path:
                               reference=reference, value_model=value_model, reward=reward, encoder=encoder,
                               timings=timings)
 
-        tick = _now(ctx.device)
+        tick = now(ctx.device)
         kl = ppo_math.kl_per_token(ro.logprobs, ro.ref_logprobs, estimator=cfg.kl_estimator) * ro.mask  # (b, t)
         rewards, non_score = ppo_math.per_token_rewards(ro.scores, kl, ro.mask, kl_coef=kl_ctl.value)
         if cfg.whiten_rewards:
             rewards = ppo_math.masked_whiten(rewards, ro.mask, shift_mean=False)
         advantages, returns = ppo_math.gae(rewards, ro.values, ro.mask, gamma=cfg.gamma, lam=cfg.lam)
-        rollout_stats = _reduce_mean(acc, {
+        rollout_stats = reduce_mean(acc, {
             "kl": kl.sum(1).mean(), "score_mean": ro.scores.mean(),
             "non_score_reward": non_score.sum(1).mean(),
             "reward_mean": (ro.scores + non_score.sum(1)).mean(),
@@ -483,16 +293,16 @@ def run(ctx: StageContext) -> Path:
 
         update_stats = ppo_update(ctx, ro, advantages=advantages, returns=returns, policy=policy,
                                   value_model=value_model, optimizer=optimizer, params=params)
-        update_stats = _reduce_mean(acc, update_stats)
+        update_stats = reduce_mean(acc, update_stats)
         check_finite(update_stats, step=step)
         learning_rate = scheduler.get_last_lr()[0]
         scheduler.step()
         # Ziegler et al.: beta follows the KL of the rollouts just collected, over all processes' episodes.
         kl_ctl.update(rollout_stats["kl"], global_batch)
-        timings["optimisation"] = _now(ctx.device) - tick
+        timings["optimisation"] = now(ctx.device) - tick
 
         seconds = sum(timings.values())
-        tokens = float(_reduce_sum(acc, ro.mask.sum()))
+        tokens = float(reduce_sum(acc, ro.mask.sum()))
         ctx.metrics.count(tokens=int(tokens), episodes=global_batch)
         if step % cfg.log_every_steps == 0 or step == cfg.steps:
             ctx.report("progress", step=step, total_steps=cfg.steps, metrics={
@@ -502,9 +312,10 @@ def run(ctx: StageContext) -> Path:
                 "optimisation_seconds": timings["optimisation"],
             })
         if acc.is_main_process and (step % cfg.sample_every_steps == 0 or step == cfg.steps):
-            samples = sample_held_out(ctx, step=step, prompts=held_out, policy=policy, reference=reference,
-                                      reward=reward, encoder=encoder)
-            _report_samples(ctx, samples, step=step, total=cfg.steps)
+            samples = sample_held_out(ctx, cfg=cfg, step=step, prompts=held_out, policy=policy,
+                                      reference=reference, reward=reward, encoder=encoder,
+                                      kl_estimator=cfg.kl_estimator)
+            report_samples(ctx, samples, step=step, total=cfg.steps)
         # The last step too: a crash while writing final/ then costs no rollouts.
         stopping = ctx.stop.requested()
         if step % cfg.checkpoint_every_steps == 0 or step == cfg.steps or stopping:
@@ -517,19 +328,3 @@ def run(ctx: StageContext) -> Path:
 
     ctx.stop.armed = False
     return save_final(ctx, policy, tokenizer)
-
-
-def _reduce_mean(acc, values: dict[str, torch.Tensor | float]) -> dict[str, float]:
-    """Average each scalar over processes (one collective for all of them)."""
-    names = sorted(values)
-    stacked = torch.tensor([float(values[n]) for n in names], device=acc.device)
-    if acc.num_processes > 1:
-        stacked = acc.reduce(stacked, reduction="mean")
-    return dict(zip(names, stacked.tolist()))
-
-
-def _reduce_sum(acc, value: torch.Tensor) -> float:
-    value = value.detach().float().reshape(1).to(acc.device)
-    if acc.num_processes > 1:
-        value = acc.reduce(value, reduction="sum")
-    return float(value)

@@ -1,0 +1,313 @@
+"""What the online stages (PPO, GRPO, RLOO) share: prompts, sampling, scoring and held-out samples.
+
+A stage builds a ``PromptEncoder`` and a ``CompositeReward`` (``build_reward``), then each
+step calls ``sample_and_score`` on its prompts (GRPO repeats each prompt G times) and adds
+its own forward passes (log-probs, values, reference) to the returned ``SampledBatch``.
+``sample_held_out`` records the held-out samples every stage reports.
+
+Shapes: b = sequences on this process, p = prompt tokens (left-padded), t = response tokens
+(right-padded after the stop token), v = vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer import ppo_math
+from trainer.data import _read_objects, _report_count, _string_field
+from trainer.modeling import HUB_SCHEME, ModelSource, load_sequence_classifier, resolve_model_source
+from trainer.rewards import CompositeReward, RewardError, load_normalization
+from trainer.runtime import PermanentStageFailure, StageContext, StageFailed
+
+SAMPLES_FILE = "samples.jsonl"
+SAMPLES_REPORTED = 4
+"""How many of the latest held-out samples travel in a progress event."""
+
+
+# ---------------------------------------------------------------------------
+# prompts
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One row of data.prompts: the prompt and its extra fields (e.g. {"answer": "42"}) for verifiable rewards."""
+
+    prompt: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def load_prompts(path: str | Path) -> list[PromptRow]:
+    """Validated prompt rows in file order; a bad row raises DatasetError naming the file and line."""
+    rows = []
+    for number, obj in _read_objects(path):
+        prompt = _string_field(obj, "prompt", where=f"{path}:{number}")
+        rows.append(PromptRow(prompt, {k: v for k, v in obj.items() if k != "prompt"}))
+    _report_count(path, used=len(rows), kind="prompt")
+    return rows
+
+
+def split_prompts(prompts: list, *, held_out: int, source: str, setting: str = "ppo.samplePrompts") -> tuple[list, list]:
+    """(held-out, training): the first ``held_out`` rows are never trained on."""
+    if len(prompts) <= held_out:
+        raise PermanentStageFailure(f"{source}: {len(prompts)} prompts, but {setting}={held_out} are held out "
+                                    f"for samples; provide more prompts or lower {setting}")
+    return prompts[:held_out], prompts[held_out:]
+
+
+def step_seed(seed: int, *, rank: int, step: int) -> int:
+    """Sampling seed of one step on one process: distinct per rank (Huang et al.), a pure function of the step
+    so a resumed run draws exactly the samples the interrupted one would have."""
+    return (seed * 1_000_003 + rank * 100_003 + step) % (2**63)
+
+
+# ---------------------------------------------------------------------------
+# reward
+
+
+def reward_model_source(reward_model: str | None) -> ModelSource | None:
+    """The ``from_pretrained`` source of job.rewardModel, or None when it holds no trained model.
+
+    A reward-stage output trained without preference data is a directory with only
+    reward_functions.json: no model, not an error. A path that does not exist is an
+    error, so a typo cannot silently run without the reward model.
+    """
+    if not reward_model:
+        return None
+    path = Path(reward_model)
+    if not reward_model.startswith(HUB_SCHEME) and path.is_dir() and not (path / "config.json").is_file():
+        return None
+    try:
+        return resolve_model_source(reward_model)
+    except StageFailed as exc:  # keeps the class: a missing model is permanent
+        raise type(exc)(f"rewardModel: {exc}; point it at the reward stage's final/ directory") from exc
+
+
+def build_reward(ctx: StageContext, tokenizer, *, reward_source: ModelSource | None, cfg) -> CompositeReward:
+    """Functions from job.reward.functions, plus the reward model at ``reward_source`` if any.
+
+    ``cfg`` is the stage's settings (its rewardModelWeight and maxSeqLengthTokens).
+    """
+    reward_model, normalization = None, (0.0, 1.0)
+    if reward_source is not None:
+        reward_model = load_sequence_classifier(reward_source, dtype=ctx.dtype, pad_token_id=tokenizer.pad_token_id)
+        reward_model.to(ctx.device).eval().requires_grad_(False)
+        try:
+            normalization = load_normalization(reward_source)
+        except RewardError as exc:
+            raise StageFailed(f"rewardModel: {exc}") from exc
+    try:
+        return CompositeReward(ctx.job.reward.functions, tokenizer=tokenizer, reward_model=reward_model,
+                               normalization=normalization, reward_model_weight=cfg.reward_model_weight,
+                               max_length=cfg.max_seq_length_tokens, device=ctx.device)
+    except RewardError as exc:  # a function that cannot be built fails the same way on every retry
+        raise PermanentStageFailure(str(exc)) from exc
+
+
+def score_responses(reward: CompositeReward, prompts: list[str], responses: list[str],
+                    rows: list[dict] | None = None) -> torch.Tensor:
+    """(b,) scores on the CPU; a reward function that returns garbage stops the stage with its name."""
+    try:
+        return reward.score(prompts, responses, rows)
+    except RewardError as exc:
+        raise StageFailed(str(exc)) from exc
+
+
+# ---------------------------------------------------------------------------
+# tokens
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: 0 at the first real token."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def left_pad(token_lists: list[list[int]], *, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (b, p), prompts aligned to the right so generation continues each one."""
+    width = max(len(x) for x in token_lists)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        if tokens:
+            ids[row, width - len(tokens):] = torch.tensor(tokens)
+            mask[row, width - len(tokens):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def response_logits(model, input_ids, attention_mask, *, response_length: int, temperature: float) -> torch.Tensor:
+    """Logits predicting each response token, divided by the sampling temperature: (b, t, v) float32.
+
+    The logits at position p - 1 + i predict response token i; ``logits_to_keep`` avoids
+    materialising the vocabulary-sized logits of the prompt.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                logits_to_keep=response_length + 1)
+    return out.logits[:, :-1].float() / temperature
+
+
+def response_logprobs(model, batch: "SampledBatch", *, temperature: float) -> torch.Tensor:
+    """log pi(response token) under ``model``: (b, t) float32."""
+    logits = response_logits(model, batch.input_ids, batch.attention_mask, response_length=batch.responses.shape[1],
+                             temperature=temperature)
+    return ppo_math.logprobs_from_logits(logits, batch.responses)
+
+
+class PromptEncoder:
+    """Tokenises prompt text like the SFT stage does (special tokens on, the end of long prompts kept)."""
+
+    def __init__(self, tokenizer, *, max_prompt_tokens: int):
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def __call__(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        lists = [self.tokenizer(p, add_special_tokens=True)["input_ids"][-self.max_prompt_tokens:] for p in prompts]
+        return left_pad(lists, pad_id=self.tokenizer.pad_token_id, device=device)
+
+
+# ---------------------------------------------------------------------------
+# sampling
+
+
+def now(device: torch.device) -> float:
+    """A time stamp after the device's queued work (CUDA is asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def generate(policy, query, query_mask, *, cfg, stop_token_id, pad_token_id) -> torch.Tensor:
+    """Sample responses: (b, t) new tokens, t <= responseLengthTokens (generation stops when all rows stopped)."""
+    out = policy.generate(
+        input_ids=query, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
+        top_k=cfg.top_k or 0, top_p=1.0, max_new_tokens=cfg.response_length_tokens,
+        eos_token_id=stop_token_id, pad_token_id=pad_token_id,
+    )
+    return out[:, query.shape[1]:]
+
+
+@dataclass
+class SampledBatch:
+    """Sampled, truncated and scored responses; every tensor is detached and on the stage's device."""
+
+    prompts: list[str]
+    responses_text: list[str]
+    input_ids: torch.Tensor  # (b, p + t) prompt (left-padded) + response (pad after the stop token)
+    attention_mask: torch.Tensor  # (b, p + t)
+    prompt_length: int  # p
+    responses: torch.Tensor  # (b, t)
+    mask: torch.Tensor  # (b, t) float, 1 on real response tokens, stop token included
+    has_stop: torch.Tensor  # (b,) bool
+    scores: torch.Tensor  # (b,) reward score, missing-EOS penalty applied
+
+
+@torch.no_grad()
+def sample_and_score(ctx: StageContext, *, cfg, policy_module, encoder: PromptEncoder, reward: CompositeReward,
+                     prompts: list[PromptRow], timings: dict[str, float] | None = None,
+                     before_scoring=None) -> SampledBatch:
+    """Generate one response per prompt row (repeat a row to get several), cut at the stop token, score.
+
+    ``cfg`` is the stage's settings (temperature, topK, responseLengthTokens, stopToken, missingEosPenalty);
+    ``policy_module`` the unwrapped policy. ``before_scoring(batch)`` runs between truncation and scoring
+    (the stage's own forward passes), so ``timings["scoring"]`` covers both, as PPO has always reported.
+    """
+    timings = {} if timings is None else timings
+    acc, device = ctx.accelerator, ctx.device
+    tokenizer = encoder.tokenizer
+    stop_id = tokenizer.eos_token_id if cfg.stop_token == "eos" else None
+    texts_in = [row.prompt for row in prompts]
+
+    tick = now(device)
+    query, query_mask = encoder(texts_in, device)  # (b, p)
+    policy_module.eval()
+    with acc.autocast():
+        raw = generate(policy_module, query, query_mask, cfg=cfg, stop_token_id=stop_id,
+                       pad_token_id=tokenizer.pad_token_id)  # (b, t)
+    timings["generation"] = now(device) - tick
+
+    tick = now(device)
+    responses, mask, has_stop = ppo_math.truncate_at_stop_token(raw, stop_token_id=stop_id,
+                                                                pad_token_id=tokenizer.pad_token_id)
+    batch = SampledBatch(prompts=texts_in, responses_text=[], input_ids=torch.cat([query, responses], 1),
+                         attention_mask=torch.cat([query_mask, mask], 1), prompt_length=query.shape[1],
+                         responses=responses, mask=mask.float(), has_stop=has_stop, scores=torch.empty(0))
+    if before_scoring is not None:
+        before_scoring(batch)
+    batch.responses_text = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    scores = score_responses(reward, texts_in, batch.responses_text, [row.fields for row in prompts]).to(device)
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * (~has_stop).float()
+    batch.scores = scores
+    timings["scoring"] = now(device) - tick
+    return batch
+
+
+# ---------------------------------------------------------------------------
+# held-out samples
+
+
+@torch.no_grad()
+def sample_held_out(ctx: StageContext, *, cfg, step: int, prompts: list[PromptRow], policy, reference,
+                    reward: CompositeReward, encoder: PromptEncoder, kl_estimator: str = "k1") -> list[dict]:
+    """Sample one response per held-out prompt and record prompt, response, reward and (with a reference) KL.
+
+    Sampled (not greedy) at the training temperature, with the same seed every time, so
+    the recorded reward estimates what the stage optimises and successive steps are compared on
+    the same random draws. ``reference`` may be None (no KL recorded). Appends to
+    <outputDir>/samples.jsonl; main process only.
+    """
+    acc = ctx.accelerator
+    policy_module = acc.unwrap_model(policy)
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + 7919)
+        batch = sample_and_score(ctx, cfg=cfg, policy_module=policy_module, encoder=encoder, reward=reward,
+                                 prompts=prompts)
+    kls = [None] * len(prompts)
+    if reference is not None:
+        with acc.autocast():
+            logp = response_logprobs(policy_module, batch, temperature=cfg.temperature)
+            ref_logp = response_logprobs(reference, batch, temperature=cfg.temperature)
+        kls = (ppo_math.kl_per_token(logp, ref_logp, estimator=kl_estimator) * batch.mask).sum(1).tolist()  # (b,)
+    samples = []
+    for p, r, s, k in zip(batch.prompts, batch.responses_text, batch.scores.tolist(), kls):
+        sample = {"step": step, "prompt": p, "response": r, "reward": float(s)}
+        if k is not None:
+            sample["kl"] = float(k)
+        samples.append(sample)
+    with open(ctx.output_dir / SAMPLES_FILE, "a", encoding="utf-8") as handle:
+        for sample in samples:
+            handle.write(json.dumps(sample) + "\n")
+    return samples
+
+
+def report_samples(ctx: StageContext, samples: list[dict], *, step: int, total: int) -> None:
+    """A ``samples`` progress event: eval_reward_mean (and eval_kl when recorded) and the first few samples."""
+    metrics = {"eval_reward_mean": sum(s["reward"] for s in samples) / len(samples)}
+    if all("kl" in s for s in samples):
+        metrics["eval_kl"] = sum(s["kl"] for s in samples) / len(samples)
+    ctx.report("samples", step=step, total_steps=total, metrics=metrics, samples=samples[:SAMPLES_REPORTED])
+
+
+# ---------------------------------------------------------------------------
+# across processes
+
+
+def reduce_mean(acc, values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Average each scalar over processes (one collective for all of them)."""
+    names = sorted(values)
+    stacked = torch.tensor([float(values[n]) for n in names], device=acc.device)
+    if acc.num_processes > 1:
+        stacked = acc.reduce(stacked, reduction="mean")
+    return dict(zip(names, stacked.tolist()))
+
+
+def reduce_sum(acc, value: torch.Tensor) -> float:
+    value = value.detach().float().reshape(1).to(acc.device)
+    if acc.num_processes > 1:
+        value = acc.reduce(value, reduction="sum")
+    return float(value)
