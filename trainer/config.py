@@ -370,7 +370,7 @@ class StageJob(ApiModel):
     in final/: outputs in outputDir that carry another uid (a deleted run of the same name) are removed and
     the stage starts over. None for a run started by hand, which owns only outputs without a uid."""
     model: str
-    """Input model: a local directory, or hf://org/name (needs network). For reward and PPO, the SFT output."""
+    """Input model: a local transformers directory; a GGUF model (a .gguf file, or a directory holding exactly one), dequantised once into <outputDir>/gguf-model/ and saved as a plain safetensors model; or hf://org/name[@revision] (needs network). For reward and PPO, the SFT output."""
     reward_model: str | None = None
     """PPO only: directory of the trained reward model (the reward stage output), if any."""
     output_dir: str

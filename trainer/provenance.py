@@ -14,8 +14,8 @@ listing where it is not:
   file or touching it does not change it);
 * a model directory written by this trainer (it holds ``fingerprint.json``):
   the SHA-256 of that file, i.e. the exact training that produced it;
-* any other model directory: every file's path, size and modification time
-  (hashing tens of GB of weights at each start would cost minutes);
+* any other model directory, or a GGUF file: every file's path, size and
+  modification time (hashing tens of GB of weights at each start would cost minutes);
 * ``hf://id@revision``: the string itself (a branch name is not pinned: use a
   commit hash to make a Hub model exact);
 * PPO's reward functions: their settings.
@@ -62,6 +62,9 @@ def model_identity(source: str | None) -> str | None:
     if source.startswith(HUB_SCHEME):
         return source
     path = Path(source)
+    if path.is_file():  # a GGUF model file: listed like a directory's files
+        stat = path.stat()
+        return "files:" + hashlib.sha256(json.dumps([[path.name, stat.st_size, stat.st_mtime_ns]]).encode()).hexdigest()
     if not path.is_dir():
         return MISSING
     if (path / FINGERPRINT_FILE).is_file():

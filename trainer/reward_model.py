@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 
 from trainer.checkpoint import save_checkpoint
 from trainer.data import PreferenceRow, encode_for_reward, load_preference_rows, pad_right, split_for_eval
-from trainer.modeling import load_sequence_classifier, load_tokenizer, resolve_model_source, save_final
+from trainer.modeling import load_sequence_classifier, load_tokenizer, prepare_model_source, save_final
 from trainer.runtime import PermanentStageFailure, StageContext, check_finite, step_health
 from trainer.supervised import prepare_supervised
 
@@ -110,7 +110,7 @@ def run(ctx: StageContext) -> Path:
         if cfg.functions:
             return _functions_only(ctx)
         raise PermanentStageFailure("reward stage needs data.preferences or reward.functions")
-    source = resolve_model_source(job.model)
+    source = prepare_model_source(ctx, job.model)
     tokenizer = load_tokenizer(source)
     rows = load_preference_rows(job.data.preferences)
     train_rows, eval_rows = split_for_eval(rows, fraction=cfg.eval_fraction, seed=cfg.seed)

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 
 from trainer.checkpoint import save_checkpoint
 from trainer.data import IGNORE_INDEX, TokenizedExample, load_sft_rows, pad_right, tokenize_sft_row
-from trainer.modeling import load_causal_lm, load_tokenizer, resolve_model_source, save_final
+from trainer.modeling import load_causal_lm, load_tokenizer, prepare_model_source, save_final
 from trainer.runtime import PermanentStageFailure, StageContext, check_finite, step_health
 from trainer.supervised import prepare_supervised
 
@@ -41,7 +41,7 @@ def run(ctx: StageContext) -> Path:
     job, cfg, accelerator = ctx.job, ctx.job.sft, ctx.accelerator
     if job.data.sft is None:
         raise PermanentStageFailure("sft stage needs data.sft (a JSON Lines file of prompt/completion or messages rows)")
-    source = resolve_model_source(job.model)
+    source = prepare_model_source(ctx, job.model)
     tokenizer = load_tokenizer(source)
     rows = load_sft_rows(job.data.sft, tokenizer=tokenizer)
     examples = [tokenize_sft_row(r, tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens) for r in rows]

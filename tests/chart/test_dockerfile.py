@@ -14,7 +14,8 @@ SETUP = (REPO / "hack" / "setup.sh").read_text()
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 # Distributions of the GPU training stack: in the `train` extra, never in the operator image.
-TRAINING_STACK = {"torch", "transformers", "accelerate", "peft", "tokenizers", "safetensors"}
+TRAINING_STACK = {"torch", "transformers", "accelerate", "peft", "tokenizers", "safetensors",
+                  "gguf", "pyarrow"}  # GGUF model sources and Parquet datasets are read by the trainer only
 
 
 def distribution_name(requirement: str) -> str:
