@@ -257,17 +257,9 @@ MIN_PROMPT_TOKENS = 8
 """PPO prompts are cut to maxSeqLengthTokens - responseLengthTokens tokens; fewer than this is refused."""
 
 
-class PPOConfig(OptimConfig):
-    """PPO against the reward with a per-token KL penalty to the SFT (reference) model."""
+class SamplingConfig(OptimConfig):
+    """Settings shared by the stages that sample responses to prompts and score them (PPO, GRPO, RLOO)."""
 
-    learning_rate: float = Field(3.0e-6, gt=0, le=1)
-    """Peak learning rate of AdamW for policy and value model."""
-    steps: int = Field(100, ge=1)
-    """PPO iterations: each samples batchSize prompts, generates, scores and updates."""
-    ppo_epochs: int = Field(4, ge=1, le=100)
-    """Optimisation passes over each batch of rollouts."""
-    mini_batches: int = Field(1, ge=1)
-    """Mini-batches per PPO epoch; batchSize must be divisible by it."""
     response_length_tokens: int = Field(128, ge=1, le=32768)
     """Maximum tokens generated per response."""
     temperature: float = Field(0.7, gt=0)
@@ -278,6 +270,38 @@ class PPOConfig(OptimConfig):
     """Responses end at this token; tokens after it are masked. None: always generate responseLengthTokens."""
     missing_eos_penalty: float | None = Field(1.0, ge=0)
     """Subtracted from the score of a response that never emits the stop token. None disables."""
+    reward_model_weight: float = 1.0
+    """Weight of the trained reward model's (normalised) score, when there is one."""
+    sample_every_steps: int = Field(10, ge=1)
+    """Generate on the held-out prompts every this many steps and record prompt, response, reward, KL."""
+    sample_prompts: int = Field(8, ge=1, le=256)
+    """Number of held-out prompts used for samples and evaluation (taken from the prompts file, not trained on)."""
+
+    OPERATIONAL_SETTINGS: ClassVar[frozenset[str]] = OptimConfig.OPERATIONAL_SETTINGS | {"sample_every_steps"}
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> "SamplingConfig":
+        prompt_tokens = self.max_seq_length_tokens - self.response_length_tokens
+        if prompt_tokens < MIN_PROMPT_TOKENS:
+            raise ValueError(
+                f"responseLengthTokens ({self.response_length_tokens}) leaves {max(prompt_tokens, 0)} of "
+                f"maxSeqLengthTokens ({self.max_seq_length_tokens}) for the prompt; at least "
+                f"{MIN_PROMPT_TOKENS} are needed: raise maxSeqLengthTokens or lower responseLengthTokens"
+            )
+        return self
+
+
+class PPOConfig(SamplingConfig):
+    """PPO against the reward with a per-token KL penalty to the SFT (reference) model."""
+
+    learning_rate: float = Field(3.0e-6, gt=0, le=1)
+    """Peak learning rate of AdamW for policy and value model."""
+    steps: int = Field(100, ge=1)
+    """PPO iterations: each samples batchSize prompts, generates, scores and updates."""
+    ppo_epochs: int = Field(4, ge=1, le=100)
+    """Optimisation passes over each batch of rollouts."""
+    mini_batches: int = Field(1, ge=1)
+    """Mini-batches per PPO epoch; batchSize must be divisible by it."""
     kl_coef: float = Field(0.05, ge=0)
     """Coefficient beta of the per-token KL penalty (initial value when adaptive)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -296,17 +320,10 @@ class PPOConfig(OptimConfig):
     """GAE lambda."""
     whiten_rewards: bool = False
     """Whiten the per-token rewards (without shifting the mean) before GAE."""
-    reward_model_weight: float = 1.0
-    """Weight of the trained reward model's (normalised) score, when there is one."""
-    sample_every_steps: int = Field(10, ge=1)
-    """Generate on the held-out prompts every this many steps and record prompt, response, reward, KL."""
-    sample_prompts: int = Field(8, ge=1, le=256)
-    """Number of held-out prompts used for samples and evaluation (taken from the prompts file, not trained on)."""
     max_kl: float | None = Field(50.0, gt=0)
     """Guardrail: the stage stops with a clear reason when the mean sequence KL exceeds this, in nats."""
 
-    OPERATIONAL_SETTINGS: ClassVar[frozenset[str]] = OptimConfig.OPERATIONAL_SETTINGS | {
-        "sample_every_steps", "max_kl"}
+    OPERATIONAL_SETTINGS: ClassVar[frozenset[str]] = SamplingConfig.OPERATIONAL_SETTINGS | {"max_kl"}
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> "PPOConfig":
@@ -322,13 +339,63 @@ class PPOConfig(OptimConfig):
                 f"the minibatch (batchSize / miniBatches = {minibatch}) must be divisible by "
                 f"gradientAccumulationSteps ({self.gradient_accumulation_steps})"
             )
-        prompt_tokens = self.max_seq_length_tokens - self.response_length_tokens
-        if prompt_tokens < MIN_PROMPT_TOKENS:
-            raise ValueError(
-                f"responseLengthTokens ({self.response_length_tokens}) leaves {max(prompt_tokens, 0)} of "
-                f"maxSeqLengthTokens ({self.max_seq_length_tokens}) for the prompt; at least "
-                f"{MIN_PROMPT_TOKENS} are needed: raise maxSeqLengthTokens or lower responseLengthTokens"
-            )
+        return self
+
+
+class GRPOConfig(SamplingConfig):
+    """GRPO or RLOO: groupSize responses per prompt, each scored against its group's rewards; no value model.
+
+    grpo (Shao et al. 2024): advantage = reward - group mean, divided by the group std when scaleRewards.
+    rloo (Ahmadian et al. 2024): advantage = reward - mean of the group's other rewards (leave-one-out).
+    Both optimise the clipped ratio loss with separate lower and upper clips, normalised as lossNormalisation
+    says, plus klCoef times the k3 KL to the reference (SFT) model. docs/grpo.md explains every setting.
+    """
+
+    learning_rate: float = Field(1.0e-6, gt=0, le=1)
+    """Peak learning rate of AdamW for the policy."""
+    batch_size: int = Field(16, ge=2, le=4096)
+    """Responses (episodes) per step per process: batchSize / groupSize prompts, each sampled groupSize times."""
+    algorithm: Literal["grpo", "rloo"] = "grpo"
+    """Baseline of the advantage: grpo (group mean) or rloo (leave-one-out mean of the other responses)."""
+    steps: int = Field(100, ge=1)
+    """Iterations: each samples batchSize responses, scores them and runs iterationsPerBatch passes of updates."""
+    group_size: int = Field(4, ge=2, le=1024)
+    """Responses sampled per prompt (G); must divide batchSize."""
+    iterations_per_batch: int = Field(1, ge=1, le=100)
+    """Optimisation passes over each batch (mu in the GRPO paper); with 1 and miniBatches 1 the ratio is 1."""
+    mini_batches: int = Field(1, ge=1)
+    """Optimizer steps per pass; batchSize must be divisible by it."""
+    scale_rewards: bool | None = None
+    """Divide advantages by the group's reward std. Unset: true for grpo, false for rloo (each paper's choice); false with grpo is Dr. GRPO."""
+    loss_normalisation: Literal["sequence", "token", "constant"] = "sequence"
+    """How token losses are averaged: sequence (per response, then over responses; GRPO), token (over all tokens of the minibatch; DAPO), constant (divided by responses x responseLengthTokens; Dr. GRPO)."""
+    clip_range_low: float = Field(0.2, gt=0, lt=1)
+    """The ratio is clipped below at 1 - clipRangeLow."""
+    clip_range_high: float = Field(0.2, gt=0)
+    """The ratio is clipped above at 1 + clipRangeHigh; above clipRangeLow (0.28 in DAPO) is "clip-higher"."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the k3 KL to the reference (SFT) model in the loss; 0 loads no reference model."""
+    max_kl: float | None = Field(50.0, gt=0)
+    """Guardrail, with a reference model: the stage stops when the mean sequence KL exceeds this, in nats."""
+
+    OPERATIONAL_SETTINGS: ClassVar[frozenset[str]] = SamplingConfig.OPERATIONAL_SETTINGS | {"max_kl"}
+
+    @property
+    def scales_rewards(self) -> bool:
+        """scaleRewards resolved: its value, else true for grpo and false for rloo."""
+        return self.algorithm == "grpo" if self.scale_rewards is None else self.scale_rewards
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> "GRPOConfig":
+        if self.batch_size % self.group_size:
+            raise ValueError(f"batchSize ({self.batch_size}) must be divisible by groupSize ({self.group_size}): "
+                             "each prompt is sampled groupSize times")
+        if self.batch_size % self.mini_batches:
+            raise ValueError(f"batchSize ({self.batch_size}) must be divisible by miniBatches ({self.mini_batches})")
+        minibatch = self.batch_size // self.mini_batches
+        if minibatch % self.gradient_accumulation_steps:
+            raise ValueError(f"the minibatch (batchSize / miniBatches = {minibatch}) must be divisible by "
+                             f"gradientAccumulationSteps ({self.gradient_accumulation_steps})")
         return self
 
 
@@ -347,7 +414,7 @@ class ReportingConfig(ApiModel):
     """Minimum seconds between two progress updates sent to Kubernetes."""
 
 
-StageName = Literal["sft", "reward", "ppo"]
+StageName = Literal["sft", "reward", "ppo", "grpo"]
 
 
 class DataPaths(ApiModel):
@@ -358,7 +425,7 @@ class DataPaths(ApiModel):
     preferences: str | None = None
     """{"prompt", "chosen", "rejected"} rows."""
     prompts: str | None = None
-    """{"prompt"} rows for PPO."""
+    """{"prompt"} rows for PPO and GRPO/RLOO; other fields of a row (e.g. "answer") go to the reward functions."""
 
 
 class StageJob(ApiModel):
@@ -372,13 +439,14 @@ class StageJob(ApiModel):
     model: str
     """Input model: a local transformers directory; a GGUF model (a .gguf file, or a directory holding exactly one), dequantised once into <outputDir>/gguf-model/ and saved as a plain safetensors model; or hf://org/name[@revision] (needs network). For reward and PPO, the SFT output."""
     reward_model: str | None = None
-    """PPO only: directory of the trained reward model (the reward stage output), if any."""
+    """PPO and GRPO/RLOO: directory of the trained reward model (the reward stage output), if any."""
     output_dir: str
     """Where checkpoints and the final model go; a restart with the same directory resumes."""
     data: DataPaths = Field(default_factory=DataPaths)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     reporting: ReportingConfig = Field(default_factory=ReportingConfig)
 
 

@@ -18,7 +18,7 @@ listing where it is not:
   modification time (hashing tens of GB of weights at each start would cost minutes);
 * ``hf://id@revision``: the string itself (a branch name is not pinned: use a
   commit hash to make a Hub model exact);
-* PPO's reward functions: their settings.
+* PPO's and GRPO's reward functions: their settings.
 
 ``trainer.checkpoint`` and ``trainer.runtime`` decide what a difference means
 (docs/trainer.md, "Outputs are never stale"); this module only builds and
@@ -40,7 +40,7 @@ from trainer.config import HUB_SCHEME, StageJob
 FINGERPRINT_FILE = "fingerprint.json"
 """In ``final/``: the fingerprint of the training that wrote it."""
 MISSING = "missing"
-_DATA_FIELD = {"sft": "sft", "reward": "preferences", "ppo": "prompts"}
+_DATA_FIELD = {"sft": "sft", "reward": "preferences", "ppo": "prompts", "grpo": "prompts"}
 
 
 def file_digest(path: str | Path) -> str:
@@ -88,7 +88,7 @@ def job_fingerprint(job: StageJob, *, processes: int) -> dict[str, Any]:
     data_field = _DATA_FIELD[job.stage]
     data_path = getattr(job.data, data_field)
     inputs[f"data.{data_field}"] = None if data_path is None else file_digest(data_path)
-    if job.stage == "ppo":
+    if job.stage in ("ppo", "grpo"):
         inputs["rewardModel"] = model_identity(job.reward_model)
         inputs["reward.functions"] = [f.model_dump(mode="json", by_alias=True, exclude_none=True)
                                       for f in job.reward.functions]

@@ -30,7 +30,7 @@ from trainer.reporting import FanOutReporter, LocalReporter, ProgressEvent, Repo
 COMPLETE_MARKER = "COMPLETE"
 """File written last into a finished directory (checkpoint or final model); its presence means complete."""
 
-STAGE_MODULES = {"sft": "trainer.sft", "reward": "trainer.reward_model", "ppo": "trainer.ppo"}
+STAGE_MODULES = {"sft": "trainer.sft", "reward": "trainer.reward_model", "ppo": "trainer.ppo", "grpo": "trainer.grpo"}
 
 
 class StageFailed(Exception):
@@ -136,8 +136,8 @@ def step_health(accelerator, *, loss: torch.Tensor, grad_norm) -> dict[str, floa
 
 
 def stage_config(job: StageJob):
-    """The settings block of the job's own stage (SFTConfig, RewardConfig or PPOConfig)."""
-    return {"sft": job.sft, "reward": job.reward, "ppo": job.ppo}[job.stage]
+    """The settings block of the job's own stage (SFTConfig, RewardConfig, PPOConfig or GRPOConfig)."""
+    return {"sft": job.sft, "reward": job.reward, "ppo": job.ppo, "grpo": job.grpo}[job.stage]
 
 
 def resolve_dtype(precision: str, *, cuda: bool, bf16_supported: bool) -> torch.dtype:
