@@ -140,6 +140,8 @@ class SFTConfig(OptimConfig):
     """Passes over the SFT dataset."""
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps even if epochs remain."""
+    assistant_turns: Literal["last", "all"] = "last"
+    """Chat {"messages"} rows: train the last assistant message only (earlier turns are context), or every assistant message (each with the conversation before it as context)."""
 
 
 _FUNCTION_REFERENCE = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$"
@@ -320,6 +322,8 @@ class PPOConfig(SamplingConfig):
     """GAE lambda."""
     whiten_rewards: bool = False
     """Whiten the per-token rewards (without shifting the mean) before GAE."""
+    chat_template: bool = True
+    """Give the policy each text prompt as a user message through the tokenizer's chat template (as an instruct model expects), when it has one; false: the prompt text as is (use false when SFT trained on prompt/completion text). Message-list prompts always use the template. The reward model scores the response after this same text."""
     max_kl: float | None = Field(50.0, gt=0)
     """Guardrail: the stage stops with a clear reason when the mean sequence KL exceeds this, in nats."""
 
@@ -418,12 +422,12 @@ StageName = Literal["sft", "reward", "ppo", "grpo"]
 
 
 class DataPaths(ApiModel):
-    """Local JSON Lines files (mounted volumes in a cluster)."""
+    """Local datasets (mounted volumes in a cluster): a file (JSON Lines, JSON, Parquet or CSV, optionally gzip-compressed) or a directory of such shards; docs/trainer.md lists the row formats."""
 
     sft: str | None = None
-    """{"prompt", "completion"} or {"messages"} rows."""
+    """{"prompt", "completion"} rows (strings or message lists) or {"messages"} rows."""
     preferences: str | None = None
-    """{"prompt", "chosen", "rejected"} rows."""
+    """{"prompt", "chosen", "rejected"} rows (strings or message lists), or {"chosen", "rejected"} with an implicit prompt."""
     prompts: str | None = None
     """{"prompt"} rows for PPO and GRPO/RLOO; other fields of a row (e.g. "answer") go to the reward functions."""
 

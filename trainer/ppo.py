@@ -29,7 +29,7 @@ import torch
 
 from trainer import ppo_math, runtime
 from trainer.checkpoint import resume_from_latest, save_checkpoint
-from trainer.modeling import disable_dropout, load_causal_lm, load_tokenizer, resolve_model_source, save_final
+from trainer.modeling import disable_dropout, load_causal_lm, load_tokenizer, prepare_model_source, save_final
 from trainer.rewards import CompositeReward
 from trainer.rollout import (SAMPLES_FILE, PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now,
                              positions, reduce_mean, reduce_sum, report_samples, response_logits, response_logprobs,
@@ -215,9 +215,10 @@ def run(ctx: StageContext) -> Path:
         raise PermanentStageFailure("ppo needs data.prompts (a JSON Lines file of {\"prompt\": ...} rows)")
     held_out, train_prompts = split_prompts(load_prompts(job.data.prompts), held_out=cfg.sample_prompts,
                                             source=job.data.prompts)
-    model_source = resolve_model_source(job.model)
+    model_source = prepare_model_source(ctx, job.model)
     tokenizer = load_tokenizer(model_source)
-    encoder = PromptEncoder(tokenizer, max_prompt_tokens=max(1, cfg.max_seq_length_tokens - cfg.response_length_tokens))
+    encoder = PromptEncoder(tokenizer, max_prompt_tokens=max(1, cfg.max_seq_length_tokens - cfg.response_length_tokens),
+                            chat_template=cfg.chat_template)
 
     # Trained models keep fp32 master weights (autocast does the low precision); frozen ones load in ctx.dtype.
     torch.manual_seed(cfg.seed)

@@ -11,7 +11,8 @@ Inputs are identified by content where that is cheap enough to be exact and by
 listing where it is not:
 
 * a data file: the SHA-256 of its bytes (it is read whole anyway; copying a
-  file or touching it does not change it);
+  file or touching it does not change it); a directory of shards: the SHA-256
+  of its data files' names and digests;
 * a model directory written by this trainer (it holds ``fingerprint.json``):
   the SHA-256 of that file, i.e. the exact training that produced it;
 * any other model directory, or a GGUF file: every file's path, size and
@@ -55,6 +56,23 @@ def file_digest(path: str | Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def dataset_digest(path: str | Path) -> str:
+    """``file_digest`` of a data file; for a directory of shards, ``sha256:`` over each data file's
+    name and digest (the files ``trainer.data.data_files`` reads), so adding, removing, renaming
+    or changing a shard changes it. ``missing`` when nothing can be read."""
+    from trainer.data import DatasetError, data_files
+
+    path = Path(path)
+    if not path.is_dir():
+        return file_digest(path)
+    try:
+        files = data_files(path)
+    except DatasetError:
+        return MISSING
+    listing = [[f.name, file_digest(f)] for f in files]
+    return "sha256:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
 def model_identity(source: str | None) -> str | None:
     """How a model source is recognised again: see the module docstring."""
     if source is None:
@@ -87,7 +105,7 @@ def job_fingerprint(job: StageJob, *, processes: int) -> dict[str, Any]:
     inputs: dict[str, Any] = {"model": model_identity(job.model)}
     data_field = _DATA_FIELD[job.stage]
     data_path = getattr(job.data, data_field)
-    inputs[f"data.{data_field}"] = None if data_path is None else file_digest(data_path)
+    inputs[f"data.{data_field}"] = None if data_path is None else dataset_digest(data_path)
     if job.stage in ("ppo", "grpo"):
         inputs["rewardModel"] = model_identity(job.reward_model)
         inputs["reward.functions"] = [f.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -112,7 +112,7 @@ def run(ctx: StageContext) -> Path:
         raise PermanentStageFailure("reward stage needs data.preferences or reward.functions")
     source = prepare_model_source(ctx, job.model)
     tokenizer = load_tokenizer(source)
-    rows = load_preference_rows(job.data.preferences)
+    rows = load_preference_rows(job.data.preferences, tokenizer=tokenizer)
     train_rows, eval_rows = split_for_eval(rows, fraction=cfg.eval_fraction, seed=cfg.seed)
     train = encode_pairs(train_rows, tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens)
     held_out = encode_pairs(eval_rows, tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens)

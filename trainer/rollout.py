@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from trainer import ppo_math
-from trainer.data import _read_objects, _report_count, _string_field
+from trainer.data import PromptRow, encode_text, load_prompt_rows, render_prompt
 from trainer.modeling import HUB_SCHEME, ModelSource, load_sequence_classifier, resolve_model_source
 from trainer.rewards import CompositeReward, RewardError, load_normalization
 from trainer.runtime import PermanentStageFailure, StageContext, StageFailed
@@ -34,22 +33,10 @@ SAMPLES_REPORTED = 4
 # prompts
 
 
-@dataclass(frozen=True)
-class PromptRow:
-    """One row of data.prompts: the prompt and its extra fields (e.g. {"answer": "42"}) for verifiable rewards."""
-
-    prompt: str
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
 def load_prompts(path: str | Path) -> list[PromptRow]:
-    """Validated prompt rows in file order; a bad row raises DatasetError naming the file and line."""
-    rows = []
-    for number, obj in _read_objects(path):
-        prompt = _string_field(obj, "prompt", where=f"{path}:{number}")
-        rows.append(PromptRow(prompt, {k: v for k, v in obj.items() if k != "prompt"}))
-    _report_count(path, used=len(rows), kind="prompt")
-    return rows
+    """Validated prompt rows (text or messages, plus extra fields) in file order; a bad row raises
+    DatasetError naming the file and line (``trainer.data.load_prompt_rows``)."""
+    return load_prompt_rows(path)
 
 
 def split_prompts(prompts: list, *, held_out: int, source: str, setting: str = "ppo.samplePrompts") -> tuple[list, list]:
@@ -158,14 +145,26 @@ def response_logprobs(model, batch: "SampledBatch", *, temperature: float) -> to
 
 
 class PromptEncoder:
-    """Tokenises prompt text like the SFT stage does (special tokens on, the end of long prompts kept)."""
+    """Renders prompt rows as the policy sees them and tokenises them (BOS once, the end of long prompts kept).
 
-    def __init__(self, tokenizer, *, max_prompt_tokens: int):
+    With ``chat_template`` (the stages' ``chatTemplate`` setting) and a tokenizer that has one, a text
+    prompt becomes one user message rendered with the assistant's opening, as an instruct model
+    expects; message prompts always go through the template. The rendered text is also what the
+    reward scores the response after (``trainer.data.encode_for_reward``).
+    """
+
+    def __init__(self, tokenizer, *, max_prompt_tokens: int, chat_template: bool = False):
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
+        self.chat_template = chat_template
+
+    def text(self, prompt) -> str:
+        """The text the policy continues for a row's ``prompt`` (a string or a message list)."""
+        return render_prompt(self.tokenizer, prompt, chat_template=self.chat_template)
 
     def __call__(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        lists = [self.tokenizer(p, add_special_tokens=True)["input_ids"][-self.max_prompt_tokens:] for p in prompts]
+        """Left-padded (b, p) ids and mask of already rendered prompt texts."""
+        lists = [encode_text(self.tokenizer, p)[-self.max_prompt_tokens:] for p in prompts]
         return left_pad(lists, pad_id=self.tokenizer.pad_token_id, device=device)
 
 
@@ -220,7 +219,7 @@ def sample_and_score(ctx: StageContext, *, cfg, policy_module, encoder: PromptEn
     acc, device = ctx.accelerator, ctx.device
     tokenizer = encoder.tokenizer
     stop_id = tokenizer.eos_token_id if cfg.stop_token == "eos" else None
-    texts_in = [row.prompt for row in prompts]
+    texts_in = [encoder.text(row.prompt) for row in prompts]
 
     tick = now(device)
     query, query_mask = encoder(texts_in, device)  # (b, p)

@@ -40,10 +40,10 @@ def collate(examples: list[TokenizedExample], *, pad_token_id: int, device) -> d
 def run(ctx: StageContext) -> Path:
     job, cfg, accelerator = ctx.job, ctx.job.sft, ctx.accelerator
     if job.data.sft is None:
-        raise PermanentStageFailure("sft stage needs data.sft (a JSON Lines file of prompt/completion or messages rows)")
+        raise PermanentStageFailure("sft stage needs data.sft (a dataset of prompt/completion or messages rows)")
     source = prepare_model_source(ctx, job.model)
     tokenizer = load_tokenizer(source)
-    rows = load_sft_rows(job.data.sft, tokenizer=tokenizer)
+    rows = load_sft_rows(job.data.sft, tokenizer=tokenizer, assistant_turns=cfg.assistant_turns)
     examples = [tokenize_sft_row(r, tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens) for r in rows]
 
     set_seed(cfg.seed)  # identical initialisation (LoRA adapters) on every process

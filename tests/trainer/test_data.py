@@ -41,18 +41,18 @@ def test_chat_rows_need_a_chat_template(tmp_path, tokenizer):
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
     plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     plain.chat_template = None
-    with pytest.raises(DatasetError, match=r"sft.jsonl:1: chat 'messages' rows need a tokenizer with a chat template"):
+    with pytest.raises(DatasetError, match=r"sft.jsonl:1: conversational rows \(message lists\) need a tokenizer with a chat template"):
         load_sft_rows(path, tokenizer=plain)
     assert len(load_sft_rows(path, tokenizer=tokenizer)) == 1
 
 
 def test_blank_lines_are_skipped_and_counts_reported(tmp_path, tokenizer, capsys):
     path = write_jsonl(tmp_path / "p.jsonl", ["", {"prompt": "one"}, "   ", {"prompt": "two"}, ""])
-    assert load_prompt_rows(path) == ["one", "two"]
+    assert [r.prompt for r in load_prompt_rows(path)] == ["one", "two"]
     assert f"{path}: using 2 prompt rows" in capsys.readouterr().err
     sft = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "completion": "b"}, "", {"prompt": "c", "completion": "d"}])
     rows = load_sft_rows(sft, tokenizer=tokenizer)
-    assert [r.line for r in rows] == [1, 3]
+    assert [r.where for r in rows] == [f"{sft}:1", f"{sft}:3"]
     assert f"{sft}: using 2 SFT rows" in capsys.readouterr().err
 
 
@@ -75,7 +75,7 @@ def test_empty_or_missing_file_is_an_error(tmp_path):
 
 
 def test_loss_mask_covers_exactly_the_prompt_tokens(tokenizer):
-    row = SFTRow(line=1, prompt="Tell me about cats?", completion=" Cats is nice!")
+    row = SFTRow(where="t:1", prompt="Tell me about cats?", completion=" Cats is nice!")
     example = tokenize_sft_row(row, tokenizer=tokenizer, max_length=512)
     prompt_ids = tokenizer("Tell me about cats?")["input_ids"]
     completion_ids = tokenizer(" Cats is nice!", add_special_tokens=False)["input_ids"]
@@ -85,7 +85,8 @@ def test_loss_mask_covers_exactly_the_prompt_tokens(tokenizer):
 
 def test_chat_row_trains_on_the_last_assistant_message_only(tokenizer):
     messages = ({"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"})
-    example = tokenize_sft_row(SFTRow(line=1, messages=messages), tokenizer=tokenizer, max_length=512)
+    example = tokenize_sft_row(SFTRow(where="t:1", messages=messages, trained=(1,)), tokenizer=tokenizer,
+                               max_length=512)
     trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == "hello world</s>"  # the template's </s> is the EOS, not doubled
     untrained = [t for t, label in zip(example.input_ids, example.labels) if label == IGNORE_INDEX]
@@ -93,7 +94,7 @@ def test_chat_row_trains_on_the_last_assistant_message_only(tokenizer):
 
 
 def test_truncation_keeps_half_the_budget_for_the_completion(tokenizer):
-    row = SFTRow(line=1, prompt="the " * 40, completion="yes " * 40)
+    row = SFTRow(where="t:1", prompt="the " * 40, completion="yes " * 40)
     example = tokenize_sft_row(row, tokenizer=tokenizer, max_length=16)
     assert len(example.input_ids) == 16
     assert sum(label != IGNORE_INDEX for label in example.labels) == 8

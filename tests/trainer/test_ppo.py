@@ -69,7 +69,9 @@ def ppo_job(tmp_path: Path, model: Path, *, output: str, functions=None, **ppo_s
     prompts = write_jsonl(tmp_path / "prompts.jsonl", word_prompts(96, seed=7))
     settings = {"steps": 3, "batchSize": 4, "responseLengthTokens": 6, "samplePrompts": 8, "sampleEverySteps": 2,
                 "checkpointEverySteps": 2, "ppoEpochs": 2, "miniBatches": 2, "learningRate": 1e-3,
-                "temperature": 1.0, "precision": "fp32"}
+                "temperature": 1.0, "precision": "fp32",
+                # The SFT models here learned raw prompt/completion text, so PPO gives them raw prompts too.
+                "chatTemplate": False}
     settings.update(ppo_settings)
     return {"stage": "ppo", "model": str(model), "outputDir": str(tmp_path / output),
             "data": {"prompts": str(prompts)},

@@ -49,7 +49,7 @@ def _job(tmp_path: Path, model: Path, *, output: str, **ppo_settings) -> dict:
     settings = {"steps": 3, "batchSize": 2, "responseLengthTokens": 5, "samplePrompts": len(HELD_OUT),
                 "sampleEverySteps": 10, "checkpointEverySteps": 2, "ppoEpochs": 1, "miniBatches": 1,
                 "learningRate": 1e-3, "temperature": 1.0, "precision": "fp32", "missingEosPenalty": None,
-                "logEverySteps": 1}
+                "logEverySteps": 1, "chatTemplate": False}  # raw prompts, as the SFT data was
     settings.update(ppo_settings)
     return {"stage": "ppo", "model": str(model), "outputDir": str(tmp_path / output),
             "data": {"prompts": str(prompts)},
