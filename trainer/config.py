@@ -272,6 +272,8 @@ class SamplingConfig(OptimConfig):
     """Responses end at this token; tokens after it are masked. None: always generate responseLengthTokens."""
     missing_eos_penalty: float | None = Field(1.0, ge=0)
     """Subtracted from the score of a response that never emits the stop token. None disables."""
+    chat_template: bool = True
+    """Give the policy each text prompt as a user message through the tokenizer's chat template (as an instruct model expects), when it has one; false: the prompt text as is (use false when SFT trained on prompt/completion text). Message-list prompts always use the template. The reward model scores the response after this same text."""
     reward_model_weight: float = 1.0
     """Weight of the trained reward model's (normalised) score, when there is one."""
     sample_every_steps: int = Field(10, ge=1)
@@ -322,8 +324,6 @@ class PPOConfig(SamplingConfig):
     """GAE lambda."""
     whiten_rewards: bool = False
     """Whiten the per-token rewards (without shifting the mean) before GAE."""
-    chat_template: bool = True
-    """Give the policy each text prompt as a user message through the tokenizer's chat template (as an instruct model expects), when it has one; false: the prompt text as is (use false when SFT trained on prompt/completion text). Message-list prompts always use the template. The reward model scores the response after this same text."""
     max_kl: float | None = Field(50.0, gt=0)
     """Guardrail: the stage stops with a clear reason when the mean sequence KL exceeds this, in nats."""
 

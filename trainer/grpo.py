@@ -157,7 +157,8 @@ def run(ctx: StageContext) -> Path:
                                             source=job.data.prompts, setting="grpo.samplePrompts")
     model_source = prepare_model_source(ctx, job.model)
     tokenizer = load_tokenizer(model_source)
-    encoder = PromptEncoder(tokenizer, max_prompt_tokens=max(1, cfg.max_seq_length_tokens - cfg.response_length_tokens))
+    encoder = PromptEncoder(tokenizer, max_prompt_tokens=max(1, cfg.max_seq_length_tokens - cfg.response_length_tokens),
+                            chat_template=cfg.chat_template)
 
     torch.manual_seed(cfg.seed)
     policy = load_causal_lm(model_source, dtype=torch.float32, lora=cfg.lora)  # fp32 master weights

@@ -71,7 +71,8 @@ def grpo_job(tmp_path: Path, model: Path, *, output: str, **settings) -> dict:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", task_rows(128, seed=7))
     grpo_settings = {"steps": 3, "batchSize": 8, "groupSize": 4, "responseLengthTokens": 4, "samplePrompts": 8,
                      "sampleEverySteps": 2, "checkpointEverySteps": 2, "iterationsPerBatch": 2, "miniBatches": 2,
-                     "learningRate": 1e-3, "temperature": 1.0, "precision": "fp32"}
+                     "learningRate": 1e-3, "temperature": 1.0, "precision": "fp32",
+                     "chatTemplate": False}  # the toy SFT model was trained on raw prompt text
     grpo_settings.update(settings)
     return {"stage": "grpo", "model": str(model), "outputDir": str(tmp_path / output),
             "data": {"prompts": str(prompts)},
