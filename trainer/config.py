@@ -89,8 +89,16 @@ class LoraConfig(ApiModel):
     """Scaling numerator; the update is scaled by alpha / rank."""
     dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the adapter input."""
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Names of the linear modules that get adapters."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      min_length=1)
+    """Names (or ends of names) of the linear modules that get adapters, as PEFT matches them; ["all-linear"]: every linear layer except the output head."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _all_linear_stands_alone(cls, targets: list[str]) -> list[str]:
+        if "all-linear" in targets and len(targets) > 1:
+            raise ValueError('"all-linear" already names every linear layer: give it alone')
+        return targets
 
 
 class OptimConfig(ApiModel):
@@ -122,6 +130,10 @@ class OptimConfig(ApiModel):
     """Metrics and progress are reported every this many optimizer steps."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of all weights when set."""
+    gradient_checkpointing: bool = False
+    """Recompute activations during the backward pass instead of keeping them: much less activation memory for roughly a third more compute. Applies to the trained models (policy and value model in PPO)."""
+    attention_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """Attention kernel (transformers' attn_implementation) of every model the stage loads; None: transformers' default (sdpa where the model supports it). flash_attention_2 needs the flash-attn package and a supported GPU."""
 
     # Not fields (no schema): which settings a resume may change. Every other setting shapes the
     # training trajectory, so a checkpoint written with another value is refused (docs/trainer.md).

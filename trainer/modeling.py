@@ -22,11 +22,14 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import HUB_SCHEME, LoraConfig, parse_hub_source
+from trainer.config import HUB_SCHEME, LoraConfig, OptimConfig, parse_hub_source
 from trainer.durable import publish_directory
+from trainer.model_card import render_model_card
 from trainer.provenance import FINGERPRINT_FILE, model_identity
 from trainer.runtime import COMPLETE_MARKER, PermanentStageFailure, StageContext
 
+ALL_LINEAR = "all-linear"
+"""lora.targetModules ["all-linear"]: PEFT's shorthand for every linear layer except the output head."""
 GGUF_SUFFIX = ".gguf"
 GGUF_CONVERTED_DIR = "gguf-model"
 """Under outputDir: the stage's GGUF model, dequantised to a plain transformers directory."""
@@ -223,8 +226,11 @@ def _with_lora(model, lora: LoraConfig | None, *, task_type: str, modules_to_sav
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    targets = list(lora.target_modules)
+    # PEFT's own shorthand: every linear layer except the output head.
+    target_modules = ALL_LINEAR if targets == [ALL_LINEAR] else targets
     peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules), task_type=task_type,
+                                 target_modules=target_modules, task_type=task_type,
                                  modules_to_save=modules_to_save)
     try:
         return get_peft_model(model, peft_config)
@@ -232,18 +238,47 @@ def _with_lora(model, lora: LoraConfig | None, *, task_type: str, modules_to_sav
         raise PermanentStageFailure(f"lora.targetModules {list(lora.target_modules)}: {exc}") from exc
 
 
-def load_causal_lm(path: ModelSource | str, *, dtype: torch.dtype, lora: LoraConfig | None = None):
-    """A causal LM in ``dtype``; with ``lora``, a PEFT model whose adapters are the only trainable weights."""
+def model_options(settings: OptimConfig, *, trained: bool) -> dict:
+    """Keyword arguments of the ``load_*`` functions from a stage's settings: the attention
+    implementation for every model, gradient checkpointing for the trained ones."""
+    return {"attention": settings.attention_implementation,
+            "gradient_checkpointing": trained and settings.gradient_checkpointing}
+
+
+def _pretrained_kwargs(source: ModelSource, attention: str | None) -> dict:
+    kwargs = dict(source.pretrained_kwargs())
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
+    return kwargs
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' gradient checkpointing, non-reentrant: it needs no input that requires grad,
+    so it works with frozen embeddings (LoRA) too."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def load_causal_lm(path: ModelSource | str, *, dtype: torch.dtype, lora: LoraConfig | None = None,
+                   attention: str | None = None, gradient_checkpointing: bool = False):
+    """A causal LM in ``dtype``; with ``lora``, a PEFT model whose adapters are the only trainable weights.
+
+    ``attention``: transformers' ``attn_implementation`` (None: its default); ``model_options``
+    gives both options from a stage's settings.
+    """
     from transformers import AutoModelForCausalLM
 
     source = _source(path)
     with _missing_on_hub_is_permanent(source):
-        model = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=dtype, **source.pretrained_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=dtype,
+                                                     **_pretrained_kwargs(source, attention))
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return _with_lora(model, lora, task_type="CAUSAL_LM")
 
 
 def load_sequence_classifier(path: ModelSource | str, *, dtype: torch.dtype, lora: LoraConfig | None = None,
-                             pad_token_id: int | None = None):
+                             pad_token_id: int | None = None, attention: str | None = None,
+                             gradient_checkpointing: bool = False):
     """A one-output sequence classifier (reward model) with dropout off.
 
     transformers scores a sequence at its last non-pad token, so the model
@@ -257,15 +292,23 @@ def load_sequence_classifier(path: ModelSource | str, *, dtype: torch.dtype, lor
     source = _source(path)
     with _missing_on_hub_is_permanent(source):
         model = AutoModelForSequenceClassification.from_pretrained(source.name_or_path, num_labels=1, dtype=dtype,
-                                                                   **source.pretrained_kwargs())
+                                                                   **_pretrained_kwargs(source, attention))
     model.config.pad_token_id = pad_token_id
     disable_dropout(model)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return _with_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score"])
 
 
+MODEL_CARD_FILE = "README.md"
+
+
 def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, dict] | None = None) -> Path:
-    """Write ``<outputDir>/final/``: merged weights (safetensors), tokenizer, extra JSON files,
-    ``fingerprint.json`` (what produced it, ``trainer.provenance``), marker last.
+    """Write ``<outputDir>/final/``: merged weights (safetensors) in the training precision
+    (``ctx.dtype``: bf16/fp16 weights when the stage trained in it, whatever the fp32 master
+    weights were), tokenizer, extra JSON files, the model card ``README.md``
+    (``trainer.model_card``), ``fingerprint.json`` (what produced it, ``trainer.provenance``),
+    marker last.
 
     Called on every process; only the main process writes. The directory is
     built as ``final.tmp``, fsynced and renamed (``trainer.durable``), so ``final/``
@@ -282,7 +325,12 @@ def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, di
             unwrapped = accelerator.unwrap_model(model)
             if hasattr(unwrapped, "merge_and_unload"):  # PEFT: ship plain weights, no adapter runtime needed
                 unwrapped = unwrapped.merge_and_unload()
+            if ctx.dtype != torch.float32:  # training is over: the fp32 master copy is not needed any more
+                unwrapped = unwrapped.to(ctx.dtype)
             unwrapped.save_pretrained(temp, safe_serialization=True)
+            (temp / MODEL_CARD_FILE).write_text(render_model_card(
+                job=ctx.job, fingerprint=ctx.fingerprint, metrics=ctx.latest_metrics,
+                dtype=str(ctx.dtype).removeprefix("torch.")))
         if tokenizer is not None:
             tokenizer.save_pretrained(temp)
         for name, content in (extra_files or {}).items():

@@ -29,7 +29,8 @@ import torch
 
 from trainer import ppo_math, runtime
 from trainer.checkpoint import resume_from_latest, save_checkpoint
-from trainer.modeling import disable_dropout, load_causal_lm, load_tokenizer, prepare_model_source, save_final
+from trainer.modeling import (disable_dropout, enable_gradient_checkpointing, load_causal_lm, load_tokenizer,
+                              model_options, prepare_model_source, save_final)
 from trainer.rewards import CompositeReward
 from trainer.rollout import (SAMPLES_FILE, PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now,
                              positions, reduce_mean, reduce_sum, report_samples, response_logits, response_logprobs,
@@ -62,11 +63,19 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_pretrained(cls, source: str, *, dtype: torch.dtype) -> "ValueModel":
-        """Backbone of any transformers checkpoint (causal LM or sequence classifier); its head is dropped."""
+    def from_pretrained(cls, source: str, *, dtype: torch.dtype, attention: str | None = None,
+                        gradient_checkpointing: bool = False) -> "ValueModel":
+        """Backbone of any transformers checkpoint (causal LM or sequence classifier); its head is dropped.
+
+        ``attention`` and ``gradient_checkpointing`` as in ``trainer.modeling.load_causal_lm``.
+        """
         from transformers import AutoModel
 
-        return cls(AutoModel.from_pretrained(source, dtype=dtype))
+        backbone = AutoModel.from_pretrained(source, dtype=dtype,
+                                             **({"attn_implementation": attention} if attention else {}))
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(backbone)
+        return cls(backbone)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
@@ -222,12 +231,12 @@ def run(ctx: StageContext) -> Path:
 
     # Trained models keep fp32 master weights (autocast does the low precision); frozen ones load in ctx.dtype.
     torch.manual_seed(cfg.seed)
-    policy = load_causal_lm(model_source, dtype=torch.float32, lora=cfg.lora)
-    reference = load_causal_lm(model_source, dtype=ctx.dtype)
+    policy = load_causal_lm(model_source, dtype=torch.float32, lora=cfg.lora, **model_options(cfg, trained=True))
+    reference = load_causal_lm(model_source, dtype=ctx.dtype, **model_options(cfg, trained=False))
     reward_source = reward_model_source(job.reward_model)
     # Huang et al.: the value model starts from the reward model, which already judges whole responses.
     value_source = reward_source or model_source
-    value_model = ValueModel.from_pretrained(value_source, dtype=torch.float32)
+    value_model = ValueModel.from_pretrained(value_source, dtype=torch.float32, **model_options(cfg, trained=True))
     if acc.is_main_process:
         print(f"[ppo] value model initialised from {value_source}", flush=True)
     for model in (policy, reference, value_model):

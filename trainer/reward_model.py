@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 
 from trainer.checkpoint import save_checkpoint
 from trainer.data import PreferenceRow, encode_for_reward, load_preference_rows, pad_right, split_for_eval
-from trainer.modeling import load_sequence_classifier, load_tokenizer, prepare_model_source, save_final
+from trainer.modeling import load_sequence_classifier, load_tokenizer, model_options, prepare_model_source, save_final
 from trainer.runtime import PermanentStageFailure, StageContext, check_finite, step_health
 from trainer.supervised import prepare_supervised
 
@@ -120,7 +120,7 @@ def run(ctx: StageContext) -> Path:
 
     set_seed(cfg.seed)  # identical score-head initialisation on every process
     model = load_sequence_classifier(source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora,
-                                     pad_token_id=pad)
+                                     pad_token_id=pad, **model_options(cfg, trained=True))
     setup = prepare_supervised(ctx, model, cfg=cfg, epochs=cfg.epochs, max_steps=cfg.max_steps,
                                num_examples=len(train))
     model, optimizer, scheduler, plan = setup.model, setup.optimizer, setup.scheduler, setup.plan

@@ -171,6 +171,8 @@ class StageContext:
     """Last step reported; the failure event carries it."""
     total_steps: int = field(default=0)
     """Planned steps, as last reported; the success event carries it."""
+    latest_metrics: dict[str, float] = field(default_factory=dict)
+    """Each metric's latest reported value (this process start only): what the model card shows."""
 
     @property
     def is_main_process(self) -> bool:
@@ -189,6 +191,7 @@ class StageContext:
         if not self.accelerator.is_main_process:
             return
         metrics = {k: float(v) for k, v in (metrics or {}).items() if v is not None}
+        self.latest_metrics.update(metrics)
         self.metrics.update(step=step, total_steps=total_steps,
                             **{k: v for k, v in metrics.items() if k in GAUGES})
         if self.device.type == "cuda":

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 
 from trainer.checkpoint import save_checkpoint
 from trainer.data import IGNORE_INDEX, TokenizedExample, load_sft_rows, pad_right, tokenize_sft_row
-from trainer.modeling import load_causal_lm, load_tokenizer, prepare_model_source, save_final
+from trainer.modeling import load_causal_lm, load_tokenizer, model_options, prepare_model_source, save_final
 from trainer.runtime import PermanentStageFailure, StageContext, check_finite, step_health
 from trainer.supervised import prepare_supervised
 
@@ -49,7 +49,8 @@ def run(ctx: StageContext) -> Path:
     set_seed(cfg.seed)  # identical initialisation (LoRA adapters) on every process
     # Trained weights stay fp32 and bf16/fp16 run under autocast; with LoRA the
     # frozen base can live in the compute dtype and PEFT keeps adapters in fp32.
-    model = load_causal_lm(source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora)
+    model = load_causal_lm(source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora,
+                           **model_options(cfg, trained=True))
     setup = prepare_supervised(ctx, model, cfg=cfg, epochs=cfg.epochs, max_steps=cfg.max_steps,
                                num_examples=len(examples))
     model, optimizer, scheduler, plan = setup.model, setup.optimizer, setup.scheduler, setup.plan

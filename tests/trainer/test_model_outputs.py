@@ -1,0 +1,88 @@
+"""What final/ holds and how models are built: training precision, model card, LoRA all-linear,
+gradient checkpointing and the attention implementation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .stage_runs import load_state_dict, max_abs_diff, run_cli, run_in_process, write_job, write_jsonl
+from .test_sft import sft_rows
+
+
+def sft(tmp_path, model_dir, *, output: str, subprocess: bool = False, **settings) -> dict:
+    job = {"stage": "sft", "model": str(model_dir), "outputDir": str(tmp_path / output),
+           "data": {"sft": str(write_jsonl(tmp_path / "sft.jsonl", sft_rows()))},
+           "sft": {"batchSize": 4, "maxSteps": 2, "learningRate": 1e-3, **settings}}
+    config = write_job(tmp_path / f"{output}.yaml", **job)
+    if subprocess:
+        result = run_cli("sft", config)
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        assert run_in_process("sft", config) == 0
+    return job
+
+
+def test_a_full_fine_tune_saves_in_its_training_precision_with_a_model_card(tmp_path, tiny_model_dir):
+    from safetensors import safe_open
+
+    # In a subprocess: accelerate's mixed-precision state is per process and cannot be changed back.
+    sft(tmp_path, tiny_model_dir, output="out", precision="bf16", subprocess=True)
+    final = tmp_path / "out" / "final"
+    with safe_open(str(final / "model.safetensors"), "pt") as weights:
+        dtypes = {str(weights.get_tensor(name).dtype) for name in weights.keys()}
+    assert dtypes == {"torch.bfloat16"}  # half the size of the fp32 master weights
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+
+    card = (final / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")
+    assert "base_model" not in card  # a local path means nothing to the Hub
+    fingerprint = json.loads((final / "fingerprint.json").read_text())
+    assert f"`data.sft` = `{tmp_path / 'sft.jsonl'}` ({fingerprint['inputs']['data.sft']})" in card
+    assert "| loss |" in card and "safetensors, bfloat16" in card and "precision: bf16" in card
+
+
+def test_the_model_card_names_a_hub_base_model():
+    from trainer.config import StageJob
+    from trainer.model_card import render_model_card
+
+    job = StageJob.model_validate({"stage": "reward", "model": "hf://org/name@abc", "outputDir": "/o",
+                                   "reward": {"lora": {"rank": 4}}})
+    card = render_model_card(job=job, fingerprint={}, metrics={"reward_model_accuracy": 0.75}, dtype="float32")
+    assert "base_model: org/name\n" in card and "pipeline_tag: text-classification" in card
+    assert "- lora" in card and "| reward_model_accuracy | 0.75 |" in card and "reward_normalization.json" in card
+
+
+def test_lora_all_linear_adapts_every_linear_layer_but_the_head(tmp_path, tiny_model_dir):
+    sft(tmp_path, tiny_model_dir, output="out", lora={"rank": 4, "alpha": 8, "dropout": 0.0,
+                                                      "targetModules": ["all-linear"]})
+    base, tuned = load_state_dict(tiny_model_dir), load_state_dict(tmp_path / "out" / "final")
+    changed = {k.split(".")[-2] for k in base if not (base[k] == tuned[k]).all()}
+    assert changed == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_all_linear_cannot_be_combined_with_names():
+    from pydantic import ValidationError
+
+    from trainer.config import LoraConfig
+
+    with pytest.raises(ValidationError, match="give it alone"):
+        LoraConfig(target_modules=["all-linear", "q_proj"])
+
+
+def test_gradient_checkpointing_and_eager_attention_train_the_same_weights(tmp_path, tiny_model_dir):
+    sft(tmp_path, tiny_model_dir, output="plain")
+    sft(tmp_path, tiny_model_dir, output="checkpointed", gradientCheckpointing=True, attentionImplementation="eager")
+    plain = load_state_dict(tmp_path / "plain" / "final")
+    assert max_abs_diff(plain, load_state_dict(tmp_path / "checkpointed" / "final")) < 1e-5
+    assert max_abs_diff(plain, load_state_dict(tiny_model_dir)) > 1e-4  # and they did train
+
+
+def test_ppo_builds_its_models_with_the_settings(tmp_path, tiny_model_dir):
+    from .test_ppo import ppo_job
+
+    job = ppo_job(tmp_path, tiny_model_dir, output="out", steps=1, gradientCheckpointing=True,
+                  attentionImplementation="eager", sampleEverySteps=1000)
+    assert run_in_process("ppo", write_job(tmp_path / "job.yaml", **job)) == 0
+    assert (tmp_path / "out" / "final" / "README.md").is_file()
