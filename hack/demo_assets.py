@@ -145,12 +145,20 @@ def write_model(directory: Path) -> bool:
     marker = directory / FINGERPRINT_FILE
     if all((directory / name).exists() for name in MODEL_FILES) and marker.exists() \
             and json.loads(marker.read_text()).get("fingerprint") == fingerprint():
+        readable_by_the_trainer(directory)  # made by an older version of this script
         return False
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(directory)
     build_tiny_model(directory, vocab_size=len(tokenizer))
     marker.write_text(json.dumps({"fingerprint": fingerprint(), "built_by": "hack/demo_assets.py"}) + "\n")
+    readable_by_the_trainer(directory)
     return True
+
+
+def readable_by_the_trainer(directory: Path) -> None:
+    """transformers writes model.safetensors with mode 0600; the trainer runs as uid 65532, not as us."""
+    for path in directory.iterdir():
+        path.chmod(0o644)
 
 
 DATASETS = {"sft": sft_rows, "preferences": preference_rows, "prompts": prompt_rows}

@@ -7,6 +7,7 @@ this module's namespaces. Every wait polls with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -53,9 +54,10 @@ def wait_for(what: str, check: Callable[[], Any], *, timeout: float = 120.0, int
 class OperatorProcess:
     """``python -m ftoperator`` as a child process that can be killed and started again."""
 
-    def __init__(self, *, kubeconfig: str, workdir: Path):
+    def __init__(self, *, kubeconfig: str, workdir: Path, extra_args: tuple[str, ...] = ()):
         self.kubeconfig = kubeconfig
         self.workdir = workdir
+        self.extra_args = extra_args
         self.webhook_port, self.metrics_port, self.liveness_port = free_port(), free_port(), free_port()
         self.process: subprocess.Popen | None = None
         self.log_path = workdir / "operator.log"
@@ -72,7 +74,8 @@ class OperatorProcess:
              "--webhook-url", f"https://127.0.0.1:{self.webhook_port}",
              "--metrics-port", str(self.metrics_port), "--liveness-port", str(self.liveness_port),
              "--max-gpus-per-stage", str(MAX_GPUS), "--trainer-image", "local/finetune-trainer",
-             "--trainer-metrics-port", "0", "--report-interval-seconds", "0.5", "--resync-seconds", "10"],
+             "--trainer-metrics-port", "0", "--report-interval-seconds", "0.5", "--resync-seconds", "10",
+             *self.extra_args],
             cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         wait_for("the operator's liveness endpoint", self.alive, timeout=60)
@@ -108,14 +111,15 @@ class OperatorProcess:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
-@pytest.fixture(scope="module")
-def operator(kube_cluster, tmp_path_factory):
+@contextlib.contextmanager
+def running_operator(kube_cluster, workdir: Path, *extra_args: str):
+    """The CRD applied and ``python -m ftoperator`` (plus extra_args) serving its webhook, until exit."""
     kube_cluster.kubectl("apply", "-f", str(CRD))
     # Polled rather than `kubectl wait`: that fails outright if it reads the CRD before it has any conditions.
     wait_for("the CRD to be established", lambda: kube_cluster.kubectl(
         "get", "crd", "finetuneruns.finetune.dev", "-o", 'jsonpath={.status.conditions[?(@.type=="Established")].status}',
         check=False).stdout == "True", timeout=60)
-    process = OperatorProcess(kubeconfig=kube_cluster.kubeconfig, workdir=tmp_path_factory.mktemp("operator"))
+    process = OperatorProcess(kubeconfig=kube_cluster.kubeconfig, workdir=workdir, extra_args=extra_args)
     process.start()
     wait_for("the webhook configuration", lambda: kube_cluster.kubectl(
         "get", "validatingwebhookconfiguration", "finetune.dev", check=False).returncode == 0, timeout=30)
@@ -127,6 +131,12 @@ def operator(kube_cluster, tmp_path_factory):
         for kind in ("validatingwebhookconfiguration", "mutatingwebhookconfiguration"):
             kube_cluster.kubectl("delete", kind, "finetune.dev", "--ignore-not-found", check=False)
         print(f"operator log: {process.log_path}")
+
+
+@pytest.fixture(scope="module")
+def operator(kube_cluster, tmp_path_factory):
+    with running_operator(kube_cluster, tmp_path_factory.mktemp("operator")) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +153,12 @@ def namespace(kube_cluster, tiny_model_dir, operator):
 
     name = f"{NAMESPACE_PREFIX}{uuid.uuid4().hex[:6]}"
     kube_cluster.kubectl("create", "namespace", name)
-    shutil.copytree(tiny_model_dir, kube_cluster.pvc_dir(name, "models") / "tiny")
+    model = shutil.copytree(tiny_model_dir, kube_cluster.pvc_dir(name, "models") / "tiny")
+    # pytest's temp dirs are 0700 and copytree keeps modes: the trainer runs as uid 65532.
+    for path in [Path(model), *Path(model).rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
     datasets = kube_cluster.pvc_dir(name, "datasets")
+    kube_cluster.pvc_dir(name, "runs")  # the claim the stages write their outputs to
     sys.path.insert(0, str(REPO / "hack"))
     import demo_assets  # the example's own toy data: enough prompts for its ppo.samplePrompts
 
@@ -280,19 +294,23 @@ def test_three_stage_run_succeeds_with_sensible_columns_and_a_loadable_model(kub
     assert 'finetune_operator_runs{state="Succeeded"}' in metrics
 
 
-def test_failing_stage_is_retried_then_the_run_fails_with_the_termination_message(kube_cluster, api, namespace):
-    run = example("broken", backoffLimit=1)
+def test_a_bad_dataset_row_fails_the_run_at_once_with_the_file_and_line(kube_cluster, api, namespace):
+    # A bad row is a permanent error (exit code 3): retrying cannot fix it, so no retry burns GPU hours.
+    run = example("broken", backoffLimit=2)
     run["spec"]["data"]["sft"] = "pvc://datasets/broken.jsonl"
     apply(kube_cluster, namespace, run)
     status = wait_state(api, namespace, "broken", "Succeeded", "Failed", timeout=180)
 
     assert status["state"] == "Failed"
     failed = condition(status, "Failed")
-    assert failed["status"] == "True" and failed["reason"] == "StageFailed"
+    assert failed["status"] == "True"
     assert "broken.jsonl:1" in failed["message"], failed["message"]
-    assert status["stages"]["sft"]["failures"] == 2 and status["stages"]["sft"]["attempts"] == 2
-    assert pod_names(api, namespace, "broken") == ["broken-sft-1", "broken-sft-2"]
-    assert {"StageRetrying", "StageFailed", "RunFailed"} <= event_reasons(kube_cluster, namespace, "broken")
+    sft = status["stages"]["sft"]
+    assert (sft["attempts"], sft["failures"], sft["reason"]) == (1, 1, "PermanentError")
+    assert sft["lastFailure"]["exitCode"] == 3
+    assert pod_names(api, namespace, "broken") == ["broken-sft-1"]
+    reasons = event_reasons(kube_cluster, namespace, "broken")
+    assert {"StageFailed", "RunFailed"} <= reasons and "StageRetrying" not in reasons
 
 
 def test_pod_deleted_mid_ppo_is_replaced_and_resumes_from_its_checkpoint(kube_cluster, api, namespace):
@@ -396,9 +414,13 @@ def test_run_deleted_and_recreated_at_once_waits_for_the_old_children_then_succe
     status = wait_for("the new run to wait for the held ServiceAccount", lambda: (lambda s: s if condition(
         s, "Succeeded").get("reason") == "WaitingForCleanup" and held in s.get("message", "") else None)(
         status_of(api, namespace, "again")), timeout=90)
-    assert status["stages"]["sft"]["attempts"] == 0 and pod_names(api, namespace, "again") == []
     new_uid = get_run(api, namespace, "again")["metadata"]["uid"]
     assert new_uid != old_uid
+    assert status["stages"]["sft"]["attempts"] == 0
+    # The old run's pod may still be terminating (the kubelet gives it its grace period); none is the new run's.
+    owners = {ref["uid"] for pod in api.list_pods(namespace, label_selector="finetune.dev/run=again")
+              for ref in pod["metadata"].get("ownerReferences", [])}
+    assert new_uid not in owners
     kube_cluster.kubectl("patch", "sa", service_account, "-n", namespace, "--type=merge",
                          "-p", '{"metadata":{"finalizers":null}}')
 
@@ -416,11 +438,26 @@ def test_run_deleted_and_recreated_at_once_waits_for_the_old_children_then_succe
     (lambda spec: spec["resources"].update(gpus=-1), "spec.resources.gpus"),
     (lambda spec: spec["data"].pop("prompts"), "spec.data.prompts"),
     (lambda spec: spec["stages"]["ppo"].update(miniBatches=3), "spec.stages.ppo"),
+    # Caught at apply rather than hours later in the PPO pod:
+    (lambda spec: spec["stages"]["reward"].update(functions=[{"type": "regex", "pattern": "(cats"}]),
+     "spec.stages.reward.functions[0]"),
+    (lambda spec: spec["resources"].update(memory="500m"), "did you mean 500Mi?"),
+    (lambda spec: spec["stages"]["ppo"].update(responseLengthTokens=60, maxSeqLengthTokens=64), "spec.stages.ppo"),
+    (lambda spec: spec["model"].update(source="hf://a/b/c"), "spec.model.source"),
 ], ids=["ppo-without-reward", "gpus-above-operator-max", "negative-gpus", "ppo-without-prompts",
-        "batch-not-divisible"])
+        "batch-not-divisible", "regex-that-does-not-compile", "memory-in-millibytes",
+        "response-longer-than-the-sequence", "malformed-hub-id"])
 def test_bad_manifests_are_rejected_at_apply_with_the_field_name(kube_cluster, namespace, change, field):
     run = example("rejected")
     change(run["spec"])
     answer = apply(kube_cluster, namespace, run, check=False)
     assert answer.returncode != 0, "kubectl apply should have failed"
     assert field in answer.stderr, answer.stderr
+
+
+@pytest.mark.parametrize("source", ["hf://gpt2", "hf://HuggingFaceTB/SmolLM2-135M-Instruct@main"])
+def test_every_valid_hub_id_is_admitted_with_an_optional_revision(kube_cluster, namespace, source):
+    run = example("hub-model", suspend=True)  # suspended: admitted, but no pod tries to download
+    run["spec"]["model"]["source"] = source
+    apply(kube_cluster, namespace, run)
+    kube_cluster.kubectl("delete", "ftr", "hub-model", "-n", namespace)
