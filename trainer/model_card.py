@@ -64,8 +64,8 @@ def render_model_card(*, job: StageJob, fingerprint: dict[str, Any], metrics: di
                   "then the reply's content), tokenised with the tokenizer's special tokens, no EOS appended; "
                   "normalise with `reward_normalization.json`: `(score - mean) / std`."]
     else:
-        lines += ["`AutoModelForCausalLM.from_pretrained` this directory. The tokenizer pads on the right "
-                  "(as in training); set `tokenizer.padding_side = \"left\"` to batch-generate."]
+        lines += ["`AutoModelForCausalLM.from_pretrained` this directory. The tokenizer pads on the left, "
+                  "as batch generation needs."]
     lines += ["", "## Stage settings", "", "```yaml",
               yaml.safe_dump({job.stage: settings.model_dump(mode="json", by_alias=True, exclude_none=True)},
                              sort_keys=False).rstrip(),

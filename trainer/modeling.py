@@ -306,7 +306,7 @@ MODEL_CARD_FILE = "README.md"
 def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, dict] | None = None) -> Path:
     """Write ``<outputDir>/final/``: merged weights (safetensors) in the training precision
     (``ctx.dtype``: bf16/fp16 weights when the stage trained in it, whatever the fp32 master
-    weights were), tokenizer, extra JSON files, the model card ``README.md``
+    weights were), tokenizer (left-padding, except the reward model's), extra JSON files, the model card ``README.md``
     (``trainer.model_card``), ``fingerprint.json`` (what produced it, ``trainer.provenance``),
     marker last.
 
@@ -332,6 +332,10 @@ def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, di
                 job=ctx.job, fingerprint=ctx.fingerprint, metrics=ctx.latest_metrics,
                 dtype=str(ctx.dtype).removeprefix("torch.")))
         if tokenizer is not None:
+            if ctx.job.stage != "reward":
+                # What batch generation needs; the trainer pads its own batches, so only users see this.
+                tokenizer.padding_side = "left"
+                tokenizer.init_kwargs["padding_side"] = "left"  # what save_pretrained writes (transformers 5)
             tokenizer.save_pretrained(temp)
         for name, content in (extra_files or {}).items():
             (temp / name).write_text(json.dumps(content, indent=2))

@@ -34,6 +34,9 @@ def test_a_full_fine_tune_saves_in_its_training_precision_with_a_model_card(tmp_
         dtypes = {str(weights.get_tensor(name).dtype) for name in weights.keys()}
     assert dtypes == {"torch.bfloat16"}  # half the size of the fp32 master weights
     assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(final).padding_side == "left"  # what batch generation needs
 
     card = (final / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")
