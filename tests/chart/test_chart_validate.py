@@ -15,6 +15,8 @@ import subprocess
 import pytest
 from chartlib import CHART, CI_VALUES, NAMESPACE, RELEASE
 
+from localcluster.polling import wait_for_crd
+
 pytestmark = pytest.mark.cluster
 
 FIXTURES = CHART.parents[1] / "tests" / "chart" / "fixtures"
@@ -25,8 +27,7 @@ def dry_run_cluster(kube_cluster):
     for namespace in (NAMESPACE, "team-a", "team-b"):
         kube_cluster.kubectl("create", "namespace", namespace, check=False)
     kube_cluster.kubectl("apply", "-f", str(FIXTURES / "monitoring-crds.yaml"))
-    kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                         "crd/servicemonitors.monitoring.coreos.com", "crd/podmonitors.monitoring.coreos.com")
+    wait_for_crd(kube_cluster, "servicemonitors.monitoring.coreos.com", "podmonitors.monitoring.coreos.com")
     return kube_cluster
 
 

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from chartlib import REPO
 
+from localcluster.polling import wait_for_crd
+
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 CRD_FILE = REPO / "crds" / "finetuneruns.finetune.dev.yaml"
 
@@ -117,7 +119,7 @@ def test_api_server_accepts_every_example(kube_cluster):
     namespace = "examples-dry-run"
     kube_cluster.kubectl("create", "namespace", namespace, check=False)
     kube_cluster.kubectl("apply", "-f", str(CRD_FILE))
-    kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetuneruns.finetune.dev")
+    wait_for_crd(kube_cluster, "finetuneruns.finetune.dev")
     for path in EXAMPLES:
         result = kube_cluster.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", namespace,
                                       "-f", str(path), check=False)

@@ -9,7 +9,7 @@ from kubernetes.client.exceptions import ApiException
 
 from localcluster.cluster import Cluster
 from localcluster.images import OPERATOR_IMAGE
-from localcluster.polling import wait_for
+from localcluster.polling import wait_for, wait_for_crd
 
 CRD = """
 apiVersion: apiextensions.k8s.io/v1
@@ -78,8 +78,7 @@ def test_api_server_answers_and_node_is_ready_with_gpus(kube_cluster):
 
 def test_crd_applies_and_kubectl_shows_its_printer_columns(kube_cluster, namespace):
     kube_cluster.kubectl("apply", "-f", "-", input=CRD)
-    kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=30s",
-                         "crd/widgets.localcluster.example.com")
+    wait_for_crd(kube_cluster, "widgets.localcluster.example.com")
     widget = ("apiVersion: localcluster.example.com/v1\nkind: Widget\n"
               "metadata: {name: w1}\nspec: {size: 42}\n")
     # Discovery of a fresh CRD can lag a moment behind Established.
