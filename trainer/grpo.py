@@ -34,7 +34,7 @@ from trainer.rewards import CompositeReward
 from trainer.rollout import (PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now, reduce_mean,
                              reduce_sum, report_samples, response_logits, response_logprobs, reward_model_source,
                              sample_and_score, sample_held_out, split_prompts, step_seed)
-from trainer.runtime import PermanentStageFailure, StageContext, StageFailed
+from trainer.runtime import PermanentStageFailure, StageContext
 from trainer.schedule import StepPlan, apply_optimizer_settings, linear_warmup_decay
 
 
@@ -138,10 +138,8 @@ def check_finite(values: dict[str, float], *, step: int) -> None:
 
 def check_kl(kl: float, *, max_kl: float | None, step: int) -> None:
     """Raise StageFailed when the mean KL per sequence exceeds grpo.maxKl (only measured with a reference)."""
-    if max_kl is not None and kl > max_kl:
-        raise StageFailed(f"grpo: KL divergence from the reference (SFT) model is {kl:.3f} nats per sequence at "
-                          f"step {step}, above grpo.maxKl={max_kl}; raise grpo.klCoef, lower grpo.learningRate, "
-                          "or raise grpo.maxKl")
+    runtime.check_kl(kl, max_kl=max_kl, stage="grpo", step=step,
+                     advice="raise grpo.klCoef, lower grpo.learningRate, or raise grpo.maxKl")
 
 
 # ---------------------------------------------------------------------------

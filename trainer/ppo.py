@@ -36,7 +36,7 @@ from trainer.rollout import (SAMPLES_FILE, PromptEncoder, PromptRow, SampledBatc
                              positions, reduce_mean, reduce_sum, report_samples, response_logits, response_logprobs,
                              reward_model_source, sample_and_score, sample_held_out, score_responses, split_prompts,
                              step_seed)
-from trainer.runtime import PermanentStageFailure, StageContext, StageFailed
+from trainer.runtime import PermanentStageFailure, StageContext
 from trainer.schedule import StepPlan, apply_optimizer_settings, linear_warmup_decay
 
 __all__ = ["SAMPLES_FILE", "ValueModel", "check_finite", "check_kl", "reward_model_source", "run", "score_responses",
@@ -207,10 +207,8 @@ def check_finite(values: dict[str, float], *, step: int) -> None:
 
 def check_kl(kl: float, *, max_kl: float | None, step: int) -> None:
     """Raise StageFailed when the mean KL per sequence exceeds ppo.maxKl (the policy ran away from SFT)."""
-    if max_kl is not None and kl > max_kl:
-        raise StageFailed(f"ppo: KL divergence from the reference (SFT) model is {kl:.3f} nats per sequence at "
-                          f"step {step}, above ppo.maxKl={max_kl}; the policy is drifting (reward hacking?): "
-                          "raise ppo.klCoef, lower ppo.learningRate, or raise ppo.maxKl")
+    runtime.check_kl(kl, max_kl=max_kl, stage="ppo", step=step, advice="the policy is drifting (reward hacking?): "
+                     "raise ppo.klCoef, lower ppo.learningRate, or raise ppo.maxKl")
 
 
 # ---------------------------------------------------------------------------

@@ -119,6 +119,13 @@ def check_finite(values: dict[str, float], *, stage: str, step: int, advice: str
         raise StageFailed(f"{stage}: non-finite values at step {step}: {listed}; {advice}")
 
 
+def check_kl(kl: float, *, max_kl: float | None, stage: str, step: int, advice: str) -> None:
+    """StageFailed when the mean KL per sequence to the reference exceeds ``<stage>.maxKl`` (None: no limit)."""
+    if max_kl is not None and kl > max_kl:
+        raise StageFailed(f"{stage}: KL divergence from the reference (SFT) model is {kl:.3f} nats per sequence at "
+                          f"step {step}, above {stage}.maxKl={max_kl}; {advice}")
+
+
 def step_health(accelerator, *, loss: torch.Tensor, grad_norm) -> dict[str, float]:
     """{"loss", "grad_norm"} of one optimizer step, averaged over processes (a NaN anywhere stays NaN).
 

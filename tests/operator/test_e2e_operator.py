@@ -459,5 +459,8 @@ def test_bad_manifests_are_rejected_at_apply_with_the_field_name(kube_cluster, n
 def test_every_valid_hub_id_is_admitted_with_an_optional_revision(kube_cluster, namespace, source):
     run = example("hub-model", suspend=True)  # suspended: admitted, but no pod tries to download
     run["spec"]["model"]["source"] = source
-    apply(kube_cluster, namespace, run)
+    answer = apply(kube_cluster, namespace, run, check=False)
+    assert answer.returncode == 0, answer.stderr
+    stored = kube_cluster.kubectl("get", "ftr", "hub-model", "-n", namespace, "-o", "jsonpath={.spec.model.source}")
+    assert stored.stdout == source
     kube_cluster.kubectl("delete", "ftr", "hub-model", "-n", namespace)
