@@ -415,6 +415,37 @@ class GRPOConfig(SamplingConfig):
         return self
 
 
+class DPOConfig(OptimConfig):
+    """Direct preference optimisation (Rafailov et al. 2023) on preference pairs; no reward model, no sampling.
+
+    The reference is the model the stage starts from (the SFT output); its log-probabilities of every pair are
+    computed once, before training, not on every step. docs/dpo.md explains every setting.
+    """
+
+    learning_rate: float = Field(1.0e-6, gt=0, le=1)
+    """Peak learning rate of AdamW."""
+    epochs: int = Field(1, ge=1, le=1000)
+    """Passes over the preference pairs (after the held-out share is set aside)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps even if epochs remain."""
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of preference pairs held out to measure preference accuracy and reward margin."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the implicit KL constraint: the implicit reward is beta * (log pi - log pi_ref)."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO's -log sigmoid(beta * margin); ipo: (margin - 1 / (2 beta))^2 (Azar et al. 2023), on length-averaged log-probabilities."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """sigmoid only: the share of pairs assumed mislabelled (conservative DPO); 0 is plain DPO."""
+    chat_template: bool = True
+    """Message-list rows go through the tokenizer's chat template; text rows are used as they are."""
+
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoid(self) -> "DPOConfig":
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"labelSmoothing applies to lossType sigmoid only, not {self.loss_type}")
+        return self
+
+
 class ReportingConfig(ApiModel):
     """Where a stage reports progress; set by the operator, defaults suit a local run."""
 
@@ -430,7 +461,7 @@ class ReportingConfig(ApiModel):
     """Minimum seconds between two progress updates sent to Kubernetes."""
 
 
-StageName = Literal["sft", "reward", "ppo", "grpo"]
+StageName = Literal["sft", "reward", "ppo", "grpo", "dpo"]
 
 
 class DataPaths(ApiModel):
@@ -463,6 +494,7 @@ class StageJob(ApiModel):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     reporting: ReportingConfig = Field(default_factory=ReportingConfig)
 
 

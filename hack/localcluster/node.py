@@ -311,19 +311,33 @@ class NodeLock:
         self.path = node_dir() / "lock"
         self.handle = None
 
-    def acquire(self) -> None:
+    def acquire(self, wait_seconds: float | None = None) -> None:
+        """Take the lock, waiting up to ``wait_seconds`` (default: $FINETUNE_NODE_LOCK_WAIT_SECONDS, else 0)
+        for another real node on this machine to stop; then fail naming the holder."""
+        if wait_seconds is None:
+            wait_seconds = float(os.environ.get("FINETUNE_NODE_LOCK_WAIT_SECONDS", "0"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise NodeError(
-                f"another local cluster with a real node is running ({holder}); one real node per "
-                "machine: stop it first (`python -m localcluster down`, or end the test run)"
-            ) from None
+        deadline = time.monotonic() + wait_seconds
+        announced = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                if time.monotonic() >= deadline:
+                    handle.close()
+                    raise NodeError(
+                        f"another local cluster with a real node is running ({holder}); one real node per "
+                        "machine: stop it first (`python -m localcluster down`, or end the test run)"
+                    ) from None
+                if not announced:
+                    print(f"[localcluster] waiting up to {wait_seconds:.0f} s for the real node held by "
+                          f"{holder}", flush=True)
+                    announced = True
+                time.sleep(1.0)  # polling a lock, not waiting for readiness: flock has no timeout
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}\n")

@@ -5,9 +5,12 @@ import hashlib
 import io
 import ipaddress
 import json
+import os
 import pathlib
 import tarfile
 import tomllib
+
+import pytest
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -117,3 +120,29 @@ def test_a_claim_gets_a_prebound_host_path_volume(tmp_path):
     assert pathlib.Path(directory).stat().st_mode & 0o777 == 0o777  # a non-root trainer writes there
     bound = {**claim, "spec": {**claim["spec"], "volumeName": "x"}, "status": {"phase": "Bound"}}
     assert not volumes.needs_volume(bound)
+
+
+def test_node_lock_refuses_a_second_holder_and_waits_when_asked(tmp_path, monkeypatch):
+    import threading
+
+    from localcluster.node import NodeError, NodeLock
+
+    monkeypatch.setenv("FINETUNE_LOCALCLUSTER_CACHE", str(tmp_path))
+    first = NodeLock()
+    first.acquire()
+    second = NodeLock()
+    with pytest.raises(NodeError, match=f"pid {os.getpid()}"):
+        second.acquire(wait_seconds=0)
+    released = threading.Event()
+
+    def release_later():
+        released.wait()
+        first.release()
+
+    thread = threading.Thread(target=release_later)
+    thread.start()
+    released.set()
+    second.acquire(wait_seconds=30)  # returns once the first holder lets go
+    thread.join()
+    assert (tmp_path / "node" / "lock").read_text() == f"pid {os.getpid()}\n"
+    second.release()
