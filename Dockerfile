@@ -72,6 +72,7 @@ RUN python project-requirements.py train > requirements.txt && pip install -r re
 COPY README.md ./
 COPY trainer ./trainer
 COPY operator ./operator
+COPY console ./console
 COPY hack/localcluster ./hack/localcluster
 RUN pip install ".[train]" \
  && python -c "import torch, trainer.config; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
@@ -100,12 +101,14 @@ RUN python project-requirements.py operator > requirements.txt && pip install -r
 COPY README.md ./
 COPY trainer ./trainer
 COPY operator ./operator
+COPY console ./console
 COPY hack/localcluster ./hack/localcluster
 RUN pip install ".[operator]" \
- && python -c "import ftoperator.__main__, trainer.config" \
+ && python -c "import ftoperator.__main__, ftconsole.__main__, trainer.config" \
  && ! python -c "import torch" 2>/dev/null
 WORKDIR /tmp
 USER 65532:65532
-# metrics 8080, kopf liveness 8081 (/healthz), admission webhook 9443.
-EXPOSE 8080 8081 9443
+# metrics 8080, kopf liveness 8081 (/healthz), admission webhook 9443; the console
+# (`python -m ftconsole serve`, same image, its own Deployment) listens on 8090.
+EXPOSE 8080 8081 9443 8090
 ENTRYPOINT ["python", "-m", "ftoperator"]

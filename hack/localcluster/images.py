@@ -54,7 +54,8 @@ CHART = REPO / "charts" / "finetune-operator"
 WHEELS_DIR = REPO / "docker" / "wheels"
 # What the build context holds (.dockerignore keeps the same paths): a change
 # under any of them can change an image.
-CONTEXT_PATHS = ("Dockerfile", "pyproject.toml", "README.md", "trainer", "operator", "hack/localcluster", "docker")
+CONTEXT_PATHS = ("Dockerfile", "pyproject.toml", "README.md", "trainer", "operator", "console", "hack/localcluster",
+                 "docker")
 # Never copied into an image (.dockerignore) or only named by a build argument
 # (the wheels, whose file names go into the hash instead).
 IGNORED_PARTS = ("__pycache__",)

@@ -194,10 +194,13 @@ def test_monitoring_variant_renders_service_and_pod_monitors(helm):
 def test_crd_is_templated_from_the_generated_copy_and_kept_on_uninstall(helm):
     import yaml
 
-    crd = helm_template(helm).one("CustomResourceDefinition")
-    generated = yaml.safe_load((CHART / "files" / "crds" / "finetuneruns.finetune.dev.yaml").read_text())
-    assert crd["spec"] == generated["spec"]
-    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    crds = {crd["metadata"]["name"]: crd for crd in helm_template(helm).of_kind("CustomResourceDefinition")}
+    # FineTuneRuns and the console's PreferenceLabels (human labels are data too: kept on uninstall).
+    assert set(crds) == {"finetuneruns.finetune.dev", "preferencelabels.finetune.dev"}
+    for name, crd in crds.items():
+        generated = yaml.safe_load((CHART / "files" / "crds" / f"{name}.yaml").read_text())
+        assert crd["spec"] == generated["spec"]
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert not helm_template(helm, set_values={"crds.install": False}).of_kind("CustomResourceDefinition")
 
 

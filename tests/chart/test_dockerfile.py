@@ -144,8 +144,8 @@ def test_trainer_entrypoint_uses_accelerate_only_for_several_processes():
 
 def test_dockerignore_keeps_what_pip_install_needs():
     ignore = (REPO / ".dockerignore").read_text()
-    for path in ("pyproject.toml", "README.md", "trainer/", "operator/", "hack/localcluster/", "docker/"):
+    for path in ("pyproject.toml", "README.md", "trainer/", "operator/", "console/", "hack/localcluster/", "docker/"):
         assert f"!{path}" in ignore
     packages = PYPROJECT["tool"]["setuptools"]["package-dir"].values()
-    kept = ("trainer/", "operator/", "hack/localcluster/")
+    kept = ("trainer/", "operator/", "console/", "hack/localcluster/")
     assert all(f"{p}/".startswith(kept) for p in packages), packages
