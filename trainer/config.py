@@ -457,6 +457,8 @@ class ReportingConfig(ApiModel):
     """File that receives the failure reason (Kubernetes termination message)."""
     progress_config_map: str | None = None
     """Name of the ConfigMap (in the pod's namespace) that receives live progress; None: local only."""
+    history_config_map: str | None = None
+    """Name of the ConfigMap that receives the bounded metric history for the console; None: none."""
     report_interval_seconds: float = Field(2.0, gt=0)
     """Minimum seconds between two progress updates sent to Kubernetes."""
 

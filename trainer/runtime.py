@@ -302,7 +302,8 @@ def build_context(job: StageJob, *, stop: GracefulStop) -> StageContext:
             from trainer.kube_reporter import KubernetesReporter
 
             reporters.append(KubernetesReporter(config_map=job.reporting.progress_config_map,
-                                                min_interval_seconds=job.reporting.report_interval_seconds))
+                                                min_interval_seconds=job.reporting.report_interval_seconds,
+                                                history_config_map=job.reporting.history_config_map))
         if job.reporting.metrics_port is not None:
             metrics.start_server(job.reporting.metrics_port)
     ctx = StageContext(job=job, accelerator=accelerator, reporter=FanOutReporter(reporters), metrics=metrics,

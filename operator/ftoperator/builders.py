@@ -180,6 +180,7 @@ def stage_job(spec: FineTuneRunSpec, *, run: RunRef, stage: str, config: Operato
             metrics_port=config.trainer_metrics_port,
             termination_log_path=TERMINATION_LOG,
             progress_config_map=naming.progress_config_map_name(run.name),
+            history_config_map=naming.history_config_map_name(run.name),
             report_interval_seconds=config.report_interval_seconds,
         ),
     )
@@ -401,6 +402,19 @@ def progress_config_map(run: RunRef) -> dict[str, Any]:
     }
 
 
+def history_config_map(run: RunRef) -> dict[str, Any]:
+    """The ConfigMap the trainer keeps the run's bounded metric history in, for the console (docs/console.md).
+
+    Not the progress ConfigMap: the operator watches that one and need not receive the history."""
+    labels = {**naming.run_labels(run.name), naming.LABEL_COMPONENT: naming.COMPONENT_HISTORY}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(run, naming.history_config_map_name(run.name), labels=labels),
+        "data": {},
+    }
+
+
 def trainer_access(run: RunRef) -> list[dict[str, Any]]:
     """ServiceAccount, Role and RoleBinding that let the run's pods change only its progress ConfigMap."""
     name = naming.trainer_service_account_name(run.name)
@@ -413,7 +427,7 @@ def trainer_access(run: RunRef) -> list[dict[str, Any]]:
             "rules": [{
                 "apiGroups": [""],
                 "resources": ["configmaps"],
-                "resourceNames": [naming.progress_config_map_name(run.name)],
+                "resourceNames": [naming.progress_config_map_name(run.name), naming.history_config_map_name(run.name)],
                 "verbs": ["get", "patch", "update"],
             }],
         },
@@ -429,4 +443,4 @@ def trainer_access(run: RunRef) -> list[dict[str, Any]]:
 
 def run_infrastructure(run: RunRef) -> list[dict[str, Any]]:
     """Everything created once when a run starts, in creation order."""
-    return [*trainer_access(run), progress_config_map(run)]
+    return [*trainer_access(run), progress_config_map(run), history_config_map(run)]

@@ -40,6 +40,7 @@ LABEL_NAME = "app.kubernetes.io/name"
 MANAGED_BY = "finetune-operator"
 TRAINER_APP = "finetune-trainer"
 COMPONENT_PROGRESS = "progress"
+COMPONENT_HISTORY = "history"
 COMPONENT_TRAINER = "trainer"
 COMPONENT_STAGE_CONFIG = "stage-config"
 
@@ -79,6 +80,11 @@ def stage_config_map_name(run: str, stage: str) -> str:
 def progress_config_map_name(run: str) -> str:
     """ConfigMap the trainer writes live progress into; the only object it may change."""
     return bounded(run, "-progress")
+
+
+def history_config_map_name(run: str) -> str:
+    """ConfigMap the trainer writes the run's bounded metric history into (read by the console)."""
+    return bounded(run, "-history")
 
 
 def trainer_service_account_name(run: str) -> str:

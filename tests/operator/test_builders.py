@@ -39,6 +39,7 @@ def test_stage_jobs_chain_the_models_and_are_readable_by_the_trainer(spec, run, 
     assert sft.output_dir == "/artifacts/team-a/demo/sft"
     assert sft.data.sft == "/data/datasets/sft.jsonl"
     assert sft.reporting.progress_config_map == "demo-progress"
+    assert sft.reporting.history_config_map == "demo-history"
     reward = stage_job(typed_spec, run=run, stage="reward", config=config)
     assert reward.model == "/artifacts/team-a/demo/sft/final"
     ppo = stage_job(typed_spec, run=run, stage="ppo", config=config)
@@ -123,15 +124,18 @@ def test_trainer_command_uses_accelerate_only_above_one_gpu():
 
 
 def test_trainer_may_only_touch_its_own_progress_config_map(run):
-    service_account, role, binding, progress = run_infrastructure(run)
+    service_account, role, binding, progress, history = run_infrastructure(run)
     assert service_account["metadata"]["name"] == "demo-trainer"
     assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
-                              "resourceNames": ["demo-progress"], "verbs": ["get", "patch", "update"]}]
+                              "resourceNames": ["demo-progress", "demo-history"], "verbs": ["get", "patch", "update"]}]
     assert binding["roleRef"]["name"] == "demo-trainer"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "demo-trainer", "namespace": "team-a"}]
     assert progress["metadata"]["name"] == "demo-progress"
     assert progress["metadata"]["labels"]["app.kubernetes.io/component"] == "progress"
-    for obj in (service_account, role, binding, progress):
+    # The console's metric history: its own ConfigMap (the operator does not watch it), owned by the run.
+    assert history["metadata"]["name"] == "demo-history"
+    assert history["metadata"]["labels"]["app.kubernetes.io/component"] == "history"
+    for obj in (service_account, role, binding, progress, history):
         assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
 
 

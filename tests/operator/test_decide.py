@@ -77,7 +77,8 @@ def test_fresh_run_sets_every_condition_and_creates_access_objects_then_the_sft_
     kinds = [(a.kind, a.name) for a in decision.actions]
     assert kinds == [
         ("ServiceAccount", "demo-trainer"), ("Role", "demo-trainer"), ("RoleBinding", "demo-trainer"),
-        ("ConfigMap", "demo-progress"), ("ConfigMap", "demo-sft-job"), ("Pod", "demo-sft-1")]
+        ("ConfigMap", "demo-progress"), ("ConfigMap", "demo-history"), ("ConfigMap", "demo-sft-job"),
+        ("Pod", "demo-sft-1")]
     assert status["stages"]["sft"]["state"] == "Starting"
     assert status["stages"]["sft"]["attempts"] == 1
     assert status["stages"]["reward"]["state"] == "Pending"
@@ -117,7 +118,7 @@ def test_recreated_run_creates_nothing_while_a_deleted_runs_children_with_its_na
     assert decision.actions == []
     assert status["state"] == "Pending" and status.get("startTime") is None
     assert "ServiceAccount demo-trainer belongs to another owner (uid uid-old)" in status["message"]
-    assert "(and 3 more)" in status["message"]
+    assert "(and 4 more)" in status["message"]
     assert condition(status, "Succeeded")["reason"] == "WaitingForCleanup"
     assert reasons(decision) == ["WaitingForCleanup"]
     assert decision.requeue_after == 1.0
@@ -137,7 +138,8 @@ def test_recreated_run_creates_all_its_children_once_the_leftovers_are_gone(spec
     decision, status = reconcile(spec, status, [], run=run, config=config, at=now(4), children=[])
     assert [(a.kind, a.name) for a in decision.actions] == [
         ("ServiceAccount", "demo-trainer"), ("Role", "demo-trainer"), ("RoleBinding", "demo-trainer"),
-        ("ConfigMap", "demo-progress"), ("ConfigMap", "demo-sft-job"), ("Pod", "demo-sft-1")]
+        ("ConfigMap", "demo-progress"), ("ConfigMap", "demo-history"), ("ConfigMap", "demo-sft-job"),
+        ("Pod", "demo-sft-1")]
     assert all(a.obj["metadata"]["ownerReferences"][0]["uid"] == run.uid for a in decision.actions)
     assert status["stages"]["sft"]["state"] == "Starting" and status["startTime"] is not None
 
