@@ -292,8 +292,11 @@ class SamplingConfig(OptimConfig):
     """Generate on the held-out prompts every this many steps and record prompt, response, reward, KL."""
     sample_prompts: int = Field(8, ge=1, le=256)
     """Number of held-out prompts used for samples and evaluation (taken from the prompts file, not trained on)."""
+    health_checks: Literal["warn", "stop", "off"] = "warn"
+    """Each step, check the batch for signs of a useless run (most responses empty, most never ending, the reward the same for every response, KL at zero for 10 steps; trainer/run_health.py): warn logs each one and counts them in the health_warnings metric; stop also fails the stage permanently with them as the reason; off skips the checks."""
 
-    OPERATIONAL_SETTINGS: ClassVar[frozenset[str]] = OptimConfig.OPERATIONAL_SETTINGS | {"sample_every_steps"}
+    OPERATIONAL_SETTINGS: ClassVar[frozenset[str]] = OptimConfig.OPERATIONAL_SETTINGS | {"sample_every_steps",
+                                                                                     "health_checks"}
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "SamplingConfig":
