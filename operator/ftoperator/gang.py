@@ -35,6 +35,7 @@ from ftoperator import GROUP, naming
 from ftoperator.builders import RunRef, owner_reference
 from ftoperator.conditions import parse_timestamp
 from ftoperator.observe import ObservedPod, observe_pod
+from trainer.multinode import COLLECTIVE_TIMEOUT_ENV, EXPECTED_WORLD_SIZE_ENV, RENDEZVOUS_TIMEOUT_ENV
 
 LABEL_RANK = f"{GROUP}/rank"
 """Node rank of a gang member (0..N-1); rank 0 hosts the rendezvous."""
@@ -44,13 +45,6 @@ DEFAULT_MASTER_PORT = 29500
 """torch.distributed's customary rendezvous port on rank 0."""
 RENDEZVOUS_PORT_NAME = "rendezvous"
 
-EXPECTED_WORLD_SIZE_ENV = "FINETUNE_EXPECTED_WORLD_SIZE"
-"""Processes the whole stage must come up with (nodes x processes per node); the trainer checks it
-(``trainer.multinode.check_world_size``). The same literal as there: the operator does not import torch."""
-RENDEZVOUS_TIMEOUT_ENV = "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS"
-"""Seconds a process waits for the others at the rendezvous (``trainer.multinode``)."""
-COLLECTIVE_TIMEOUT_ENV = "FINETUNE_COLLECTIVE_TIMEOUT_SECONDS"
-"""Seconds one collective may hang before the process fails (``trainer.multinode``)."""
 
 GangState = Literal["Creating", "WaitingForOldAttempt", "WaitingForPlacement", "Starting", "Running",
                     "Succeeded", "Restarting", "Released"]
