@@ -276,8 +276,8 @@ def build_context(job: StageJob, *, stop: GracefulStop) -> StageContext:
     """
     from accelerate import Accelerator
 
-    from trainer.outputs import claim_output_dir  # imports trainer.checkpoint, which imports this module
     from trainer.multinode import EXPECTED_WORLD_SIZE_ENV, check_world_size, init_distributed
+    from trainer.outputs import claim_output_dir  # imports trainer.checkpoint, which imports this module
     from trainer.provenance import job_fingerprint
 
     cfg = stage_config(job)
@@ -287,10 +287,10 @@ def build_context(job: StageJob, *, stop: GracefulStop) -> StageContext:
                driver_version=nvidia_driver_version())
     dtype = resolve_dtype(cfg.precision, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
     init_distributed(cuda=cuda)  # before accelerate, with our rendezvous and collective timeouts
-    stop.accelerator = accelerator
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
     check_world_size(expected=os.environ.get(EXPECTED_WORLD_SIZE_ENV), actual=accelerator.num_processes)
+    stop.accelerator = accelerator
     output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = job_fingerprint(job, processes=accelerator.num_processes)
