@@ -1,6 +1,6 @@
 """Command line: run the console, or move labels in and out as preference JSON Lines.
 
-    python -m ftconsole serve [--port 8090] [--namespace NS ...]
+    python -m ftconsole serve [--port 8090] [--namespace NS ...] [--secure-cookie]
     python -m ftconsole labels export -n NS [--run RUN] [--round N] [-o FILE]
     python -m ftconsole labels import FILE -n NS --run RUN [--round N] [--labeller NAME]
 
@@ -61,7 +61,7 @@ def import_labels(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from ftconsole.server import run_server
 
-    run_server(host=args.host, port=args.port, namespaces=args.namespace or None)
+    run_server(host=args.host, port=args.port, namespaces=args.namespace or None, secure_cookie=args.secure_cookie)
     return 0
 
 
@@ -74,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=8090)
     run.add_argument("--namespace", action="append",
                      help="show runs of these namespaces only (repeat); default all (needs cluster-wide RBAC)")
+    run.add_argument("--secure-cookie", action="store_true",
+                     help="mark the login cookie Secure (behind HTTPS, e.g. an ingress with TLS)")
     run.set_defaults(handler=serve)
 
     label_commands = commands.add_parser("labels", help="export or import PreferenceLabels").add_subparsers(
