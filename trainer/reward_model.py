@@ -13,19 +13,16 @@ train: ``final/`` then holds only ``reward_functions.json``.
 from __future__ import annotations
 
 import math
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from trainer.checkpoint import save_checkpoint
 from trainer.data import PreferenceRow, encode_for_reward, load_preference_rows, pad_right, split_for_eval
 from trainer.modeling import load_sequence_classifier, load_tokenizer, model_options, prepare_model_source, save_final
-from trainer.runtime import PermanentStageFailure, StageContext, check_finite, step_health
-from trainer.supervised import prepare_supervised
+from trainer.runtime import PermanentStageFailure, StageContext
+from trainer.supervised import MicroBatch, prepare_supervised, train_supervised
 
 NORMALIZATION_FILE = "reward_normalization.json"
 FUNCTIONS_FILE = "reward_functions.json"
@@ -123,67 +120,28 @@ def run(ctx: StageContext) -> Path:
                                      pad_token_id=pad, **model_options(cfg, trained=True))
     setup = prepare_supervised(ctx, model, cfg=cfg, epochs=cfg.epochs, max_steps=cfg.max_steps,
                                num_examples=len(train))
-    model, optimizer, scheduler, plan = setup.model, setup.optimizer, setup.scheduler, setup.plan
-    start, total = setup.start_step, plan.total_steps
-    model.train()
-    window = torch.zeros(3, device=ctx.device)  # loss sum, correct pairs, pairs
-    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-    ctx.stop.armed = True
-    for step in range(start, total):
-        micro_batches = plan.step_micro_batches(step, rank=accelerator.process_index)
-        step_loss = torch.zeros((), device=ctx.device)
-        for i, indices in enumerate(micro_batches):
-            chunk = [train[j] for j in indices]
-            last = i == len(micro_batches) - 1
-            with nullcontext() if last else accelerator.no_sync(model):
-                # Chosen and rejected in one forward pass: (2b,) scores, chosen first.
-                scores = score(model, [c for c, _, _ in chunk] + [r for _, r, _ in chunk],
-                               pad_token_id=pad, device=ctx.device)
-                chosen, rejected = scores[:len(chunk)], scores[len(chunk):]
-                margin = (torch.tensor([m for _, _, m in chunk], device=ctx.device) if cfg.margin_loss else None)
-                loss = bradley_terry_loss(chosen, rejected, margin=margin,
-                                          center_coefficient=cfg.center_rewards_coefficient) / len(micro_batches)
-                accelerator.backward(loss)
-            step_loss += loss.detach()
-            window += torch.stack([loss.detach(),
-                                   (chosen > rejected).float().sum().detach(),
-                                   torch.tensor(float(len(chunk)), device=ctx.device)])
-            window_tokens += sum(len(c) + len(r) for c, r, _ in chunk)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        check_finite(step_health(accelerator, loss=step_loss, grad_norm=grad_norm), stage="reward", step=step + 1,
-                     advice="lower reward.learningRate or maxGradNorm, check the preference data, or use precision fp32")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_steps += 1
-        done = step + 1
+    model = setup.model
 
-        if done % cfg.log_every_steps == 0 or done == total:
-            stats = accelerator.reduce(torch.cat([window, torch.tensor([float(window_tokens)], device=ctx.device)]),
-                                       "sum")
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            ctx.metrics.count(tokens=int(stats[3]), samples=int(stats[2]))
-            ctx.report("progress", step=done, total_steps=total, metrics={
-                "loss": float(stats[0]) / (window_steps * accelerator.num_processes),
-                "train_accuracy": float(stats[1]) / max(float(stats[2]), 1.0),
-                "learning_rate": scheduler.get_last_lr()[0],
-                "tokens_per_second": float(stats[3]) / elapsed,
-                "grad_norm": float(grad_norm),
-            })
-            window.zero_()
-            window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    def forward(indices: list[int]) -> MicroBatch:
+        chunk = [train[j] for j in indices]
+        # Chosen and rejected in one forward pass: (2b,) scores, chosen first.
+        scores = score(model, [c for c, _, _ in chunk] + [r for _, r, _ in chunk], pad_token_id=pad,
+                       device=ctx.device)
+        chosen, rejected = scores[:len(chunk)], scores[len(chunk):]
+        margin = torch.tensor([m for _, _, m in chunk], device=ctx.device) if cfg.margin_loss else None
+        loss = bradley_terry_loss(chosen, rejected, margin=margin, center_coefficient=cfg.center_rewards_coefficient)
+        return MicroBatch(loss=loss, tokens=sum(len(c) + len(r) for c, r, _ in chunk), samples=len(chunk),
+                          sums={"correct": (chosen > rejected).float().sum(),
+                                "pairs": torch.tensor(float(len(chunk)), device=ctx.device)})
 
-        stopping = ctx.stop.requested()
-        if done % cfg.checkpoint_every_steps == 0 or done == total or stopping:
-            path = save_checkpoint(ctx, step=done, extra_state={"examples": len(train), **plan.position(done)})
-            ctx.report("checkpoint", step=done, total_steps=total, checkpoint=str(path))
-        if stopping:
-            raise ctx.stop.interrupted(step=done, checkpoint=path)
-
-    ctx.stop.armed = False
+    train_supervised(ctx, setup, forward=forward,
+                     summarise=lambda sums: {"train_accuracy": sums["correct"] / max(sums["pairs"], 1.0)},
+                     non_finite_advice="lower reward.learningRate or maxGradNorm, check the preference data, "
+                                       "or use precision fp32")
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     if held_out:
+        total = setup.plan.total_steps
         ctx.report("progress", step=total, total_steps=total,
                    metrics=evaluate(ctx, unwrapped, held_out, pad_token_id=pad, batch_size=cfg.batch_size))
     extra_files = {NORMALIZATION_FILE: normalization_stats(ctx, unwrapped, train, pad_token_id=pad,

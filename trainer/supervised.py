@@ -1,20 +1,28 @@
-"""Set-up shared by the stages that train on a fixed list of examples (SFT, reward model).
+"""The loop shared by the stages that train on a fixed list of examples: SFT, reward model, DPO.
 
-Both need the same things in the same order, and resume exactness depends on
-that order: the step plan, AdamW with its warm-up/decay schedule, accelerate's
-wrapping, per-rank seeding, then the restore of the latest checkpoint.
+``prepare_supervised`` sets up, in the order resume exactness depends on: the step plan,
+AdamW with its warm-up/decay schedule, accelerate's wrapping, per-rank seeding, then the
+restore of the latest checkpoint. ``train_supervised`` runs the steps: for each optimizer
+step it accumulates the loss of the step's micro-batches (a stage's ``forward`` computes one),
+clips, checks for non-finite values, steps, reports window statistics every
+``logEverySteps`` and checkpoints every ``checkpointEverySteps`` (and at the last step, and on
+SIGTERM). The examples of every step come from ``StepPlan``, so a resumed run sees exactly
+what the lost one would have.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
+import torch
 from accelerate.utils import set_seed
 
-from trainer.checkpoint import resume_from_latest
+from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import OptimConfig
-from trainer.runtime import StageContext
+from trainer.runtime import StageContext, check_finite, stage_config, step_health
 from trainer.schedule import StepPlan, apply_optimizer_settings, build_optimizer
 
 
@@ -52,3 +60,105 @@ def prepare_supervised(ctx: StageContext, model, *, cfg: OptimConfig, epochs: in
         apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ctx.report("progress", step=start, total_steps=plan.total_steps)
     return SupervisedSetup(model=model, optimizer=optimizer, scheduler=scheduler, plan=plan, start_step=start)
+
+
+@dataclass
+class MicroBatch:
+    """What a stage's ``forward`` returns for one micro-batch."""
+
+    loss: torch.Tensor
+    """Mean loss of the micro-batch, a scalar with gradients; the loop divides it by the step's micro-batches."""
+    tokens: int
+    """Tokens the forward pass read (for tokens_per_second and the tokens counter)."""
+    samples: int
+    """Examples (rows, pairs) in the micro-batch (for the samples counter)."""
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Window statistics as sums over the micro-batch's examples (detached scalars, e.g. correct pairs).
+    The loop adds them up over the window's micro-batches and all processes and hands the totals to
+    the stage's ``summarise``."""
+
+
+def train_supervised(ctx: StageContext, setup: SupervisedSetup, *, forward: Callable[[list[int]], MicroBatch],
+                     summarise: Callable[[dict[str, float]], dict[str, float]] | None = None,
+                     evaluate: Callable[[], dict[str, float]] | None = None, non_finite_advice: str) -> None:
+    """Run the optimizer steps from ``setup.start_step`` to the end of the plan.
+
+    ``forward(indices)`` computes one micro-batch of the examples at ``indices`` (the model's
+    forward pass, in train mode, inside the loop's gradient-sync context) and returns a MicroBatch.
+    Every ``logEverySteps`` and at the last step the loop reports ``loss`` (mean over the window's
+    steps and processes), ``learning_rate``, ``tokens_per_second``, ``grad_norm`` and ``epoch``,
+    plus ``summarise(window sums)`` and then ``evaluate()`` (called on every process, with the
+    model in eval mode and no gradients; it must reduce across processes itself).
+    A non-finite loss or gradient norm raises StageFailed with ``non_finite_advice`` before the
+    optimizer step. SIGTERM (``ctx.stop``) checkpoints the step just finished and raises
+    StageInterrupted.
+    """
+    accelerator, cfg = ctx.accelerator, stage_config(ctx.job)
+    model, optimizer, scheduler, plan = setup.model, setup.optimizer, setup.scheduler, setup.plan
+    total = plan.total_steps
+    model.train()
+    window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
+    window_sums: dict[str, torch.Tensor] = {}
+    window_start = time.perf_counter()
+    ctx.stop.armed = True
+    for step in range(setup.start_step, total):
+        micro_batches = plan.step_micro_batches(step, rank=accelerator.process_index)
+        step_loss = torch.zeros((), device=ctx.device)
+        for i, indices in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            with nullcontext() if last else accelerator.no_sync(model):
+                result = forward(indices)
+                loss = result.loss / len(micro_batches)
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+            window_tokens += result.tokens
+            window_samples += result.samples
+            for name, value in result.sums.items():
+                window_sums[name] = window_sums.get(name, 0.0) + value.detach().float()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        check_finite(step_health(accelerator, loss=step_loss, grad_norm=grad_norm), stage=ctx.job.stage,
+                     step=step + 1, advice=non_finite_advice)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_loss += float(step_loss)
+        window_steps += 1
+        done = step + 1
+
+        if done % cfg.log_every_steps == 0 or done == total:
+            names = sorted(window_sums)
+            stats = accelerator.reduce(torch.stack(
+                [torch.tensor(v, device=ctx.device, dtype=torch.float32)
+                 for v in (window_loss, float(window_tokens), float(window_samples))]
+                + [window_sums[n].reshape(()).to(ctx.device) for n in names]), "sum")
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            tokens = int(stats[1])
+            ctx.metrics.count(tokens=tokens, samples=int(stats[2]))
+            metrics = {
+                "loss": float(stats[0]) / (window_steps * accelerator.num_processes),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "tokens_per_second": tokens / elapsed,
+                "grad_norm": float(grad_norm),
+                "epoch": plan.position(done)["epoch"],
+            }
+            if summarise is not None:
+                metrics.update(summarise({n: float(stats[3 + k]) for k, n in enumerate(names)}))
+            if evaluate is not None:
+                model.eval()
+                with torch.no_grad():
+                    metrics.update(evaluate())
+                model.train()
+            ctx.report("progress", step=done, total_steps=total, metrics=metrics)
+            window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
+            window_sums = {}
+            window_start = time.perf_counter()
+
+        # The last step is checkpointed too: a crash while writing final/ then costs no training.
+        stopping = ctx.stop.requested()
+        if done % cfg.checkpoint_every_steps == 0 or done == total or stopping:
+            path = save_checkpoint(ctx, step=done, extra_state={"examples": plan.num_examples, **plan.position(done)})
+            ctx.report("checkpoint", step=done, total_steps=total, checkpoint=str(path))
+        if stopping:
+            raise ctx.stop.interrupted(step=done, checkpoint=path)
+    ctx.stop.armed = False
