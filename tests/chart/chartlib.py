@@ -39,8 +39,13 @@ class Rendered:
 
 def helm_template(helm: str, *, values_files=(), set_values: dict | None = None,
                   namespace: str = NAMESPACE, kube_version: str | None = None,
-                  api_versions=()) -> Rendered:
-    """Run `helm template` on the chart; never raises on a failed render."""
+                  api_versions=(), console: bool = False) -> Rendered:
+    """Run `helm template` on the chart; never raises on a failed render.
+
+    The console (on by default in the chart) is left out unless ``console`` is true: these
+    tests are about the operator's objects; tests/console/test_chart.py renders the console."""
+    if not console:
+        set_values = {"console.enabled": False, **(set_values or {})}
     args = [helm, "template", RELEASE, str(CHART), "--namespace", namespace]
     for path in values_files:
         args += ["--values", str(path)]

@@ -93,7 +93,8 @@ def test_default_install_is_cluster_scoped_with_a_service_routed_webhook(helm):
     assert "--webhook-cert=/etc/finetune-operator/webhook/tls.crt" in command
     assert {r["metadata"]["name"] for r in rendered.of_kind("ClusterRole")} == {
         "finetune-system-ft-finetune-operator", "finetune-system-ft-finetune-operator-edit",
-        "finetune-system-ft-finetune-operator-view"}
+        "finetune-system-ft-finetune-operator-view", "finetune-system-ft-finetune-operator-labels-edit",
+        "finetune-system-ft-finetune-operator-labels-view"}
     assert rendered.one("ClusterRoleBinding")
     # The only Role is leader election's, in the release namespace.
     assert [(r["metadata"]["name"], r["metadata"]["namespace"]) for r in rendered.of_kind("Role")] == [

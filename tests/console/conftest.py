@@ -1,6 +1,17 @@
-"""tests/console: the fake cluster (fakes.py) importable by the tests beside it."""
+"""tests/console: the fake cluster (fakes.py) and the chart helpers (tests/chart/chartlib.py) importable."""
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "chart"))
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    from localcluster import tools
+
+    return str(tools.helm_path())
