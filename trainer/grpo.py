@@ -31,9 +31,11 @@ from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import GRPOConfig
 from trainer.modeling import disable_dropout, load_causal_lm, load_tokenizer, prepare_model_source, save_final
 from trainer.rewards import CompositeReward
-from trainer.rollout import (PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now, reduce_mean,
+from trainer.rollout import (PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now, old_logprobs,
+                             reduce_mean,
                              reduce_sum, report_samples, response_logits, response_logprobs, reward_model_source,
                              sample_and_score, sample_held_out, split_prompts, step_seed)
+from trainer.run_health import RunHealth
 from trainer.runtime import PermanentStageFailure, StageContext
 from trainer.schedule import StepPlan, apply_optimizer_settings, linear_warmup_decay
 
@@ -58,13 +60,10 @@ def collect_groups(ctx: StageContext, *, prompts: list[PromptRow], policy, refer
     passes: dict[str, torch.Tensor | None] = {"ref_logprobs": None}
 
     def forward_passes(batch: SampledBatch) -> None:
-        with acc.autocast():
-            logits = response_logits(policy_module, batch.input_ids, batch.attention_mask,
-                                     response_length=batch.responses.shape[1], temperature=cfg.temperature)
-            passes["logprobs"] = ppo_math.logprobs_from_logits(logits, batch.responses)  # (n, t)
-            passes["entropy"] = ppo_math.entropy_from_logits(logits)
-            del logits
-            if reference is not None:
+        passes["logprobs"], passes["entropy"] = old_logprobs(ctx, policy_module, batch,
+                                                             temperature=cfg.temperature)  # (n, t) each
+        if reference is not None:
+            with acc.autocast():
                 passes["ref_logprobs"] = response_logprobs(reference, batch, temperature=cfg.temperature)
 
     repeated = [row for row in prompts for _ in range(cfg.group_size)]  # group by group
@@ -193,6 +192,7 @@ def run(ctx: StageContext) -> Path:
     if start == 0 and acc.is_main_process:  # the SFT model's samples: the baseline to compare with
         _samples(ctx, step=0, held_out=held_out, policy=policy, reference=reference, reward=reward, encoder=encoder)
 
+    health = RunHealth(mode=cfg.health_checks, stage="grpo", stop_token=cfg.stop_token is not None)
     ctx.stop.armed = True
     for step in range(start + 1, cfg.steps + 1):
         torch.manual_seed(step_seed(cfg.seed, rank=rank, step=step))
@@ -218,6 +218,8 @@ def run(ctx: StageContext) -> Path:
         check_finite(stats, step=step)
         if "kl" in stats:
             check_kl(stats["kl"], max_kl=cfg.max_kl, step=step)
+        stats.update(health.observe(acc, step=step, mask=batch.mask, has_stop=batch.has_stop, scores=batch.scores,
+                                    logprobs=ro.logprobs, ref_logprobs=ro.ref_logprobs))
 
         update_stats = reduce_mean(acc, group_update(ctx, ro, advantages=advantages, policy=policy,
                                                      optimizer=optimizer, params=params))
@@ -233,7 +235,8 @@ def run(ctx: StageContext) -> Path:
             ctx.report("progress", step=step, total_steps=cfg.steps, metrics={
                 **stats, **update_stats, "learning_rate": learning_rate,
                 "episodes_per_second": global_batch / seconds, "tokens_per_second": tokens / seconds,
-                "generation_seconds": timings["generation"], "scoring_seconds": timings["scoring"],
+                "generation_seconds": timings["generation"], "forward_seconds": timings["forward"],
+                "scoring_seconds": timings["scoring"],
                 "optimisation_seconds": timings["optimisation"],
             })
         if acc.is_main_process and (step % cfg.sample_every_steps == 0 or step == cfg.steps):

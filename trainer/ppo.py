@@ -33,9 +33,10 @@ from trainer.modeling import (disable_dropout, enable_gradient_checkpointing, lo
                               model_options, prepare_model_source, save_final)
 from trainer.rewards import CompositeReward
 from trainer.rollout import (SAMPLES_FILE, PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now,
-                             positions, reduce_mean, reduce_sum, report_samples, response_logits, response_logprobs,
+                             old_logprobs, positions, reduce_mean, reduce_sum, report_samples, response_logits, response_logprobs,
                              reward_model_source, sample_and_score, sample_held_out, score_responses, split_prompts,
                              step_seed)
+from trainer.run_health import RunHealth
 from trainer.runtime import PermanentStageFailure, StageContext
 from trainer.schedule import StepPlan, apply_optimizer_settings, linear_warmup_decay
 
@@ -123,13 +124,8 @@ def collect_rollouts(ctx: StageContext, *, prompts: list[PromptRow], policy, ref
     passes: dict[str, torch.Tensor] = {}
 
     def forward_passes(batch: SampledBatch) -> None:
-        t = batch.responses.shape[1]
+        passes["logprobs"], passes["entropy"] = old_logprobs(ctx, policy_module, batch, temperature=cfg.temperature)
         with acc.autocast():
-            logits = response_logits(policy_module, batch.input_ids, batch.attention_mask, response_length=t,
-                                     temperature=cfg.temperature)  # (b, t, v)
-            passes["logprobs"] = ppo_math.logprobs_from_logits(logits, batch.responses)
-            passes["entropy"] = ppo_math.entropy_from_logits(logits)
-            del logits
             passes["ref_logprobs"] = response_logprobs(reference, batch, temperature=cfg.temperature)
             passes["values"] = response_values(acc.unwrap_model(value_model), batch.input_ids, batch.attention_mask,
                                                prompt_length=batch.prompt_length)
@@ -273,6 +269,7 @@ def run(ctx: StageContext) -> Path:
                                   reward=reward, encoder=encoder, kl_estimator=cfg.kl_estimator)
         report_samples(ctx, samples, step=0, total=cfg.steps)
 
+    health = RunHealth(mode=cfg.health_checks, stage="ppo", stop_token=cfg.stop_token is not None)
     ctx.stop.armed = True
     for step in range(start + 1, cfg.steps + 1):
         torch.manual_seed(step_seed(cfg.seed, rank=rank, step=step))
@@ -298,6 +295,8 @@ def run(ctx: StageContext) -> Path:
         })
         check_finite(rollout_stats, step=step)
         check_kl(rollout_stats["kl"], max_kl=cfg.max_kl, step=step)
+        rollout_stats.update(health.observe(acc, step=step, mask=ro.mask, has_stop=ro.has_stop, scores=ro.scores,
+                                            logprobs=ro.logprobs, ref_logprobs=ro.ref_logprobs))
 
         update_stats = ppo_update(ctx, ro, advantages=advantages, returns=returns, policy=policy,
                                   value_model=value_model, optimizer=optimizer, params=params)
@@ -316,7 +315,8 @@ def run(ctx: StageContext) -> Path:
             ctx.report("progress", step=step, total_steps=cfg.steps, metrics={
                 **rollout_stats, **update_stats, "kl_coef": kl_ctl.value, "learning_rate": learning_rate,
                 "episodes_per_second": global_batch / seconds, "tokens_per_second": tokens / seconds,
-                "generation_seconds": timings["generation"], "scoring_seconds": timings["scoring"],
+                "generation_seconds": timings["generation"], "forward_seconds": timings["forward"],
+                "scoring_seconds": timings["scoring"],
                 "optimisation_seconds": timings["optimisation"],
             })
         if acc.is_main_process and (step % cfg.sample_every_steps == 0 or step == cfg.steps):

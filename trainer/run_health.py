@@ -93,16 +93,17 @@ def measure(*, mask: torch.Tensor, has_stop: torch.Tensor, scores: torch.Tensor,
             logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """This process's batch as 0-d tensors (mean them over processes before ``BatchStats``).
 
-    mask (b, t) marks response tokens before the stop token; has_stop (b,); scores (b,);
-    logprobs, ref_logprobs (b, t) of the sampled tokens, or None without a reference.
+    mask (b, t) marks the response's tokens, its stop token included (ppo_math.truncate_at_stop_token);
+    has_stop (b,); scores (b,); logprobs, ref_logprobs (b, t) of the sampled tokens, or None without
+    a reference. A response is empty when its stop token is its first token.
     """
-    lengths = mask.sum(1)  # (b,)
+    lengths = mask.sum(1) - has_stop.float()  # (b,) tokens before the stop token
     if logprobs is not None and ref_logprobs is not None:
         kl = (ppo_math.kl_per_token(logprobs, ref_logprobs, estimator="k3") * mask).sum(1).mean()
     else:
         kl = torch.tensor(float("nan"))
     std = scores.float().std(unbiased=False) if scores.numel() > 1 else torch.tensor(0.0)
-    return {"empty_fraction": (lengths == 0).float().mean(), "no_stop_fraction": (~has_stop.bool()).float().mean(),
+    return {"empty_fraction": (lengths <= 0).float().mean(), "no_stop_fraction": (~has_stop.bool()).float().mean(),
             "score_std": std, "kl_k3": kl.float()}
 
 
@@ -119,7 +120,7 @@ class RunHealth:
     permanently with the warnings as its reason) or ``off``.
     """
 
-    def __init__(self, *, mode: str, stage: str, stop_token: bool, stream=sys.stderr):
+    def __init__(self, *, mode: str, stage: str, stop_token: bool, stream=None):
         self.mode, self.stage, self.stop_token, self.stream = mode, stage, stop_token, stream
         self.kl_stall = KlStall()
 
@@ -136,7 +137,7 @@ class RunHealth:
         warnings = batch_warnings(stats, stop_token=self.stop_token, zero_kl_steps=self.kl_stall.update(stats.kl_k3))
         if accelerator.is_main_process:
             for warning in warnings:
-                print(f"[{self.stage}] WARNING step {step}: {warning}", file=self.stream, flush=True)
+                print(f"[{self.stage}] WARNING step {step}: {warning}", file=self.stream or sys.stderr, flush=True)
         if warnings and self.mode == "stop":
             raise RunHealthStop(f"{self.stage}: stopped at step {step} ({self.stage}.healthChecks: stop): "
                                    + "; ".join(warnings))
