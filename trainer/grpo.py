@@ -31,8 +31,7 @@ from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import GRPOConfig
 from trainer.modeling import disable_dropout, load_causal_lm, load_tokenizer, prepare_model_source, save_final
 from trainer.rewards import CompositeReward
-from trainer.rollout import (PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now, old_logprobs,
-                             reduce_mean,
+from trainer.rollout import (PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now, reduce_mean,
                              reduce_sum, report_samples, response_logits, response_logprobs, reward_model_source,
                              sample_and_score, sample_held_out, split_prompts, step_seed)
 from trainer.run_health import RunHealth
@@ -60,10 +59,13 @@ def collect_groups(ctx: StageContext, *, prompts: list[PromptRow], policy, refer
     passes: dict[str, torch.Tensor | None] = {"ref_logprobs": None}
 
     def forward_passes(batch: SampledBatch) -> None:
-        passes["logprobs"], passes["entropy"] = old_logprobs(ctx, policy_module, batch,
-                                                             temperature=cfg.temperature)  # (n, t) each
-        if reference is not None:
-            with acc.autocast():
+        with acc.autocast():
+            logits = response_logits(policy_module, batch.input_ids, batch.attention_mask,
+                                     response_length=batch.responses.shape[1], temperature=cfg.temperature)
+            passes["logprobs"] = ppo_math.logprobs_from_logits(logits, batch.responses)  # (n, t)
+            passes["entropy"] = ppo_math.entropy_from_logits(logits)
+            del logits
+            if reference is not None:
                 passes["ref_logprobs"] = response_logprobs(reference, batch, temperature=cfg.temperature)
 
     repeated = [row for row in prompts for _ in range(cfg.group_size)]  # group by group
@@ -235,8 +237,7 @@ def run(ctx: StageContext) -> Path:
             ctx.report("progress", step=step, total_steps=cfg.steps, metrics={
                 **stats, **update_stats, "learning_rate": learning_rate,
                 "episodes_per_second": global_batch / seconds, "tokens_per_second": tokens / seconds,
-                "generation_seconds": timings["generation"], "forward_seconds": timings["forward"],
-                "scoring_seconds": timings["scoring"],
+                "generation_seconds": timings["generation"], "scoring_seconds": timings["scoring"],
                 "optimisation_seconds": timings["optimisation"],
             })
         if acc.is_main_process and (step % cfg.sample_every_steps == 0 or step == cfg.steps):

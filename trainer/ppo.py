@@ -33,7 +33,7 @@ from trainer.modeling import (disable_dropout, enable_gradient_checkpointing, lo
                               model_options, prepare_model_source, save_final)
 from trainer.rewards import CompositeReward
 from trainer.rollout import (SAMPLES_FILE, PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now,
-                             old_logprobs, positions, reduce_mean, reduce_sum, report_samples, response_logits, response_logprobs,
+                             positions, reduce_mean, reduce_sum, report_samples, response_logits, response_logprobs,
                              reward_model_source, sample_and_score, sample_held_out, score_responses, split_prompts,
                              step_seed)
 from trainer.run_health import RunHealth
@@ -124,8 +124,13 @@ def collect_rollouts(ctx: StageContext, *, prompts: list[PromptRow], policy, ref
     passes: dict[str, torch.Tensor] = {}
 
     def forward_passes(batch: SampledBatch) -> None:
-        passes["logprobs"], passes["entropy"] = old_logprobs(ctx, policy_module, batch, temperature=cfg.temperature)
+        t = batch.responses.shape[1]
         with acc.autocast():
+            logits = response_logits(policy_module, batch.input_ids, batch.attention_mask, response_length=t,
+                                     temperature=cfg.temperature)  # (b, t, v)
+            passes["logprobs"] = ppo_math.logprobs_from_logits(logits, batch.responses)
+            passes["entropy"] = ppo_math.entropy_from_logits(logits)
+            del logits
             passes["ref_logprobs"] = response_logprobs(reference, batch, temperature=cfg.temperature)
             passes["values"] = response_values(acc.unwrap_model(value_model), batch.input_ids, batch.attention_mask,
                                                prompt_length=batch.prompt_length)
@@ -315,8 +320,7 @@ def run(ctx: StageContext) -> Path:
             ctx.report("progress", step=step, total_steps=cfg.steps, metrics={
                 **rollout_stats, **update_stats, "kl_coef": kl_ctl.value, "learning_rate": learning_rate,
                 "episodes_per_second": global_batch / seconds, "tokens_per_second": tokens / seconds,
-                "generation_seconds": timings["generation"], "forward_seconds": timings["forward"],
-                "scoring_seconds": timings["scoring"],
+                "generation_seconds": timings["generation"], "scoring_seconds": timings["scoring"],
                 "optimisation_seconds": timings["optimisation"],
             })
         if acc.is_main_process and (step % cfg.sample_every_steps == 0 or step == cfg.steps):
