@@ -7,6 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { printf '[setup %(%H:%M:%S)T] %s\n' -1 "$*"; }
 
+# Debian's chromium and its driver for the console's browser tests (Selenium drives
+# /usr/bin/chromium through /usr/bin/chromedriver; Playwright's browser download is not used).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  log "installing chromium and chromium-driver (apt-get)"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+fi
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
   python3 -m venv .venv
