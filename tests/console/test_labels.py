@@ -88,3 +88,31 @@ def test_export_order_is_by_time_then_run():
 def test_malformed_label_names_the_object():
     with pytest.raises(ValueError, match="PreferenceLabel ns/x"):
         labels.parse_label({"metadata": {"namespace": "ns", "name": "x"}, "spec": {"run": "demo"}})
+
+
+def test_the_documented_commands_round_trip_through_the_cluster_api(tmp_path, monkeypatch, capsys):
+    from fakes import FakeKube
+
+    from ftconsole import cli, kube
+
+    cluster = FakeKube()
+    monkeypatch.setattr(kube, "api_client", lambda **_: None)
+    monkeypatch.setattr(kube, "ConsoleKube", lambda api: cluster)
+    rows = [{"prompt": "p1", "chosen": "yes", "rejected": "no"}, {"prompt": "p2", "chosen": "a", "rejected": "b"}]
+    source = tmp_path / "prefs.jsonl"
+    source.write_text(labels.to_jsonl(rows))
+    with pytest.raises(SystemExit) as done:
+        cli.main(["labels", "import", str(source), "-n", "team-a", "--run", "demo", "--round", "3"])
+    assert done.value.code == 0 and len(cluster.labels) == 2
+    assert {obj["metadata"]["labels"]["finetune.dev/round"] for obj in cluster.labels} == {"3"}
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit):
+        cli.main(["labels", "export", "-n", "team-a", "--run", "demo", "-o", str(out)])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert "exported 2 preference rows from 2 labels" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p"}\n')
+    with pytest.raises(SystemExit) as failed:
+        cli.main(["labels", "import", str(bad), "-n", "team-a", "--run", "demo"])
+    assert failed.value.code == 2 and "bad.jsonl:1" in capsys.readouterr().err
+    assert len(cluster.labels) == 2, "a bad file creates nothing"
