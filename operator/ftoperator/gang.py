@@ -22,7 +22,8 @@ them) and the plain names (``MASTER_ADDR`` ...) that ``accelerate`` and humans r
 
 The caller (``decide``, next) turns a ``GangDecision`` into actions and status: it counts a
 ``failed`` member against backoffLimit or disruptionLimit as it does for one pod today, and
-bumps the attempt when ``attempt_over`` is set and no pod of the attempt is left.
+records attempt + 1 as soon as ``attempt_over`` is set (the old attempt's pods are then deleted
+and waited for by the next decisions; deciding again for the same attempt would create its names again).
 """
 
 from __future__ import annotations
@@ -239,7 +240,8 @@ class GangDecision:
     placed: int = 0
     """Members the scheduler has bound to a node."""
     attempt_over: bool = False
-    """The attempt has ended (failure, loss, refused create, released): the next one starts when its pods are gone."""
+    """The attempt has ended (failure, loss, refused create, released): the caller records attempt + 1 now;
+    its pods are created once every pod of this attempt is gone."""
     failed: GangPod | None = None
     """The member whose end ended the attempt (the caller classifies it: permanent, disruption, failure)."""
     requeue_after: float | None = None
