@@ -1,4 +1,4 @@
-"""``python -m trainer --stage sft|reward|ppo|grpo --config FILE``: run one stage.
+"""``python -m trainer --stage sft|reward|ppo|grpo|dpo --config FILE``: run one stage.
 
 Exit 0 on success, ``PERMANENT_FAILURE_EXIT_CODE`` (3) when retrying cannot help (an invalid
 config, a bad dataset row, a missing model ...), 1 on any other failure.
@@ -20,7 +20,7 @@ DEFAULT_TERMINATION_LOG = Path(ReportingConfig().termination_log_path)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
-    parser.add_argument("--stage", required=True, choices=["sft", "reward", "ppo", "grpo"],
+    parser.add_argument("--stage", required=True, choices=["sft", "reward", "ppo", "grpo", "dpo"],
                         help="stage to run; must equal the config file's stage (a guard against a wrong file)")
     parser.add_argument("--config", required=True, help="StageJob file (YAML or JSON)")
     return parser.parse_args(argv)

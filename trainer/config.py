@@ -440,7 +440,7 @@ class DPOConfig(OptimConfig):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """sigmoid only: the share of pairs assumed mislabelled (conservative DPO); 0 is plain DPO."""
     chat_template: bool = True
-    """Message-list rows go through the tokenizer's chat template; text rows are used as they are."""
+    """Give the policy each text prompt as a user message through the tokenizer's chat template, when it has one, as PPO and GRPO do; false: the prompt text as is (use false when SFT trained on prompt/completion text). Message-list rows always use the template; implicit-prompt text rows are used as they are."""
 
     @model_validator(mode="after")
     def _smoothing_is_sigmoid(self) -> "DPOConfig":

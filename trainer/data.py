@@ -376,7 +376,7 @@ def load_preference_rows(path: str | Path, *, tokenizer=None) -> list[Preference
             rows.append(PreferenceRow(
                 where=where, prompt=render_chat(tokenizer, prompt, generation_prompt=True),
                 chosen=_chat_response(tokenizer, prompt, chosen, where=where),
-                rejected=_chat_response(tokenizer, prompt, rejected, where=where), margin=margin))
+                rejected=_chat_response(tokenizer, prompt, rejected, where=where), margin=margin, chat=True))
         else:
             prompt = _string_field(obj, "prompt", where=where) if "prompt" in obj else ""
             rows.append(PreferenceRow(where=where, prompt=prompt, chosen=_string_field(obj, "chosen", where=where),

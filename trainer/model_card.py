@@ -19,8 +19,9 @@ _PURPOSE = {
     "reward": "a reward model (one score per text, Bradley-Terry on preference pairs)",
     "ppo": "PPO against a reward, with a KL penalty to the SFT model",
     "grpo": "GRPO/RLOO: group-relative advantages on sampled responses",
+    "dpo": "DPO on preference pairs, against the input (SFT) model as the reference",
 }
-_DATA_FIELD = {"sft": "sft", "reward": "preferences", "ppo": "prompts", "grpo": "prompts"}
+_DATA_FIELD = {"sft": "sft", "reward": "preferences", "ppo": "prompts", "grpo": "prompts", "dpo": "preferences"}
 
 
 def render_model_card(*, job: StageJob, fingerprint: dict[str, Any], metrics: dict[str, float],

@@ -41,7 +41,7 @@ from trainer.config import HUB_SCHEME, StageJob
 FINGERPRINT_FILE = "fingerprint.json"
 """In ``final/``: the fingerprint of the training that wrote it."""
 MISSING = "missing"
-_DATA_FIELD = {"sft": "sft", "reward": "preferences", "ppo": "prompts", "grpo": "prompts"}
+_DATA_FIELD = {"sft": "sft", "reward": "preferences", "ppo": "prompts", "grpo": "prompts", "dpo": "preferences"}
 
 
 def file_digest(path: str | Path) -> str:

@@ -30,7 +30,8 @@ from trainer.reporting import FanOutReporter, LocalReporter, ProgressEvent, Repo
 COMPLETE_MARKER = "COMPLETE"
 """File written last into a finished directory (checkpoint or final model); its presence means complete."""
 
-STAGE_MODULES = {"sft": "trainer.sft", "reward": "trainer.reward_model", "ppo": "trainer.ppo", "grpo": "trainer.grpo"}
+STAGE_MODULES = {"sft": "trainer.sft", "reward": "trainer.reward_model", "ppo": "trainer.ppo", "grpo": "trainer.grpo",
+                 "dpo": "trainer.dpo"}
 
 
 class StageFailed(Exception):
@@ -143,8 +144,8 @@ def step_health(accelerator, *, loss: torch.Tensor, grad_norm) -> dict[str, floa
 
 
 def stage_config(job: StageJob):
-    """The settings block of the job's own stage (SFTConfig, RewardConfig, PPOConfig or GRPOConfig)."""
-    return {"sft": job.sft, "reward": job.reward, "ppo": job.ppo, "grpo": job.grpo}[job.stage]
+    """The settings block of the job's own stage (SFTConfig, RewardConfig, PPOConfig, GRPOConfig or DPOConfig)."""
+    return {"sft": job.sft, "reward": job.reward, "ppo": job.ppo, "grpo": job.grpo, "dpo": job.dpo}[job.stage]
 
 
 def resolve_dtype(precision: str, *, cuda: bool, bf16_supported: bool) -> torch.dtype:

@@ -1,0 +1,305 @@
+"""Direct preference optimisation (Rafailov et al. 2023) on preference pairs: no reward model, no sampling.
+
+Top to bottom: load and check the pairs (``data.preferences``, the rows the reward stage
+reads), set a seeded share aside as the held-out split, tokenise each pair as prompt + reply
+with the loss on the reply's tokens only; load the policy (the input model, the SFT output;
+LoRA optional); get the reference log-probabilities of every pair; then the supervised loop
+shared with SFT and the reward stage (``trainer.supervised``) with the DPO (or IPO) loss of one
+micro-batch as its ``forward``, evaluating on the held-out pairs at every log.
+
+The reference is the input model itself, so its log-probabilities are those of the policy
+before its first step: they are computed once, by the freshly loaded policy in eval mode and
+without gradients, before training starts (so no second copy of the model is ever held), and
+saved in ``<outputDir>/reference-logprobs/`` with the fingerprint of what they depend on. A
+retry or resume of the same run reads them back instead of recomputing them. The arithmetic
+is in ``trainer.dpo_math``; docs/dpo.md describes every setting and metric.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from pydantic.alias_generators import to_camel
+
+from trainer import dpo_math, provenance
+from trainer.config import DPOConfig
+from trainer.data import PreferenceRow, encode_text, load_preference_rows, pad_right, render_prompt, split_for_eval
+from trainer.durable import publish_directory
+from trainer.modeling import (disable_dropout, load_causal_lm, load_tokenizer, model_options, prepare_model_source,
+                              save_final)
+from trainer.runtime import COMPLETE_MARKER, PermanentStageFailure, StageContext
+from trainer.supervised import MicroBatch, prepare_supervised, train_supervised
+
+NON_FINITE_ADVICE = "lower dpo.learningRate or maxGradNorm, check the preference data, or use precision fp32"
+REFERENCE_DIR = "reference-logprobs"
+"""In outputDir: the reference log-probabilities of every pair, computed once per run."""
+REFERENCE_FILE = "logprobs.safetensors"
+REFERENCE_SETTINGS = frozenset({"max_seq_length_tokens", "eval_fraction", "seed", "chat_template", "precision",
+                                "attention_implementation", "lora"})
+"""The dpo settings the reference log-probabilities depend on (which pairs are held out, how they are
+tokenised, the compute dtype); a change to any other setting keeps the saved ones."""
+REFERENCE_COLUMNS = ("chosen_sum", "chosen_tokens", "rejected_sum", "rejected_tokens")
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """Token ids of a pair: the shared prompt, then each reply (ending with EOS); the loss covers the replies."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def _reply_ids(tokenizer, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def _common_start(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_pair(row: PreferenceRow, *, tokenizer, max_length: int, chat_template: bool) -> EncodedPair:
+    """The pair as the policy reads it.
+
+    The prompt is the row's prompt text (``render_prompt``: a text prompt through the chat template
+    as a user message when ``chat_template``; a conversational row's prompt is already rendered),
+    tokenised with the tokenizer's special tokens (BOS once); each reply is tokenised on its own and
+    ends with EOS, as SFT trains replies to end. An implicit-prompt text row (no ``prompt``) is
+    split at the longest common start of the two tokenised texts, each reply keeping at least one
+    token. Over ``max_length``: the replies keep at least half of it (cut from the right) and the
+    prompt loses its start, identically for both replies, so the prompt still cancels in the loss.
+    """
+    if row.prompt:
+        text = row.prompt if row.chat else render_prompt(tokenizer, row.prompt, chat_template=chat_template)
+        prompt = encode_text(tokenizer, text)
+        chosen = _reply_ids(tokenizer, tokenizer(row.chosen, add_special_tokens=False)["input_ids"])
+        rejected = _reply_ids(tokenizer, tokenizer(row.rejected, add_special_tokens=False)["input_ids"])
+    else:
+        whole_chosen, whole_rejected = encode_text(tokenizer, row.chosen), encode_text(tokenizer, row.rejected)
+        shared = min(_common_start(whole_chosen, whole_rejected), len(whole_chosen) - 1, len(whole_rejected) - 1)
+        prompt = whole_chosen[:max(shared, 0)]
+        chosen = _reply_ids(tokenizer, whole_chosen[len(prompt):])
+        rejected = _reply_ids(tokenizer, whole_rejected[len(prompt):])
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest > max_length:
+        reply_budget = max(max_length - len(prompt), min(longest, max_length // 2))
+        chosen, rejected = chosen[:reply_budget], rejected[:reply_budget]
+        keep = max_length - max(len(chosen), len(rejected))
+        prompt = prompt[len(prompt) - keep:] if keep > 0 else []
+    return EncodedPair(prompt=prompt, chosen=chosen, rejected=rejected)
+
+
+def collate_pairs(pairs: list[EncodedPair], *, pad_token_id: int, device) -> dict[str, torch.Tensor]:
+    """Chosen sequences first, then rejected, right-padded: input_ids, attention_mask, completion_mask, (2b, t)."""
+    sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
+    replies = [(len(p.prompt), len(p.chosen)) for p in pairs] + [(len(p.prompt), len(p.rejected)) for p in pairs]
+    completion = [[0] * start + [1] * length for start, length in replies]
+    return {
+        "input_ids": torch.tensor(pad_right(sequences, pad_value=pad_token_id), device=device),
+        "attention_mask": torch.tensor(pad_right([[1] * len(s) for s in sequences], pad_value=0), device=device),
+        "completion_mask": torch.tensor(pad_right(completion, pad_value=0), device=device),
+    }
+
+
+def pair_logprobs(model, pairs: list[EncodedPair], *, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums, token counts) of the replies' log-probs, each (2b,): chosen replies first. One forward pass."""
+    batch = collate_pairs(pairs, pad_token_id=pad_token_id, device=device)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2b, t, v)
+    return dpo_math.completion_logprobs(logits, batch["input_ids"], batch["completion_mask"])
+
+
+@torch.no_grad()
+def compute_reference(ctx: StageContext, model, pairs: list[EncodedPair], *, pad_token_id: int,
+                      batch_size: int) -> torch.Tensor:
+    """(n, 4) float32, ``REFERENCE_COLUMNS`` of every pair, the same on every process.
+
+    Each process computes pairs rank, rank + world, ... in batches of ``batch_size``; the
+    results are gathered. Call on every process, with ``model`` in eval mode.
+    """
+    accelerator, n = ctx.accelerator, len(pairs)
+    if n == 0:
+        return torch.zeros(0, 4)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    share = math.ceil(n / world)
+    mine = list(range(rank, n, world))
+    mine += mine[-1:] * (share - len(mine))  # equal shares for the gather; the repeats are dropped below
+    rows = []
+    for start in range(0, share, batch_size):
+        chunk = [pairs[i] for i in mine[start:start + batch_size]]
+        with accelerator.autocast():
+            sums, counts = pair_logprobs(model, chunk, pad_token_id=pad_token_id, device=ctx.device)
+        b = len(chunk)
+        rows.append(torch.stack([sums[:b], counts[:b], sums[b:], counts[b:]], dim=1).float())  # (b, 4)
+    gathered = accelerator.gather(torch.cat(rows)).cpu()  # (world * share, 4), process by process
+    reference = torch.empty(n, 4)
+    for r in range(world):
+        owned = list(range(r, n, world))
+        reference[owned] = gathered[r * share:r * share + len(owned)]
+    return reference
+
+
+def reference_fingerprint(ctx: StageContext) -> dict:
+    """The stage's fingerprint restricted to what the reference log-probs depend on (``REFERENCE_SETTINGS``)."""
+    keep = {to_camel(name) for name in REFERENCE_SETTINGS}
+    fingerprint = dict(ctx.fingerprint)
+    fingerprint["settings"] = {k: v for k, v in ctx.fingerprint.get("settings", {}).items() if k in keep}
+    return fingerprint
+
+
+def load_reference(ctx: StageContext, *, train: int, held_out: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(train, held-out) reference log-probs saved by an earlier attempt of this run, or None.
+
+    None (and a line on stderr saying why) when there are none, they are incomplete, or they were
+    computed for another run, other inputs or other settings; the same answer on every process.
+    """
+    from safetensors.torch import load_file
+
+    directory = ctx.output_dir / REFERENCE_DIR
+    found, why = None, None
+    if (directory / COMPLETE_MARKER).is_file():
+        saved = provenance.read_final_fingerprint(directory) or {}
+        current = reference_fingerprint(ctx)
+        changed = provenance.differences(saved, current, stage=ctx.job.stage)
+        if saved.get("runUid") != current.get("runUid"):
+            changed.insert(0, f"runUid: {saved.get('runUid')} -> {current.get('runUid')}")
+        if changed:
+            why = f"computed for other inputs or settings ({'; '.join(changed)})"
+        else:
+            tensors = load_file(str(directory / REFERENCE_FILE))
+            if tuple(tensors["train"].shape) == (train, 4) and tuple(tensors["held_out"].shape) == (held_out, 4):
+                found = (tensors["train"], tensors["held_out"])
+            else:
+                why = "saved for another number of pairs"
+    everywhere = torch.tensor([0.0 if found is None else 1.0], device=ctx.device)
+    if ctx.accelerator.num_processes > 1:
+        everywhere = ctx.accelerator.reduce(everywhere, "min")
+    if float(everywhere) == 0.0:
+        found = None
+    if ctx.is_main_process:
+        message = (f"reference log-probs read from {directory}" if found is not None else
+                   f"reference log-probs in {directory} not used: {why}" if why else None)
+        if message:
+            print(f"[dpo] {message}", file=sys.stderr, flush=True)
+    return found
+
+
+def save_reference(ctx: StageContext, train: torch.Tensor, held_out: torch.Tensor) -> None:
+    """Write ``<outputDir>/reference-logprobs/`` whole (tensors, fingerprint, marker last); all processes call it."""
+    from safetensors.torch import save_file
+
+    if ctx.is_main_process:
+        temp = ctx.output_dir / f".tmp-{REFERENCE_DIR}"
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+        save_file({"train": train.contiguous(), "held_out": held_out.contiguous()}, str(temp / REFERENCE_FILE),
+                  metadata={"columns": ",".join(REFERENCE_COLUMNS)})
+        (temp / provenance.FINGERPRINT_FILE).write_text(json.dumps(reference_fingerprint(ctx), indent=2))
+        publish_directory(temp, ctx.output_dir / REFERENCE_DIR, marker=COMPLETE_MARKER)
+    ctx.accelerator.wait_for_everyone()
+
+
+def _reference_columns(reference: torch.Tensor, *, loss_type: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) sequence log-probs, each (b,), from rows of ``REFERENCE_COLUMNS``."""
+    reference = reference.to(device)
+    return (dpo_math.sequence_logprobs(reference[:, 0], reference[:, 1], loss_type=loss_type),
+            dpo_math.sequence_logprobs(reference[:, 2], reference[:, 3], loss_type=loss_type))
+
+
+def pair_terms(model, pairs: list[EncodedPair], reference: torch.Tensor, *, cfg: DPOConfig, pad_token_id: int,
+               device) -> tuple[dpo_math.PairTerms, int]:
+    """Loss and implicit rewards of ``pairs`` under ``model`` against their reference rows (b, 4),
+    and the number of tokens read."""
+    sums, counts = pair_logprobs(model, pairs, pad_token_id=pad_token_id, device=device)  # (2b,) each
+    policy = dpo_math.sequence_logprobs(sums, counts, loss_type=cfg.loss_type)
+    reference_chosen, reference_rejected = _reference_columns(reference, loss_type=cfg.loss_type, device=device)
+    b = len(pairs)
+    terms = dpo_math.preference_terms(policy[:b], policy[b:], reference_chosen, reference_rejected, beta=cfg.beta,
+                                      loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+    tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    return terms, tokens
+
+
+def window_metrics(sums: dict[str, float], *, prefix: str = "") -> dict[str, float]:
+    """Means per pair of summed statistics: ``{prefix}`` + chosen_reward, rejected_reward, reward_margin,
+    preference_accuracy."""
+    pairs = max(sums["pairs"], 1.0)
+    chosen, rejected = sums["chosen_reward"] / pairs, sums["rejected_reward"] / pairs
+    return {f"{prefix}chosen_reward": chosen, f"{prefix}rejected_reward": rejected,
+            f"{prefix}reward_margin": chosen - rejected, f"{prefix}preference_accuracy": sums["correct"] / pairs}
+
+
+def _statistics(terms: dpo_math.PairTerms, device) -> dict[str, torch.Tensor]:
+    return {"chosen_reward": terms.chosen_rewards.sum(), "rejected_reward": terms.rejected_rewards.sum(),
+            "correct": terms.correct.sum(), "pairs": torch.tensor(float(terms.losses.numel()), device=device)}
+
+
+def run(ctx: StageContext) -> Path:
+    job, cfg, accelerator = ctx.job, ctx.job.dpo, ctx.accelerator
+    if job.data.preferences is None:
+        raise PermanentStageFailure("dpo stage needs data.preferences (a dataset of prompt/chosen/rejected rows)")
+    source = prepare_model_source(ctx, job.model)
+    tokenizer = load_tokenizer(source)
+    pad = tokenizer.pad_token_id
+    rows = load_preference_rows(job.data.preferences, tokenizer=tokenizer)
+    train_rows, eval_rows = split_for_eval(rows, fraction=cfg.eval_fraction, seed=cfg.seed)
+    encode = dict(tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens, chat_template=cfg.chat_template)
+    train = [encode_pair(r, **encode) for r in train_rows]
+    held_out = [encode_pair(r, **encode) for r in eval_rows]
+
+    set_seed(cfg.seed)  # identical initialisation (LoRA adapters) on every process
+    model = load_causal_lm(source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora,
+                           **model_options(cfg, trained=True))
+    disable_dropout(model)  # the log-ratios to the reference must not be noise
+    saved = load_reference(ctx, train=len(train), held_out=len(held_out))
+    if saved is None:
+        # Before any step the policy is the reference (LoRA's B matrices start at zero).
+        model.to(ctx.device).eval()
+        saved = (compute_reference(ctx, model, train, pad_token_id=pad, batch_size=cfg.batch_size),
+                 compute_reference(ctx, model, held_out, pad_token_id=pad, batch_size=cfg.batch_size))
+        save_reference(ctx, *saved)
+    reference_train, reference_held_out = saved
+    setup = prepare_supervised(ctx, model, cfg=cfg, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                               num_examples=len(train))
+
+    def forward(indices: list[int]) -> MicroBatch:
+        terms, tokens = pair_terms(setup.model, [train[j] for j in indices], reference_train[indices], cfg=cfg,
+                                   pad_token_id=pad, device=ctx.device)
+        return MicroBatch(loss=terms.losses.mean(), tokens=tokens, samples=len(indices),
+                          sums=_statistics(terms, ctx.device))
+
+    def evaluate() -> dict[str, float]:
+        """Held-out loss, rewards, margin and accuracy, over every process's share of the held-out pairs."""
+        unwrapped = accelerator.unwrap_model(setup.model)
+        mine = list(range(accelerator.process_index, len(held_out), accelerator.num_processes))
+        names = ("loss", "chosen_reward", "rejected_reward", "correct", "pairs")
+        totals = torch.zeros(len(names), device=ctx.device)
+        for start in range(0, len(mine), cfg.batch_size):
+            indices = mine[start:start + cfg.batch_size]
+            with accelerator.autocast():
+                terms, _ = pair_terms(unwrapped, [held_out[j] for j in indices], reference_held_out[indices],
+                                      cfg=cfg, pad_token_id=pad, device=ctx.device)
+            statistics = {"loss": terms.losses.sum(), **_statistics(terms, ctx.device)}
+            totals += torch.stack([statistics[n].float() for n in names])
+        totals = accelerator.reduce(totals, "sum")
+        sums = dict(zip(names, totals.tolist()))
+        return {"eval_loss": sums["loss"] / max(sums["pairs"], 1.0), **window_metrics(sums, prefix="eval_")}
+
+    train_supervised(ctx, setup, forward=forward, summarise=window_metrics, evaluate=evaluate if held_out else None,
+                     non_finite_advice=NON_FINITE_ADVICE)
+    if held_out and setup.start_step == setup.plan.total_steps:  # resumed at the end: no log ran the evaluation
+        setup.model.eval()
+        with torch.no_grad():
+            metrics = evaluate()
+        ctx.report("progress", step=setup.start_step, total_steps=setup.plan.total_steps, metrics=metrics)
+    return save_final(ctx, setup.model, tokenizer)
