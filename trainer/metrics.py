@@ -28,6 +28,10 @@ GAUGES: dict[str, str] = {
     "approx_kl": "Approximate KL between the old and the updated policy, in nats.",
     "value_loss": "Value-function loss.",
     "reward_model_accuracy": "Held-out preference accuracy of the reward model (0..1).",
+    "preference_accuracy": "DPO: share of the last reported training pairs whose chosen reply has the higher reward.",
+    "reward_margin": "DPO: mean implicit-reward margin (chosen minus rejected) of the last reported training pairs.",
+    "eval_preference_accuracy": "DPO: held-out preference accuracy (0..1).",
+    "eval_reward_margin": "DPO: mean held-out implicit-reward margin, chosen minus rejected.",
     "gpu_memory_allocated_bytes": "Bytes of GPU memory allocated by tensors on this process (CUDA only).",
 }
 

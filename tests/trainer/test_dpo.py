@@ -63,6 +63,18 @@ def test_dpo_cli_learns_a_clear_preference_and_saves_a_plain_model(tmp_path, tin
     assert "DPO on preference pairs" in card and "eval_preference_accuracy" in card
 
 
+def test_the_dpo_metrics_that_matter_are_prometheus_gauges():
+    from prometheus_client import generate_latest
+
+    from trainer.metrics import TrainerMetrics
+
+    metrics = TrainerMetrics(stage="dpo")
+    names = ("preference_accuracy", "reward_margin", "eval_preference_accuracy", "eval_reward_margin")
+    metrics.update(**{name: 0.75 for name in names})
+    body = generate_latest(metrics.registry).decode()
+    assert all(f'finetune_trainer_{name}{{stage="dpo"}} 0.75' in body for name in names)
+
+
 def test_dpo_stage_without_preferences_fails_permanently(tmp_path, tiny_model_dir):
     job = dpo_job(tmp_path, tiny_model_dir)
     del job["data"]["preferences"]
