@@ -264,7 +264,7 @@ def label_page(*, namespace: str, run: str, pairs: list[Pair], existing: int, us
         f'<h1>Label {esc(run)} <small>{esc(namespace)}</small></h1>'
         f'<p><a href="{esc(run_path(namespace, run))}">Back to the run</a> · '
         f'<span id="label-progress" data-existing="{existing}" data-total="{len(pairs)}">'
-        f"{existing} labels so far</span></p>"
+        f'{existing} labels so far</span> · <span id="pair-position"></span></p>'
         f'<div id="labelling" data-namespace="{esc(namespace)}" data-run="{esc(run)}">{sections}</div>'
         '<p class="keys"><kbd>1</kbd> A is better · <kbd>2</kbd> B is better · <kbd>t</kbd> tie · '
         '<kbd>b</kbd> both bad · <kbd>s</kbd> skip</p><p id="label-status" role="status"></p>')

@@ -43,8 +43,10 @@ function labelling() {
   let labelled = Number(progress.dataset.existing);
   let busy = false;
 
+  const position = document.getElementById("pair-position");
   const show = () => {
     pairs.forEach((pair, i) => { pair.hidden = i !== index; });
+    if (position && index < pairs.length) position.textContent = `pair ${index + 1} of ${pairs.length}`;
     if (pairs.length && index >= pairs.length) status.textContent = "All pairs done. Thank you!";
   };
   const next = () => { index += 1; show(); };
