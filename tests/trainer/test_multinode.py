@@ -124,13 +124,14 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def launch_node(tmp_path, *, rank: int, nodes: int, port: int, expected: int | None = None) -> subprocess.Popen:
+def launch_node(tmp_path, *, rank: int, nodes: int, port: int, expected: int | None = None,
+                rendezvous_timeout: int = 60) -> subprocess.Popen:
     """One gang member as the operator will start it: torchrun reading only the env ftoperator.gang builds."""
     from ftoperator.gang import rendezvous_env
 
     env = {e["name"]: e["value"] for e in rendezvous_env(
         run="demo", namespace="team-a", stage="sft", attempt=0, rank=rank, nodes=nodes, processes_per_node=1,
-        port=port, rendezvous_timeout_seconds=60, collective_timeout_seconds=60)}
+        port=port, rendezvous_timeout_seconds=rendezvous_timeout, collective_timeout_seconds=60)}
     # No cluster DNS here: rank 0's Service name stands for loopback.
     env["PET_MASTER_ADDR"] = env["MASTER_ADDR"] = "127.0.0.1"
     if expected is not None:
@@ -157,6 +158,17 @@ def test_a_world_smaller_than_expected_fails_every_rank_with_the_counts(tmp_path
     assert all(p.returncode != 0 for p in nodes), outputs
     assert all("FAILED world size mismatch: the stage expects 3 processes" in o and "but 2 came up" in o
                for o in outputs), outputs
+
+
+def test_a_node_whose_rank_0_never_comes_gives_up_after_the_rendezvous_timeout_it_was_given(tmp_path):
+    # Only node rank 1: torchrun's own agent must stop waiting (PET_RDZV_CONF), before any trainer code runs.
+    started = time.monotonic()
+    lonely = launch_node(tmp_path, rank=1, nodes=2, port=free_port(), rendezvous_timeout=3)
+    output = lonely.communicate(timeout=240)[0]
+    elapsed = time.monotonic() - started
+    assert lonely.returncode != 0, output
+    assert "127.0.0.1" in output and "timed out" in output.lower(), output[-3000:]
+    assert elapsed < 120  # the default would be 900 s
 
 
 COLLECTIVE_PROBE = textwrap.dedent("""
