@@ -46,6 +46,10 @@ REFERENCE_SETTINGS = frozenset({"max_seq_length_tokens", "eval_fraction", "seed"
 """The dpo settings the reference log-probabilities depend on (which pairs are held out, how they are
 tokenised, the compute dtype); a change to any other setting keeps the saved ones."""
 REFERENCE_COLUMNS = ("chosen_sum", "chosen_tokens", "rejected_sum", "rejected_tokens")
+SAMPLE_PAIRS = 4
+"""Held-out pairs whose prompt the policy answers at every log (the ``samples`` event)."""
+MAX_SAMPLE_TOKENS = 64
+"""A sample response is as long as the longest reply of the shown pairs, at most this many tokens."""
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,36 @@ def _statistics(terms: dpo_math.PairTerms, device) -> dict[str, torch.Tensor]:
             "correct": terms.correct.sum(), "pairs": torch.tensor(float(terms.losses.numel()), device=device)}
 
 
+@torch.no_grad()
+def held_out_samples(ctx: StageContext, model, pairs: list[EncodedPair], reference: torch.Tensor, *,
+                     rows: list[PreferenceRow], cfg: DPOConfig, tokenizer) -> list[dict]:
+    """The policy's greedy answer to each pair's prompt, beside the pair and its implicit rewards.
+
+    Greedy decoding draws no random numbers, so samples never change the training that follows.
+    ``model`` is the unwrapped policy in eval mode; run on the main process only.
+    """
+    if not pairs:
+        return []
+    with ctx.accelerator.autocast():
+        terms, _ = pair_terms(model, pairs, reference, cfg=cfg, pad_token_id=tokenizer.pad_token_id,
+                              device=ctx.device)
+    max_new = min(MAX_SAMPLE_TOKENS, max(max(len(p.chosen), len(p.rejected)) for p in pairs))
+    samples = []
+    for k, (pair, row) in enumerate(zip(pairs, rows)):
+        prompt = torch.tensor([pair.prompt or [tokenizer.eos_token_id]], device=ctx.device)  # (1, p)
+        with ctx.accelerator.autocast():
+            output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                    max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id)
+        samples.append({
+            "prompt": tokenizer.decode(pair.prompt, skip_special_tokens=True),
+            "response": tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True),
+            "chosen": row.chosen, "rejected": row.rejected,
+            "chosen_reward": float(terms.chosen_rewards[k]), "rejected_reward": float(terms.rejected_rewards[k]),
+        })
+    return samples
+
+
 def run(ctx: StageContext) -> Path:
     job, cfg, accelerator = ctx.job, ctx.job.dpo, ctx.accelerator
     if job.data.preferences is None:
@@ -278,9 +312,15 @@ def run(ctx: StageContext) -> Path:
         return MicroBatch(loss=terms.losses.mean(), tokens=tokens, samples=len(indices),
                           sums=_statistics(terms, ctx.device))
 
-    def evaluate() -> dict[str, float]:
-        """Held-out loss, rewards, margin and accuracy, over every process's share of the held-out pairs."""
+    def evaluate(step: int) -> dict[str, float]:
+        """Held-out loss, rewards, margin and accuracy, over every process's share of the held-out pairs;
+        and a samples event of the first held-out pairs."""
         unwrapped = accelerator.unwrap_model(setup.model)
+        if ctx.is_main_process:
+            shown = list(range(min(SAMPLE_PAIRS, len(held_out))))
+            samples = held_out_samples(ctx, unwrapped, [held_out[j] for j in shown], reference_held_out[shown],
+                                       rows=[eval_rows[j] for j in shown], cfg=cfg, tokenizer=tokenizer)
+            ctx.report("samples", step=step, total_steps=setup.plan.total_steps, samples=samples)
         mine = list(range(accelerator.process_index, len(held_out), accelerator.num_processes))
         names = ("loss", "chosen_reward", "rejected_reward", "correct", "pairs")
         totals = torch.zeros(len(names), device=ctx.device)
@@ -300,6 +340,6 @@ def run(ctx: StageContext) -> Path:
     if held_out and setup.start_step == setup.plan.total_steps:  # resumed at the end: no log ran the evaluation
         setup.model.eval()
         with torch.no_grad():
-            metrics = evaluate()
+            metrics = evaluate(setup.start_step)
         ctx.report("progress", step=setup.start_step, total_steps=setup.plan.total_steps, metrics=metrics)
     return save_final(ctx, setup.model, tokenizer)

@@ -80,15 +80,16 @@ class MicroBatch:
 
 def train_supervised(ctx: StageContext, setup: SupervisedSetup, *, forward: Callable[[list[int]], MicroBatch],
                      summarise: Callable[[dict[str, float]], dict[str, float]] | None = None,
-                     evaluate: Callable[[], dict[str, float]] | None = None, non_finite_advice: str) -> None:
+                     evaluate: Callable[[int], dict[str, float]] | None = None, non_finite_advice: str) -> None:
     """Run the optimizer steps from ``setup.start_step`` to the end of the plan.
 
     ``forward(indices)`` computes one micro-batch of the examples at ``indices`` (the model's
     forward pass, in train mode, inside the loop's gradient-sync context) and returns a MicroBatch.
     Every ``logEverySteps`` and at the last step the loop reports ``loss`` (mean over the window's
     steps and processes), ``learning_rate``, ``tokens_per_second``, ``grad_norm`` and ``epoch``,
-    plus ``summarise(window sums)`` and then ``evaluate()`` (called on every process, with the
-    model in eval mode and no gradients; it must reduce across processes itself).
+    plus ``summarise(window sums)`` and then ``evaluate(step)`` (called on every process with the
+    steps done, the model in eval mode and no gradients; it must reduce across processes itself
+    and may report events of its own, such as samples).
     A non-finite loss or gradient norm raises StageFailed with ``non_finite_advice`` before the
     optimizer step. SIGTERM (``ctx.stop``) checkpoints the step just finished and raises
     StageInterrupted.
@@ -147,7 +148,7 @@ def train_supervised(ctx: StageContext, setup: SupervisedSetup, *, forward: Call
             if evaluate is not None:
                 model.eval()
                 with torch.no_grad():
-                    metrics.update(evaluate())
+                    metrics.update(evaluate(done))
                 model.train()
             ctx.report("progress", step=done, total_steps=total, metrics=metrics)
             window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
