@@ -53,21 +53,64 @@ def _format_metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
 
 
-class LocalReporter:
-    """Human-readable progress on stderr and one JSON object per event in ``jsonl_path``."""
+def _duration(seconds: float) -> str:
+    """90 -> '1m30s', 4000 -> '1h06m40s'."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
-    def __init__(self, *, jsonl_path: str | Path | None, stream: TextIO = sys.stderr):
-        self._stream = stream
+
+class StepPace:
+    """Seconds per step and time to finish, from the times of the progress events (not the wall clock).
+
+    Measured from the first progress event this process saw (the start, or the step a retry
+    resumed from), so a resumed stage's pace is not distorted by the steps before it.
+    """
+
+    def __init__(self) -> None:
+        self._start: tuple[int, float] | None = None  # (step, event time)
+
+    def update(self, event: ProgressEvent) -> str | None:
+        """'4.2s/step eta 3m10s' for a progress event past the first one, else None."""
+        if event.kind != "progress" or not event.total_steps:
+            return None
+        if self._start is None or event.step < self._start[0]:
+            self._start = (event.step, event.time)
+            return None
+        steps = event.step - self._start[0]
+        if steps <= 0:
+            return None
+        per_step = (event.time - self._start[1]) / steps
+        return f"{per_step:.3g}s/step eta {_duration(per_step * max(event.total_steps - event.step, 0))}"
+
+
+class LocalReporter:
+    """Human-readable progress on stderr and one JSON object per event in ``jsonl_path``.
+
+    Each stderr line starts with the event's UTC time; progress lines add seconds per step
+    and the estimated time to the end of the stage (``StepPace``).
+    """
+
+    def __init__(self, *, jsonl_path: str | Path | None, stream: TextIO | None = None):
+        self._stream = stream or sys.stderr
         self._file = None
+        self._pace = StepPace()
         if jsonl_path is not None:
             Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
             self._file = open(jsonl_path, "a", encoding="utf-8")
 
     def report(self, event: ProgressEvent) -> None:
-        head = f"[{event.stage}] {event.kind}"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.time))
+        head = f"{stamp} [{event.stage}] {event.kind}"
         if event.total_steps:
             head += f" {event.step}/{event.total_steps}"
         parts = [head]
+        pace = self._pace.update(event)
+        if pace:
+            parts.append(pace)
         if event.metrics:
             parts.append(_format_metrics(event.metrics))
         if event.checkpoint:

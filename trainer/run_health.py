@@ -17,6 +17,7 @@ KL here is the k3 estimator, exp(r) - 1 - r with r = log q/p, which is never neg
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -137,7 +138,9 @@ class RunHealth:
         warnings = batch_warnings(stats, stop_token=self.stop_token, zero_kl_steps=self.kl_stall.update(stats.kl_k3))
         if accelerator.is_main_process:
             for warning in warnings:
-                print(f"[{self.stage}] WARNING step {step}: {warning}", file=self.stream or sys.stderr, flush=True)
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # as trainer.reporting's lines
+                print(f"{stamp} [{self.stage}] WARNING step {step}: {warning}", file=self.stream or sys.stderr,
+                      flush=True)
         if warnings and self.mode == "stop":
             raise RunHealthStop(f"{self.stage}: stopped at step {step} ({self.stage}.healthChecks: stop): "
                                    + "; ".join(warnings))

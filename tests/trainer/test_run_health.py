@@ -80,7 +80,7 @@ def test_warn_mode_logs_the_warning_and_reports_it_in_the_metrics():
     log = io.StringIO()
     health = RunHealth(mode="warn", stage="ppo", stop_token=True, stream=log)
     metrics = health.observe(ONE_PROCESS, step=3, **empty_batch())
-    assert "[ppo] WARNING step 3: 100% of responses are empty" in log.getvalue()
+    assert "Z [ppo] WARNING step 3: 100% of responses are empty" in log.getvalue()
     assert metrics == {"empty_fraction": 1.0, "health_warnings": 1.0, "kl_k3": 0.0}
 
 
@@ -117,7 +117,7 @@ def test_a_ppo_stage_with_a_flat_reward_warns_in_its_log_and_progress(tmp_path, 
     assert run_in_process("ppo", write_job(tmp_path / "ppo.yaml", **flat_reward_job(tmp_path, tiny_model_dir,
                                                                                       mode="warn"))) == 0
     log = capsys.readouterr().err
-    assert "[ppo] WARNING step 1: the reward does not vary across the batch" in log
+    assert "Z [ppo] WARNING step 1: the reward does not vary across the batch" in log
     steps = [e for e in progress_events(tmp_path / "out") if e["kind"] == "progress" and e["step"] > 0]
     assert [e["metrics"]["health_warnings"] for e in steps] == [1.0, 1.0]
     assert all(e["metrics"]["kl_k3"] >= 0 for e in steps)
