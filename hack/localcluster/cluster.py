@@ -145,6 +145,7 @@ class Cluster:
                 self.provisioner = volumes.HostPathProvisioner(
                     api_client_factory=self.api_client, root=self.state_dir / "pvcs", log=self.log)
                 self.provisioner.start()
+                self._timed("cluster DNS", lambda: self._start_dns(deadline))
                 self.node.start(deadline=deadline, archives=archives)
             else:
                 from localcluster.agent import NodeAgent
@@ -268,6 +269,31 @@ class Cluster:
             name=spec.name, gpus=spec.gpus, labels=spec.labels, bin_dir=self.bin_dir,
             state_dir=self.state_dir, processes=self.processes, pki_dir=self.state_dir / "pki",
             kubeconfig_for=self._identity_kubeconfig, free_port=free_port, log=self.log)
+
+    def _start_dns(self, deadline: float) -> None:
+        """dns.py on the node IP (the kubelet's clusterDNS), as kube-proxy's identity (it may list Services
+        and Endpoints); returns once it answers for the `kubernetes` Service."""
+        import sys
+
+        from localcluster import dns
+
+        process = self.processes.spawn(
+            [sys.executable, "-m", "localcluster.dns", "--kubeconfig", self._identity_kubeconfig("kube-proxy"),
+             "--listen", node.NODE_IP], log_path=self.state_dir / "logs" / "dns.log")
+        name = f"kubernetes.default.svc.{dns.CLUSTER_DOMAIN}"
+        while True:
+            if process.poll() is not None:
+                raise ClusterError(f"cluster DNS exited with {process.returncode}: "
+                                   f"{_tail(self.state_dir / 'logs' / 'dns.log')}")
+            try:
+                if dns.query(node.NODE_IP, name, timeout=0.5).addresses:
+                    return
+            except (OSError, ValueError):  # not listening yet, or a garbled reply
+                pass
+            if time.monotonic() > deadline:
+                raise ClusterError(f"cluster DNS on {node.NODE_IP}:53 did not answer for {name}: "
+                                   f"{_tail(self.state_dir / 'logs' / 'dns.log')}")
+            time.sleep(0.1)
 
     def _identity_kubeconfig(self, identity: str) -> pathlib.Path:
         """A kubeconfig that authenticates with the signed identity's certificate."""

@@ -35,6 +35,7 @@ import time
 import yaml
 
 from localcluster import paths
+from localcluster.dns import CLUSTER_DOMAIN
 from localcluster.pause import SANDBOX_IMAGE
 
 POD_CIDR = "10.88.0.0/16"
@@ -147,7 +148,9 @@ def kubelet_config(*, port: int, healthz_port: int, ca_file: pathlib.Path, tls_c
         "enforceNodeAllocatable": ["pods"],
         "failSwapOn": False,
         "resolvConf": "/etc/resolv.conf",
-        "clusterDomain": "cluster.local",
+        # Cluster DNS (dns.py) on the node IP: pods resolve <svc>.<ns>.svc like on any conformant cluster.
+        "clusterDNS": [NODE_IP],
+        "clusterDomain": CLUSTER_DOMAIN,
         "serializeImagePulls": False,
         # Our images cannot be pulled again once removed: never garbage-collect them.
         "imageGCHighThresholdPercent": 100,
