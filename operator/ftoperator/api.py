@@ -20,10 +20,10 @@ from pydantic import ConfigDict, Field, field_validator
 from ftoperator.podapi import (  # noqa: F401  (label_value_problem, qualified_name_problem: re-exported)
     PodTemplate, Quantity, Toleration, label_value_problem, qualified_name_problem,
 )
-from trainer.config import HUB_SCHEME, HUB_SOURCE_PATTERN, ApiModel, PPOConfig, RewardConfig, SFTConfig, parse_hub_source
-
-STAGES: tuple[str, ...] = ("sft", "reward", "ppo")
-"""Stage names in the order they run."""
+from trainer.config import (
+    HUB_SCHEME, HUB_SOURCE_PATTERN, ApiModel, DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig,
+    parse_hub_source,
+)
 
 # A PVC claim name is a DNS-1123 subdomain; the path after it is relative to the claim's root.
 CLAIM_PATTERN = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
@@ -58,9 +58,9 @@ class DataSpec(ApiModel):
     sft: str | None = Field(None, pattern=DATA_URI_PATTERN)
     """Supervised data: {"prompt", "completion"} or {"messages"} rows. Required when stages.sft is enabled."""
     preferences: str | None = Field(None, pattern=DATA_URI_PATTERN)
-    """Preference pairs: {"prompt", "chosen", "rejected"} rows. Required to train a reward model."""
+    """Preference pairs: {"prompt", "chosen", "rejected"} rows. Required to train a reward model, and when stages.dpo is enabled."""
     prompts: str | None = Field(None, pattern=DATA_URI_PATTERN)
-    """Prompts for PPO rollouts: {"prompt"} rows. Required when stages.ppo is enabled."""
+    """Prompts for PPO, GRPO and RLOO: {"prompt"} rows; other fields of a row (e.g. "answer") go to the reward functions. Required when stages.ppo or stages.grpo is enabled."""
 
 
 class ResourcesSpec(ApiModel):
@@ -86,22 +86,38 @@ class SFTStageSpec(SFTConfig, _StageControls):
 
 
 class RewardStageSpec(RewardConfig, _StageControls):
-    """Reward stage: trains a reward model when spec.data.preferences is set; functions are used by PPO either way."""
+    """Reward stage: trains a reward model when spec.data.preferences is set; its functions score PPO and GRPO/RLOO either way."""
 
 
 class PPOStageSpec(PPOConfig, _StageControls):
     """PPO stage: the trainer's PPO settings plus enabled and resources."""
 
 
+class GRPOStageSpec(GRPOConfig, _StageControls):
+    """GRPO or RLOO stage (algorithm: grpo or rloo): the trainer's GRPO settings plus enabled and resources."""
+
+
+class DPOStageSpec(DPOConfig, _StageControls):
+    """DPO stage: the trainer's DPO settings plus enabled and resources. Trains on spec.data.preferences; no reward stage."""
+
+
 class StagesSpec(ApiModel):
-    """The stages to run, in the order sft, reward, ppo. A stage runs when it is listed here and not disabled."""
+    """The stages to run, in the order sft, reward, then one policy-optimisation stage: ppo, grpo or dpo.
+
+    A stage runs when it is listed here and not disabled; at most one of ppo, grpo and dpo may run. RLOO is
+    stages.grpo with algorithm: rloo (the same machinery with a leave-one-out baseline).
+    """
 
     sft: SFTStageSpec | None = None
     """Supervised fine-tuning of the base model."""
     reward: RewardStageSpec | None = None
-    """Reward model training and/or heuristic reward functions."""
+    """Reward model training and/or heuristic and verifiable reward functions, for ppo or grpo (not dpo)."""
     ppo: PPOStageSpec | None = None
-    """PPO against the reward, with a KL penalty to the model it starts from."""
+    """PPO against the reward, with a KL penalty to the model it starts from and a value model."""
+    grpo: GRPOStageSpec | None = None
+    """GRPO (algorithm: grpo) or RLOO (algorithm: rloo) against the reward: groupSize responses per prompt, advantages relative to the group, no value model."""
+    dpo: DPOStageSpec | None = None
+    """DPO on spec.data.preferences: no reward model, the model it starts from is the reference."""
 
 
 class ArtifactsSpec(ApiModel):
@@ -112,14 +128,14 @@ class ArtifactsSpec(ApiModel):
 
 
 class FineTuneRunSpec(ApiModel):
-    """Desired state of a FineTuneRun: a base model taken through SFT, reward modelling and PPO, one pod per stage."""
+    """Desired state of a FineTuneRun: a base model taken through SFT, reward modelling and PPO, GRPO, RLOO or DPO, one pod per stage."""
 
     model: ModelSpec
     """The base model."""
     data: DataSpec = Field(default_factory=DataSpec)
     """Datasets used by the stages."""
     stages: StagesSpec
-    """Stage settings; the trainer's configuration for each stage."""
+    """The stages to run and their settings (the trainer's configuration for each): sft, reward, then one policy-optimisation stage, ppo, grpo (GRPO, or RLOO with algorithm: rloo) or dpo. A stage runs when it is listed and not disabled."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     """Resources of every stage pod, unless the stage overrides them."""
     artifacts: ArtifactsSpec
@@ -276,10 +292,14 @@ class StagesStatus(StatusModel):
     """Reward model."""
     ppo: StageStatus | None = None
     """PPO."""
+    grpo: StageStatus | None = None
+    """GRPO or RLOO."""
+    dpo: StageStatus | None = None
+    """DPO."""
 
 
 class Sample(StatusModel):
-    """A generated response recorded during PPO (truncated)."""
+    """A response on a held-out prompt: sampled by PPO, GRPO or RLOO; DPO's greedy answer beside the pair's replies (texts truncated)."""
 
     stage: str
     """Stage that produced it."""
@@ -293,6 +313,14 @@ class Sample(StatusModel):
     """Score of the response."""
     kl: float | None = None
     """KL of the response to the reference model, in nats."""
+    chosen: str | None = None
+    """DPO: the held-out pair's chosen reply (truncated)."""
+    rejected: str | None = None
+    """DPO: the held-out pair's rejected reply (truncated)."""
+    chosen_reward: float | None = None
+    """DPO: implicit reward of the chosen reply, beta times its log-ratio to the reference."""
+    rejected_reward: float | None = None
+    """DPO: implicit reward of the rejected reply."""
 
 
 class FineTuneRunStatus(StatusModel):
@@ -307,9 +335,13 @@ class FineTuneRunStatus(StatusModel):
     progress: str | None = None
     """Human-readable progress, e.g. "ppo 120/500"."""
     reward: float | None = None
-    """Latest mean reward reported by PPO."""
+    """Latest mean reward (score of the reward model and functions) reported by PPO, GRPO or RLOO."""
     kl: float | None = None
-    """Latest mean KL to the reference model reported by PPO, in nats."""
+    """Latest mean KL to the reference model reported by PPO, GRPO or RLOO (GRPO/RLOO: only with klCoef > 0), in nats."""
+    preference_accuracy: float | None = None
+    """DPO: share of preference pairs whose chosen response gets the higher implicit reward; held-out pairs when measured, else the latest training batch."""
+    reward_margin: float | None = None
+    """DPO: mean implicit reward of the chosen minus the rejected response (beta times log-ratio to the reference); held-out pairs when measured, else the latest training batch."""
     message: str | None = None
     """Details of the current state."""
     start_time: str | None = None
@@ -323,7 +355,7 @@ class FineTuneRunStatus(StatusModel):
     stages: StagesStatus = Field(default_factory=StagesStatus)
     """Per-stage status."""
     samples: list[Sample] = Field(default_factory=list)
-    """The latest few PPO samples, truncated."""
+    """The latest few samples of PPO, GRPO or RLOO on held-out prompts, truncated."""
     spec_digests: dict[str, str] = Field(default_factory=dict)
     """Digests of the immutable spec fields at start (model, data, artifacts, each started stage), defaults left out; used to detect changes made while the webhook is off."""
     spec_digests_generation: int | None = None

@@ -10,7 +10,8 @@ Paths inside a stage pod:
   ``.../final``;
 * ``/artifacts/<path>`` for each input on the artifacts PVC (the previous stages' ``final``, or a
   ``pvc://<artifacts claim>/<path>`` URI) -- that path alone, read-only;
-* ``/data/<claim>`` -- every other PVC named by a ``pvc://<claim>/<path>`` URI, read-only;
+* ``/data/<claim>`` -- every other PVC holding one of the stage's inputs (its model and its dataset,
+  as ``stageplan`` says), read-only;
 * ``/tmp`` (HOME and caches) and ``/dev/shm`` (memory-backed) -- emptyDirs: the root filesystem is
   read-only.
 
@@ -27,12 +28,14 @@ from typing import Any
 import yaml
 
 from ftoperator import API_VERSION, KIND
-from ftoperator import naming
+from ftoperator import naming, stageplan
 from ftoperator.api import FineTuneRunSpec, ResourcesSpec, effective_resources, trainer_processes
 from ftoperator.naming import ARTIFACTS_MOUNT, CONFIG_DIR, DATA_MOUNT_ROOT, SHM_DIR, TERMINATION_LOG, TMP_DIR
 from ftoperator.config import OperatorConfig
-from ftoperator.validation import stage_enabled, trains_reward_model
-from trainer.config import EXPECTED_GPUS_ENV, DataPaths, PPOConfig, ReportingConfig, RewardConfig, SFTConfig, StageJob
+from trainer.config import (
+    EXPECTED_GPUS_ENV, DataPaths, DPOConfig, GRPOConfig, PPOConfig, ReportingConfig, RewardConfig, SFTConfig,
+    StageJob,
+)
 
 JOB_FILE = "job.yaml"
 TRAINER_CONTAINER = naming.TRAINER_CONTAINER
@@ -53,7 +56,8 @@ VOLUME_CONFIG = "finetune-config"
 VOLUME_ARTIFACTS = "finetune-artifacts"
 VOLUME_TMP = "finetune-tmp"
 VOLUME_SHM = "finetune-shm"
-_STAGE_CONFIG_CLASSES = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig}
+_STAGE_CONFIG_CLASSES = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "grpo": GRPOConfig,
+                         "dpo": DPOConfig}
 _CONTROL_FIELDS = {"enabled", "resources"}
 
 
@@ -124,18 +128,29 @@ def stage_artifact_uri(spec: FineTuneRunSpec, run: RunRef, stage: str) -> str:
     return f"pvc://{spec.artifacts.pvc}/{run.namespace}/{run.name}/{stage}/final"
 
 
+def _step(spec: FineTuneRunSpec, stage: str) -> stageplan.Step:
+    """The stage's inputs from the plan; KeyError for a stage that does not run."""
+    return stageplan.plan(spec).step(stage)
+
+
 def _input_model(spec: FineTuneRunSpec, run: RunRef, stage: str) -> ResolvedUri:
-    if stage != "sft" and stage_enabled(spec, "sft"):
-        return ResolvedUri(f"{stage_output_dir(run, 'sft')}/final", None)
+    source = _step(spec, stage).model_from
+    if source is not None:
+        return ResolvedUri(f"{stage_output_dir(run, source)}/final", None)
     return resolve_uri(spec.model.source, artifacts_claim=spec.artifacts.pvc)
 
 
+def _dataset(spec: FineTuneRunSpec, stage: str) -> str | None:
+    """The URI of the one dataset the stage reads."""
+    return getattr(spec.data, _step(spec, stage).dataset)
+
+
 def _claims(spec: FineTuneRunSpec, run: RunRef, stage: str) -> list[str]:
-    """Read-only claims the stage pod mounts, in a stable order."""
+    """Read-only claims the stage pod mounts, in a stable order: its model's and its dataset's."""
     uris = [_input_model(spec, run, stage)]
-    for uri in (spec.data.sft, spec.data.preferences, spec.data.prompts):
-        if uri is not None:
-            uris.append(resolve_uri(uri, artifacts_claim=spec.artifacts.pvc))
+    dataset = _dataset(spec, stage)
+    if dataset is not None:
+        uris.append(resolve_uri(dataset, artifacts_claim=spec.artifacts.pvc))
     claims: list[str] = []
     for resolved in uris:
         if resolved.claim is not None and resolved.claim not in claims:
@@ -159,23 +174,23 @@ def stage_job(spec: FineTuneRunSpec, *, run: RunRef, stage: str, config: Operato
     def resolve(uri: str | None) -> str | None:
         return None if uri is None else resolve_uri(uri, artifacts_claim=spec.artifacts.pvc).path
 
+    step = _step(spec, stage)
     reward_model = None
-    if stage == "ppo" and trains_reward_model(spec):
-        reward_model = f"{stage_output_dir(run, 'reward')}/final"
+    if step.reward_model_from is not None:
+        reward_model = f"{stage_output_dir(run, step.reward_model_from)}/final"
     return StageJob(
         stage=stage,
         run_uid=run.uid,  # outputs of a deleted run of the same name are never reused (trainer.outputs)
         model=_input_model(spec, run, stage).path,
         reward_model=reward_model,
         output_dir=stage_output_dir(run, stage),
-        data=DataPaths(
-            sft=resolve(spec.data.sft),
-            preferences=resolve(spec.data.preferences),
-            prompts=resolve(spec.data.prompts),
-        ),
+        data=DataPaths(**{step.dataset: resolve(_dataset(spec, stage))}),  # its own dataset only
+        # Every stage's settings: the online stages read reward.functions beside their own.
         sft=_stage_config(spec, "sft"),
         reward=_stage_config(spec, "reward"),
         ppo=_stage_config(spec, "ppo"),
+        grpo=_stage_config(spec, "grpo"),
+        dpo=_stage_config(spec, "dpo"),
         reporting=ReportingConfig(
             metrics_port=config.trainer_metrics_port,
             termination_log_path=TERMINATION_LOG,

@@ -35,10 +35,16 @@ PRINTER_COLUMNS = [
      "description": "Stage being worked on"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress",
      "description": "Steps done in the current stage"},
+    # The metrics that matter differ by policy stage: reward and KL for the online ones (ppo, grpo),
+    # preference accuracy and implicit-reward margin for dpo. A run fills the columns of its own stage.
     {"name": "Reward", "type": "number", "jsonPath": ".status.reward",
-     "description": "Latest mean PPO reward"},
+     "description": "PPO, GRPO, RLOO: latest mean reward (score)"},
     {"name": "KL", "type": "number", "jsonPath": ".status.kl",
-     "description": "Latest mean KL to the reference model (nats)"},
+     "description": "PPO, GRPO, RLOO: latest mean KL to the reference model (nats)"},
+    {"name": "Pref-Acc", "type": "number", "jsonPath": ".status.preferenceAccuracy",
+     "description": "DPO: preference accuracy (held-out pairs when measured)"},
+    {"name": "Margin", "type": "number", "jsonPath": ".status.rewardMargin",
+     "description": "DPO: implicit reward margin, chosen minus rejected (held-out pairs when measured)"},
     # A summary field, not .status.conditions[-1:]: the last condition in the list says
     # nothing about the current state (Kubeflow trainer #3666).
     {"name": "Status", "type": "string", "jsonPath": ".status.state",
@@ -180,9 +186,9 @@ def crd() -> dict[str, Any]:
                         "openAPIV3Schema": {
                             "type": "object",
                             "description": (
-                                "FineTuneRun fine-tunes a language model with RLHF: supervised fine-tuning, "
-                                "reward modelling and PPO, each stage one pod, run in order by the "
-                                "finetune operator."
+                                "FineTuneRun fine-tunes a language model: supervised fine-tuning, reward "
+                                "modelling, then one policy-optimisation stage (PPO, GRPO, RLOO or DPO), "
+                                "each stage one pod, run in order by the finetune operator."
                             ),
                             "required": ["spec"],
                             "properties": {

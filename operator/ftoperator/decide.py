@@ -9,9 +9,9 @@ pods win over the recorded attempt number.
 
 Semantics (docs/operator.md has the user's view):
 
-* Stages run in the order sft, reward, ppo; a disabled or unlisted stage is
-  skipped, and a reward stage without preference data is skipped (its
-  functions are still used by PPO).
+* Stages run as ``stageplan.plan`` says: sft, reward, then ppo, grpo or dpo; a
+  disabled or unlisted stage is skipped, and a reward stage without preference
+  data is skipped (its functions are still used by ppo or grpo).
 * A failed pod is retried with the same output directory (so the trainer
   resumes from its last checkpoint), after an exponential backoff, until the
   stage has failed ``backoffLimit + 1`` times; then the run fails with the
@@ -45,10 +45,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from ftoperator import builders, naming
+from ftoperator import builders, naming, stageplan
 from ftoperator.api import (
-    STAGES, FailedCreate, FineTuneRunSpec, FineTuneRunStatus, StageStatus, Termination, effective_resources,
-    parse_status,
+    FailedCreate, FineTuneRunSpec, FineTuneRunStatus, StageStatus, Termination, effective_resources, parse_status,
 )
 from ftoperator.builders import RunRef
 from ftoperator.conditions import (
@@ -57,9 +56,9 @@ from ftoperator.conditions import (
 )
 from ftoperator.config import OperatorConfig
 from ftoperator.observe import IMAGE_PULL_REASONS, ObservedChild, ObservedPod, leftover_reason
+from ftoperator.stageplan import STAGE_ORDER
 from ftoperator.validation import (
-    IN_PROGRESS_STAGE_STATES, TERMINAL_STATES, check_recorded_digests, describe, record_digests, stage_enabled,
-    stage_runs_pod, validate_spec,
+    IN_PROGRESS_STAGE_STATES, TERMINAL_STATES, check_recorded_digests, describe, record_digests, validate_spec,
 )
 
 CLEANUP_POLL_SECONDS = 1.0
@@ -142,18 +141,9 @@ class Decision:
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
 
-runs_pod = stage_runs_pod
-
-
 def backoff_seconds(count: int, *, config: OperatorConfig) -> float:
     """Delay before retry number ``count`` (1, 2, ...): base, doubled each time, capped (as the Job controller)."""
     return min(config.retry_max_seconds, config.retry_base_seconds * 2 ** max(0, count - 1))
-
-
-def _skip_reason(spec: FineTuneRunSpec, stage: str) -> tuple[str, str]:
-    if not stage_enabled(spec, stage):
-        return "Disabled", f"spec.stages.{stage}.enabled is false"
-    return "NoPreferenceData", "no spec.data.preferences: no reward model is trained; PPO uses the reward functions"
 
 
 def _seconds(later: datetime, earlier_stamp: str | None) -> float | None:
@@ -316,7 +306,7 @@ class _Pass:
         return (status.state == "Failed" and failed is not None and failed.reason == "InvalidSpec"
                 and status.observed_generation != self.run.generation
                 and all(getattr(status.stages, s) is None or getattr(status.stages, s).attempts == 0
-                        for s in STAGES))
+                        for s in STAGE_ORDER))
 
     def initialize(self) -> None:
         """Every condition type exists from the first reconcile (API conventions; Kubeflow #2713)."""
@@ -330,7 +320,8 @@ class _Pass:
 
     def plan_stages(self, spec: FineTuneRunSpec) -> None:
         """Mark stages that have not started as Pending or Skipped from the current spec."""
-        for stage in STAGES:
+        plan = stageplan.plan(spec)
+        for stage in STAGE_ORDER:
             current = getattr(self.status.stages, stage)
             if current is not None and current.state not in ("Pending", "Skipped"):
                 continue  # started: its status is history now
@@ -338,11 +329,11 @@ class _Pass:
                 setattr(self.status.stages, stage, None)
                 continue
             current = self.status.stage(stage)
-            if runs_pod(spec, stage):
+            skip = plan.skip(stage)
+            if skip is None:
                 current.state, current.reason, current.message = "Pending", None, None
             else:
-                current.state = "Skipped"
-                current.reason, current.message = _skip_reason(spec, stage)
+                current.state, current.reason, current.message = "Skipped", skip.reason, skip.message
 
     def start(self, spec: FineTuneRunSpec) -> None:
         self.status.start_time = self.stamp
@@ -365,7 +356,7 @@ class _Pass:
 
     def suspend(self) -> None:
         deleted = self.delete_active_pods("the run is suspended")
-        for stage in STAGES:
+        for stage in STAGE_ORDER:
             current = getattr(self.status.stages, stage)
             if current is not None and current.state in IN_PROGRESS_STAGE_STATES:
                 current.state, current.reason = "Suspended", "Suspended"
@@ -398,8 +389,8 @@ class _Pass:
         return True
 
     def next_stage(self, spec: FineTuneRunSpec) -> str | None:
-        for stage in STAGES:
-            if runs_pod(spec, stage) and self.status.stage(stage).state != "Succeeded":
+        for stage in stageplan.plan(spec).stages:
+            if self.status.stage(stage).state != "Succeeded":
                 return stage
         return None
 
@@ -649,8 +640,7 @@ class _Pass:
         self.condition(SUCCEEDED, "Unknown", f"Stage{current.state}", f"stage {stage} is {current.state}")
 
     def succeed(self, spec: FineTuneRunSpec) -> None:
-        ran = [s for s in STAGES if runs_pod(spec, s)]
-        last = ran[-1] if ran else None
+        last = stageplan.plan(spec).last
         artifact = self.status.stage(last).artifact if last else None
         self.status.state = "Succeeded"
         self.status.current_stage = last
@@ -663,7 +653,7 @@ class _Pass:
 
     def fail(self, reason: str, message: str, *, stage: str | None = None) -> None:
         self.delete_active_pods(f"the run failed: {reason}")
-        for name in STAGES:
+        for name in STAGE_ORDER:
             current = getattr(self.status.stages, name)
             if current is not None and current.state in IN_PROGRESS_STAGE_STATES:
                 current.state, current.reason, current.message = "Failed", reason, message
@@ -682,7 +672,7 @@ class _Pass:
 
 def _stage_transitions(before: FineTuneRunStatus, after: FineTuneRunStatus) -> list[StageTransition]:
     transitions = []
-    for stage in STAGES:
+    for stage in STAGE_ORDER:
         old: StageStatus | None = getattr(before.stages, stage)
         new: StageStatus | None = getattr(after.stages, stage)
         old_state = old.state if old is not None else "Pending"

@@ -8,6 +8,8 @@ document under the key ``progress.json``::
                         "metrics": {"reward_mean": 0.4, ...}, "checkpoint": "...", "updated": "..."}},
      "samples": [{"stage": "ppo", "step": 120, "prompt": "...", "response": "...", "reward": 0.3, "kl": 0.1}]}
 
+(DPO's samples carry "chosen", "rejected", "chosen_reward" and "rejected_reward" instead of reward and KL.)
+
 A pod can write anything there, so nothing is trusted: unknown stages and
 malformed values are dropped, metric names must look like metric names, the
 number of metrics and samples is capped, strings are truncated and stripped of
@@ -27,18 +29,24 @@ import re
 from typing import Any
 
 from ftoperator import naming
-from ftoperator.api import STAGES
+from ftoperator.stageplan import ONLINE_STAGES, STAGE_ORDER
 
 PROGRESS_KEY = "progress.json"
 MAX_METRICS = 32
 MAX_SAMPLES = 3
 SAMPLE_CHARS = 500
 _METRIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_./-]{0,63}$")
-# The first of these present in PPO's metrics fills the Reward and KL printer columns.
-# The trainer reports score_mean (the reward model and functions) and reward_mean (score minus the
-# KL penalty); the column shows the score, the KL has its own column.
+# The first of these present in the online stage's metrics (ppo or grpo) fills the Reward and KL printer
+# columns. PPO reports score_mean (the reward model and functions) and reward_mean (score minus the KL
+# penalty); GRPO/RLOO report reward_mean (the score: their KL is a loss term, not a reward penalty). The
+# column shows the score, the KL has its own column (GRPO/RLOO measure it only with klCoef > 0).
 REWARD_METRICS = ("score_mean", "reward_mean", "eval_reward_mean")
 KL_METRICS = ("kl", "eval_kl")
+# DPO's columns: held-out pairs first (the training batch's numbers rise with overfitting too), else the
+# latest training batch when no pairs are held out (dpo.evalFraction 0) or none were measured yet.
+PREFERENCE_ACCURACY_METRICS = ("eval_preference_accuracy", "preference_accuracy")
+REWARD_MARGIN_METRICS = ("eval_reward_margin", "reward_margin")
+_COLUMN_METRICS = (*REWARD_METRICS, *KL_METRICS, *PREFERENCE_ACCURACY_METRICS, *REWARD_MARGIN_METRICS)
 
 
 def _number(value: Any) -> float | None:
@@ -87,12 +95,12 @@ def run_owns(config_map: dict[str, Any], run: dict[str, Any] | None) -> bool:
 
 
 def sanitize_metrics(raw: Any) -> dict[str, float]:
-    """At most MAX_METRICS finite numbers with metric-like names; the reward and KL metrics first,
+    """At most MAX_METRICS finite numbers with metric-like names; the metrics of the printer columns first,
     then by name, so the cut is stable."""
     if not isinstance(raw, dict):
         return {}
     clean = {}
-    preferred = [k for k in (*REWARD_METRICS, *KL_METRICS) if k in raw]
+    preferred = [k for k in _COLUMN_METRICS if k in raw]
     names = preferred + sorted(k for k in raw if isinstance(k, str) and _METRIC_NAME.match(k) and k not in preferred)
     for name in names:
         number = _number(raw[name])
@@ -104,17 +112,18 @@ def sanitize_metrics(raw: Any) -> dict[str, float]:
 
 
 def _sample(raw: Any) -> dict[str, Any] | None:
-    if not isinstance(raw, dict) or raw.get("stage") not in STAGES:
+    if not isinstance(raw, dict) or raw.get("stage") not in STAGE_ORDER:
         return None
     sample: dict[str, Any] = {"stage": raw["stage"], "step": _count(raw.get("step")) or 0}
-    for key in ("prompt", "response"):
+    for key in ("prompt", "response", "chosen", "rejected"):  # the last two: DPO's pair beside its answer
         text = _text(raw.get(key))
         if text is not None:
             sample[key] = text
-    for key in ("reward", "kl"):
+    for key, target in (("reward", "reward"), ("kl", "kl"), ("chosen_reward", "chosenReward"),
+                        ("rejected_reward", "rejectedReward")):
         number = _number(raw.get(key))
         if number is not None:
-            sample[key] = number
+            sample[target] = number
     return sample
 
 
@@ -140,7 +149,7 @@ def status_patch(data: dict[str, str] | None) -> dict[str, Any] | None:
 
     stages: dict[str, Any] = {}
     raw_stages = document.get("stages") if isinstance(document.get("stages"), dict) else {}
-    for stage in STAGES:
+    for stage in STAGE_ORDER:
         entry = raw_stages.get(stage)
         if not isinstance(entry, dict):
             continue
@@ -157,13 +166,15 @@ def status_patch(data: dict[str, str] | None) -> dict[str, Any] | None:
     current = document.get("current")
     if current in stages:
         patch["progress"] = progress_text(current, stages[current].get("step"), stages[current].get("totalSteps"))
-    if "ppo" in stages:
-        reward = _first(stages["ppo"]["metrics"], REWARD_METRICS)
-        kl = _first(stages["ppo"]["metrics"], KL_METRICS)
-        if reward is not None:
-            patch["reward"] = round(reward, 4)
-        if kl is not None:
-            patch["kl"] = round(kl, 4)
+    columns = (("reward", REWARD_METRICS, ONLINE_STAGES), ("kl", KL_METRICS, ONLINE_STAGES),
+               ("preferenceAccuracy", PREFERENCE_ACCURACY_METRICS, ("dpo",)),
+               ("rewardMargin", REWARD_MARGIN_METRICS, ("dpo",)))
+    for field, names, sources in columns:
+        # A run has one policy stage; the first present is it.
+        source = next((stage for stage in sources if stage in stages), None)
+        value = None if source is None else _first(stages[source]["metrics"], names)
+        if value is not None:
+            patch[field] = round(value, 4)
     raw_samples = document.get("samples") if isinstance(document.get("samples"), list) else []
     samples = [s for s in (_sample(raw) for raw in raw_samples[-MAX_SAMPLES:]) if s is not None]
     if samples:

@@ -21,10 +21,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ftoperator import naming
-from ftoperator.api import (
-    STAGES, FineTuneRunSpec, FineTuneRunStatus, ResourcesSpec, effective_resources, trainer_processes,
-)
+from ftoperator import naming, stageplan
+from ftoperator.api import FineTuneRunSpec, FineTuneRunStatus, ResourcesSpec, effective_resources, trainer_processes
+from ftoperator.stageplan import ONLINE_STAGES, POLICY_STAGES, STAGE_ORDER
 
 # The Kubernetes quantity grammar (k8s.io/apimachinery/pkg/api/resource), signs included so
 # that a negative value is reported as negative rather than as malformed.
@@ -81,21 +80,6 @@ def parse_spec(raw: dict[str, Any] | None) -> tuple[FineTuneRunSpec | None, list
             message = err["msg"].removeprefix("Value error, ")
             errors.append(FieldError(_path(err["loc"]), message))
         return None, errors
-
-
-def stage_enabled(spec: FineTuneRunSpec, stage: str) -> bool:
-    """A stage runs when it is listed in spec.stages and not disabled."""
-    settings = getattr(spec.stages, stage)
-    return settings is not None and settings.enabled
-
-
-def trains_reward_model(spec: FineTuneRunSpec) -> bool:
-    """The reward stage has a pod only when it is enabled and has preference data."""
-    return stage_enabled(spec, "reward") and spec.data.preferences is not None
-
-
-def reward_functions(spec: FineTuneRunSpec) -> list[Any]:
-    return list(spec.stages.reward.functions) if spec.stages.reward is not None else []
 
 
 def quantity_value(value: str) -> float:
@@ -207,38 +191,57 @@ def _check_pod_template(spec: FineTuneRunSpec) -> list[FieldError]:
     return errors
 
 
-def check_semantics(
-    spec: FineTuneRunSpec, *, max_gpus_per_stage: int | None, default_image: str | None
-) -> list[FieldError]:
-    """Rules across fields that a schema cannot express."""
-    errors: list[FieldError] = []
-    enabled = [stage for stage in STAGES if stage_enabled(spec, stage)]
-    if not enabled:
-        errors.append(FieldError("spec.stages", "no stage is enabled; list at least one of sft, reward, ppo"))
+def _algorithm_name(spec: FineTuneRunSpec, stage: str) -> str:
+    return spec.stages.grpo.algorithm.upper() if stage == "grpo" else stage.upper()
 
-    if "sft" in enabled and spec.data.sft is None:
+
+def _check_stage_plan(spec: FineTuneRunSpec) -> list[FieldError]:
+    """Which stages may run together, and whether each has its data and its reward (stageplan.plan)."""
+    plan = stageplan.plan(spec)
+    errors: list[FieldError] = []
+    if not plan.enabled:
+        errors.append(FieldError("spec.stages", f"no stage is enabled; list at least one of {', '.join(STAGE_ORDER)}"))
+    first, *others = plan.policy_stages or (None,)
+    for other in others:
         errors.append(FieldError(
-            "spec.data.sft", "required because spec.stages.sft is enabled (or set spec.stages.sft.enabled: false)"))
-    if "reward" in enabled and spec.data.preferences is None and not reward_functions(spec):
+            f"spec.stages.{other}",
+            f"cannot run together with spec.stages.{first}: a run has one policy-optimisation stage "
+            f"({', '.join(POLICY_STAGES)}). Remove one of them or set its enabled: false"))
+    for step in plan.steps:
+        if getattr(spec.data, step.dataset) is None:
+            errors.append(FieldError(
+                f"spec.data.{step.dataset}",
+                f"required because spec.stages.{step.stage} is enabled (or set spec.stages.{step.stage}.enabled: false)"))
+    if "reward" in plan.enabled and not plan.trains_reward_model and not plan.reward_functions:
         errors.append(FieldError(
             "spec.data.preferences",
             "required because spec.stages.reward is enabled without functions: set spec.data.preferences "
             "to train a reward model, or spec.stages.reward.functions",
         ))
-    if "ppo" in enabled:
-        if spec.data.prompts is None:
+    for stage in plan.stages:
+        if stage in ONLINE_STAGES and not plan.trains_reward_model and not plan.reward_functions:
             errors.append(FieldError(
-                "spec.data.prompts",
-                "required because spec.stages.ppo is enabled (or set spec.stages.ppo.enabled: false)"))
-        if not trains_reward_model(spec) and not reward_functions(spec):
-            errors.append(FieldError(
-                "spec.stages.ppo",
-                "PPO has no reward: enable spec.stages.reward with spec.data.preferences to train a "
-                "reward model, or set spec.stages.reward.functions",
+                f"spec.stages.{stage}",
+                f"{_algorithm_name(spec, stage)} has no reward: enable spec.stages.reward with spec.data.preferences "
+                "to train a reward model, or set spec.stages.reward.functions (e.g. numericAnswer, for prompt rows "
+                "with an \"answer\" field)",
             ))
+    if plan.runs("dpo") and "reward" in plan.enabled:
+        errors.append(FieldError(
+            "spec.stages.reward",
+            "DPO uses no reward model and no reward functions (it learns from spec.data.preferences directly), so "
+            "this stage would train a model nothing reads: remove spec.stages.reward or set "
+            "spec.stages.reward.enabled: false"))
+    return errors
 
+
+def check_semantics(
+    spec: FineTuneRunSpec, *, max_gpus_per_stage: int | None, default_image: str | None
+) -> list[FieldError]:
+    """Rules across fields that a schema cannot express."""
+    errors = _check_stage_plan(spec)
     errors += _check_resources("spec.resources", spec.resources, max_gpus_per_stage)
-    for stage in STAGES:
+    for stage in STAGE_ORDER:
         settings = getattr(spec.stages, stage)
         if settings is not None:
             errors += _check_resources(f"spec.stages.{stage}.resources", settings.resources, max_gpus_per_stage)
@@ -270,13 +273,6 @@ def validate_spec(
 # for defaults applied from the schema.
 
 
-def stage_runs_pod(spec: FineTuneRunSpec, stage: str) -> bool:
-    """Whether the stage has a pod to run (a reward stage without preference data has none)."""
-    if stage == "reward":
-        return trains_reward_model(spec)
-    return stage_enabled(spec, stage)
-
-
 def _digest_of(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -305,7 +301,7 @@ def field_digest(spec: FineTuneRunSpec, field: str) -> str:
     if detail == "processes":
         return _digest_of(trainer_processes(effective_resources(spec, stage).gpus))
     if detail == "enabled":
-        return _digest_of(stage_runs_pod(spec, stage))
+        return _digest_of(stageplan.plan(spec).runs(stage))
     if detail == "functions":
         return _digest_of([] if settings is None else [_user_set(f) for f in settings.functions])
     return _digest_of(None if settings is None else _user_set(settings, exclude={"resources"}))
@@ -328,13 +324,13 @@ def frozen_fields(status: FineTuneRunStatus) -> list[str]:
     settings; while it is in progress and once one of its pods ran, its trainer process count
     (checkpoints are per process).
     A stage that did not run may not be enabled once a later stage started (that stage already
-    took the model without it), and reward functions may not change once PPO started (its
+    took the model without it), and reward functions may not change once PPO or GRPO started (its
     StageJob holds them).
     """
     if not is_active(status):
         return []
     fields = list(RUN_FROZEN_FIELDS)
-    for index, stage in enumerate(STAGES):
+    for index, stage in enumerate(STAGE_ORDER):
         state = _stage_state(status, stage)
         if state not in NOT_STARTED_STAGE_STATES:
             fields.append(f"spec.stages.{stage}")
@@ -343,10 +339,10 @@ def frozen_fields(status: FineTuneRunStatus) -> list[str]:
         if state in IN_PROGRESS_STAGE_STATES and has_run:  # a first pod that never ran wrote no checkpoint
             fields.append(f"spec.stages.{stage}.processes")
         later_started = any(_stage_state(status, later) not in NOT_STARTED_STAGE_STATES
-                            for later in STAGES[index + 1:])
+                            for later in STAGE_ORDER[index + 1:])
         if state in NOT_STARTED_STAGE_STATES and later_started:
             fields.append(f"spec.stages.{stage}.enabled")
-    if _stage_state(status, "ppo") not in NOT_STARTED_STAGE_STATES:
+    if any(_stage_state(status, stage) not in NOT_STARTED_STAGE_STATES for stage in ONLINE_STAGES):
         fields.append("spec.stages.reward.functions")
     return fields
 
@@ -368,8 +364,8 @@ def _immutable_error(field: str, old: FineTuneRunSpec | None = None) -> FieldErr
             f"stage {parts[2]} did not run and cannot be enabled now: a later stage has already started "
             "without it. Create a new FineTuneRun to run it")
     if parts[-1] == "functions":
-        return FieldError(field, "cannot change once the ppo stage has started (it scores with the functions "
-                                 "it started with); create a new FineTuneRun")
+        return FieldError(field, "cannot change once the ppo or grpo stage has started (it scores with the "
+                                 "functions it started with); create a new FineTuneRun")
     return FieldError(field, "cannot change while the run is active; wait for it to finish or create a new FineTuneRun")
 
 

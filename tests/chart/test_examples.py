@@ -83,6 +83,26 @@ def test_examples_cover_preferences_heuristic_rewards_and_multi_gpu():
     assert runs(REPO / "examples" / "multi-gpu.yaml")[0]["spec"]["resources"]["gpus"] == 4
 
 
+def test_one_example_per_policy_algorithm():
+    """PPO, GRPO, RLOO and DPO each have an example (tests/operator/test_e2e_policy_stages.py runs the new ones)."""
+    def algorithm(spec: dict) -> str:
+        stages = spec["stages"]
+        if "grpo" in stages:
+            return stages["grpo"].get("algorithm", "grpo")
+        return next(stage for stage in ("ppo", "dpo") if stage in stages)
+
+    found = {path.name: algorithm(runs(path)[0]["spec"]) for path in RUN_EXAMPLES}
+    assert found["tiny-cpu.yaml"] == "ppo"
+    assert found["grpo-verifiable.yaml"] == "grpo"
+    assert found["rloo-reward-model.yaml"] == "rloo"
+    assert found["dpo-preferences.yaml"] == "dpo"
+    dpo = runs(REPO / "examples" / "dpo-preferences.yaml")[0]["spec"]
+    assert "reward" not in dpo["stages"] and dpo["data"]["preferences"]
+    verifiable = runs(REPO / "examples" / "grpo-verifiable.yaml")[0]["spec"]
+    assert "preferences" not in verifiable["data"]
+    assert [f["type"] for f in verifiable["stages"]["reward"]["functions"]] == ["numericAnswer"]
+
+
 @pytest.mark.parametrize("path", RUN_EXAMPLES, ids=lambda p: p.name)
 def test_example_matches_the_crd_schema(crd, path):
     (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]

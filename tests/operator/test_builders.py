@@ -148,3 +148,63 @@ def test_the_pod_tells_the_trainer_how_many_gpus_it_was_given(spec, run, config)
     pod = stage_pod(typed, run=run, stage="ppo", attempt=1, config=config)
     env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
     assert env[EXPECTED_GPUS_ENV] == "1"
+
+
+# ----------------------------------------------------------------------------- the policy stage (issue 12)
+
+
+def test_grpo_stage_job_carries_its_settings_the_reward_functions_and_the_reward_model(spec, run, config):
+    spec["stages"].pop("ppo")
+    spec["stages"]["reward"]["functions"] = [{"type": "numericAnswer", "answerField": "solution"}]
+    spec["stages"]["grpo"] = {"algorithm": "rloo", "steps": 7, "batchSize": 8, "groupSize": 4, "klCoef": 0.02,
+                              "resources": {"gpus": 2}}
+    job = stage_job(typed(spec), run=run, stage="grpo", config=config)
+    assert (job.stage, job.grpo.algorithm, job.grpo.steps, job.grpo.group_size, job.grpo.kl_coef) == (
+        "grpo", "rloo", 7, 4, 0.02)
+    assert job.model == "/artifacts/team-a/demo/sft/final"
+    assert job.reward_model == "/artifacts/team-a/demo/reward/final"
+    assert [f.answer_field for f in job.reward.functions] == ["solution"]
+    assert job.data.model_dump(exclude_none=True) == {"prompts": "/data/datasets/prompts.jsonl"}
+
+    pod = stage_pod(typed(spec), run=run, stage="grpo", attempt=1, config=config)
+    assert pod["metadata"]["name"] == "demo-grpo-1"
+    assert container_of(pod)["command"] == ["accelerate", "launch", "--num_processes", "2", "-m", "trainer",
+                                            "--stage", "grpo", "--config", "/etc/finetune/job.yaml"]
+    config_map = stage_config_map(typed(spec), run=run, stage="grpo", config=config)
+    assert StageJob.model_validate(yaml.safe_load(config_map["data"]["job.yaml"])) == job
+
+
+def test_dpo_stage_job_reads_only_the_preferences_and_starts_from_the_sft_output(spec, run, config):
+    for stage in ("reward", "ppo"):
+        spec["stages"].pop(stage)
+    spec["stages"]["dpo"] = {"beta": 0.2, "lossType": "ipo", "maxSteps": 5}
+    job = stage_job(typed(spec), run=run, stage="dpo", config=config)
+    assert (job.dpo.beta, job.dpo.loss_type, job.dpo.max_steps) == (0.2, "ipo", 5)
+    assert job.model == "/artifacts/team-a/demo/sft/final" and job.reward_model is None
+    assert job.data.model_dump(exclude_none=True) == {"preferences": "/data/datasets/prefs.jsonl"}
+
+    pod = stage_pod(typed(spec), run=run, stage="dpo", attempt=1, config=config)
+    assert container_of(pod)["command"] == ["python", "-m", "trainer", "--stage", "dpo",
+                                            "--config", "/etc/finetune/job.yaml"]
+    mounts = {m["mountPath"] for m in container_of(pod)["volumeMounts"]}
+    assert {"/artifacts/team-a/demo/dpo", "/artifacts/team-a/demo/sft/final", "/data/datasets"} <= mounts
+
+
+def test_each_stage_gets_only_its_own_dataset_and_the_claims_it_needs(spec, run, config):
+    spec["data"]["sft"] = "pvc://sft-data/sft.jsonl"
+    jobs = {stage: stage_job(typed(spec), run=run, stage=stage, config=config) for stage in ("sft", "reward", "ppo")}
+    assert {stage: job.data.model_dump(exclude_none=True) for stage, job in jobs.items()} == {
+        "sft": {"sft": "/data/sft-data/sft.jsonl"},
+        "reward": {"preferences": "/data/datasets/prefs.jsonl"},
+        "ppo": {"prompts": "/data/datasets/prompts.jsonl"},
+    }
+    ppo = stage_pod(typed(spec), run=run, stage="ppo", attempt=1, config=config)
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in ppo["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"runs", "datasets"}, "neither the base model's claim nor the SFT data's"
+
+
+def test_a_stage_that_does_not_run_has_no_job(spec, run, config):
+    import pytest
+
+    with pytest.raises(KeyError, match="stage grpo does not run"):
+        stage_job(typed(spec), run=run, stage="grpo", config=config)

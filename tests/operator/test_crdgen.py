@@ -65,9 +65,11 @@ def test_trainer_settings_and_their_defaults_reach_the_crd():
 def test_printer_columns_read_summary_fields_not_the_last_condition():
     columns = {c["name"]: c["jsonPath"] for c in crdgen.crd()["spec"]["versions"][0]["additionalPrinterColumns"]}
     assert columns == {"Stage": ".status.currentStage", "Progress": ".status.progress", "Reward": ".status.reward",
-                       "KL": ".status.kl", "Status": ".status.state", "Age": ".metadata.creationTimestamp"}
+                       "KL": ".status.kl", "Pref-Acc": ".status.preferenceAccuracy",
+                       "Margin": ".status.rewardMargin", "Status": ".status.state",
+                       "Age": ".metadata.creationTimestamp"}
     status = version_schema()["properties"]["status"]["properties"]
-    for field in ("currentStage", "progress", "reward", "kl", "state"):
+    for field in ("currentStage", "progress", "reward", "kl", "preferenceAccuracy", "rewardMargin", "state"):
         assert field in status
 
 

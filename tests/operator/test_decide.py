@@ -304,6 +304,47 @@ def test_reward_functions_without_preferences_skip_the_reward_pod_and_reach_ppo(
     assert job["reward"]["functions"][0]["targetLengthTokens"] == 20
 
 
+def test_grpo_run_skips_the_reward_pod_runs_grpo_after_sft_and_ends_on_its_model(spec, run, config, now, pod):
+    del spec["data"]["preferences"]
+    spec["stages"]["reward"] = {"functions": [{"type": "numericAnswer"}]}
+    spec["stages"]["grpo"] = {"algorithm": "rloo", "steps": 5, "batchSize": 8, "groupSize": 4}
+    del spec["stages"]["ppo"]
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    assert (status["stages"]["reward"]["state"], status["stages"]["reward"]["message"]) == (
+        "Skipped", "no spec.data.preferences: no reward model is trained; grpo uses the reward functions")
+    assert status["stages"]["grpo"]["state"] == "Pending" and "ppo" not in status["stages"]
+    decision, status = reconcile(spec, status, [pod("sft", 1, "Succeeded")], run=run, config=config, at=now(1))
+    assert created(decision) == ["demo-grpo-1"]
+    job = job_of(decision, "grpo")
+    assert (job["stage"], job["grpo"]["algorithm"], job["rewardModel"]) == ("grpo", "rloo", None)
+    assert job["reward"]["functions"][0]["type"] == "numericAnswer"
+    decision, status = reconcile(spec, status, [pod("sft", 1, "Succeeded"), pod("grpo", 1, "Succeeded")],
+                                 run=run, config=config, at=now(2))
+    assert status["state"] == "Succeeded" and status["currentStage"] == "grpo"
+    assert status["message"] == "all stages succeeded; final model at pvc://runs/team-a/demo/grpo/final"
+
+
+def test_dpo_run_goes_from_sft_to_dpo_on_the_preferences(spec, run, config, now, pod):
+    for stage in ("reward", "ppo"):
+        del spec["stages"][stage]
+    spec["stages"]["dpo"] = {"beta": 0.1}
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    assert set(status["stages"]) == {"sft", "dpo"}
+    decision, status = reconcile(spec, status, [pod("sft", 1, "Succeeded")], run=run, config=config, at=now(1))
+    assert created(decision) == ["demo-dpo-1"]
+    job = job_of(decision, "dpo")
+    assert (job["model"], job["data"]["preferences"]) == ("/artifacts/team-a/demo/sft/final",
+                                                          "/data/datasets/prefs.jsonl")
+
+
+def test_two_policy_stages_fail_the_run_as_invalid_when_the_webhook_is_off(spec, run, config, now):
+    spec["stages"]["dpo"] = {}
+    decision, status = reconcile(spec, None, [], run=run, config=config, at=now(), children=[])
+    assert status["state"] == "Failed" and created(decision) == []
+    assert condition(status, "Failed")["reason"] == "InvalidSpec"
+    assert "spec.stages.dpo: cannot run together with spec.stages.ppo" in condition(status, "Failed")["message"]
+
+
 def test_unlisted_stage_has_no_status(spec, run, config, now):
     del spec["stages"]["ppo"]
     _, status = reconcile(spec, None, [], run=run, config=config, at=now())

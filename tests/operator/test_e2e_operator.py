@@ -149,6 +149,13 @@ def api(kube_cluster):
 @pytest.fixture
 def namespace(kube_cluster, tiny_model_dir, operator):
     """A fresh namespace with the tiny model on `models` and toy datasets on `datasets`."""
+    name = populated_namespace(kube_cluster, tiny_model_dir)
+    yield name
+    delete_namespace(kube_cluster, name)
+
+
+def populated_namespace(kube_cluster, tiny_model_dir) -> str:
+    """Create a namespace, copy the tiny model to its `models` claim and the toy datasets to `datasets`."""
     import shutil
 
     name = f"{NAMESPACE_PREFIX}{uuid.uuid4().hex[:6]}"
@@ -170,7 +177,10 @@ def namespace(kube_cluster, tiny_model_dir, operator):
     }
     for file, content in rows.items():
         (datasets / file).write_text("".join(json.dumps(row) + "\n" for row in content))
-    yield name
+    return name
+
+
+def delete_namespace(kube_cluster, name: str) -> None:
     # Runs first, while the operator is up to remove its finalizer; then the namespace.
     kube_cluster.kubectl("delete", "ftr", "--all", "-n", name, "--timeout=60s", check=False)
     kube_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
@@ -256,6 +266,17 @@ def event_reasons(kube_cluster, namespace: str, name: str) -> set[str]:
     return {e["reason"] for e in events(kube_cluster, namespace, name)}
 
 
+def printed_columns(kube_cluster, namespace: str, name: str) -> dict[str, str]:
+    """`kubectl get ftr NAME` as {column header: cell}, cells cut at the header's offsets ("" for <none>)."""
+    header, row = kube_cluster.kubectl("get", "ftr", name, "-n", namespace).stdout.splitlines()[:2]
+    starts = [i for i, char in enumerate(header) if char != " " and (i == 0 or header[i - 1] == " ")]
+    cells = {}
+    for start, end in zip(starts, [*starts[1:], None]):
+        cell = row[start:end].strip()
+        cells[header[start:end].strip()] = "" if cell == "<none>" else cell
+    return cells
+
+
 # ----------------------------------------------------------------------------- tests
 
 
@@ -266,11 +287,11 @@ def test_three_stage_run_succeeds_with_sensible_columns_and_a_loadable_model(kub
     status = wait_state(api, namespace, name, "Succeeded", "Failed", timeout=300)
     assert status["state"] == "Succeeded", json.dumps(status, indent=1)[-3000:]
 
-    row = kube_cluster.kubectl("get", "ftr", name, "-n", namespace, "--no-headers").stdout.split()
-    # NAME STAGE PROGRESS(2 words) REWARD KL STATUS AGE
-    assert row[:4] == [name, "ppo", "ppo", f"{steps}/{steps}"], row
-    float(row[4]), float(row[5])
-    assert row[6] == "Succeeded"
+    row = printed_columns(kube_cluster, namespace, name)
+    assert (row["NAME"], row["STAGE"], row["PROGRESS"], row["STATUS"]) == (
+        name, "ppo", f"ppo {steps}/{steps}", "Succeeded"), row
+    float(row["REWARD"]), float(row["KL"])
+    assert row["PREF-ACC"] == row["MARGIN"] == "", "DPO's columns stay empty for PPO"
     assert condition(status, "Succeeded")["status"] == "True"
     assert {c["type"] for c in status["conditions"]} == {
         "Succeeded", "Running", "WaitingForResources", "Suspended", "Failed"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftoperator.api import STAGES
+from ftoperator.stageplan import plan
 from ftoperator.builders import TRAINER_UID, RunRef, stage_pod
 from ftoperator.validation import parse_spec
 
@@ -43,7 +43,7 @@ def typed(raw):
 
 def all_stage_pods(raw, run, config):
     spec = typed(raw)
-    return {stage: stage_pod(spec, run=run, stage=stage, attempt=1, config=config) for stage in STAGES}
+    return {stage: stage_pod(spec, run=run, stage=stage, attempt=1, config=config) for stage in plan(spec).stages}
 
 
 @pytest.mark.parametrize("variant", ["plain", "full-template", "multi-gpu", "cpu-only"])
@@ -159,9 +159,13 @@ def test_inputs_are_mounted_read_only_and_only_the_input_itself(spec, run, confi
     assert set(inputs) == {"/artifacts/team-a/demo/sft/final", "/artifacts/team-a/demo/reward/final",
                            "/artifacts/team-a/older/prompts.jsonl"}
     assert all(m["readOnly"] and m["subPath"] == path.removeprefix("/artifacts/") for path, m in inputs.items())
-    data = [m for m in mounts if m["mountPath"].startswith("/data/")]
-    assert data and all(m["readOnly"] for m in data)
-    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    # Its inputs are all on the artifacts claim: the claims of the other stages' data are not mounted.
+    assert not [m for m in mounts if m["mountPath"].startswith("/data/")]
+    sft = stage_pod(typed(spec), run=run, stage="sft", attempt=1, config=config)
+    data = [m for m in sft["spec"]["containers"][0]["volumeMounts"] if m["mountPath"].startswith("/data/")]
+    assert {m["mountPath"] for m in data} == {"/data/models", "/data/datasets"}
+    assert all(m["readOnly"] for m in data)
+    volumes = {v["name"]: v for v in sft["spec"]["volumes"]}
     assert all(volumes[m["name"]]["persistentVolumeClaim"]["readOnly"] for m in data)
     # Nothing mounts the artifacts claim's root.
     assert not [m for m in mounts if m["mountPath"] == "/artifacts" or

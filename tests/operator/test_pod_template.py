@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftoperator.api import STAGES
+from ftoperator.stageplan import plan
 from ftoperator.builders import stage_pod
 from ftoperator.validation import parse_spec, validate_spec
 
@@ -45,7 +45,7 @@ TEMPLATE = {
 
 def test_every_field_of_the_template_reaches_every_stage_pod(spec, run, config):
     spec["podTemplate"] = TEMPLATE
-    for stage in STAGES:
+    for stage in plan(typed(spec)).stages:
         pod = stage_pod(typed(spec), run=run, stage=stage, attempt=1, config=config)
         meta, pod_spec = pod["metadata"], pod["spec"]
         container = pod_spec["containers"][0]

@@ -63,3 +63,50 @@ def test_sample_text_is_stripped_of_control_characters():
     assert sample["response"] == "line one\nline\ttwo"
     only_controls = {**document, "samples": [{"stage": "ppo", "prompt": "\x1b\x07"}]}
     assert "prompt" not in status_patch({"progress.json": json.dumps(only_controls)})["samples"][0]
+
+
+def test_grpo_fills_the_reward_and_kl_columns_and_its_samples_are_kept():
+    patch = status_patch(data({
+        "current": "grpo",
+        "stages": {"grpo": {"step": 3, "totalSteps": 10,
+                            "metrics": {"reward_mean": 0.625, "kl": 0.01234, "eval_reward_mean": 0.5}}},
+        "samples": [{"stage": "grpo", "step": 2, "prompt": "cats?", "response": " 3", "reward": 1.0}],
+    }))
+    assert patch["progress"] == "grpo 3/10"
+    assert (patch["reward"], patch["kl"]) == (0.625, 0.0123)
+    assert patch["samples"] == [{"stage": "grpo", "step": 2, "prompt": "cats?", "response": " 3", "reward": 1.0}]
+    assert "preferenceAccuracy" not in patch and "rewardMargin" not in patch
+
+
+def test_dpo_fills_the_accuracy_and_margin_columns_from_held_out_pairs_first():
+    metrics = {"loss": 0.6, "chosen_reward": 0.2, "rejected_reward": -0.1, "reward_margin": 0.3,
+               "preference_accuracy": 0.75, "eval_loss": 0.65, "eval_reward_margin": 0.21234,
+               "eval_preference_accuracy": 0.6875}
+    patch = status_patch(data({"current": "dpo", "stages": {"dpo": {"step": 8, "totalSteps": 8, "metrics": metrics}}}))
+    assert (patch["preferenceAccuracy"], patch["rewardMargin"]) == (0.6875, 0.2123)
+    assert patch["stages"]["dpo"]["metrics"] == metrics
+    assert "reward" not in patch and "kl" not in patch
+
+    before_eval = {k: v for k, v in metrics.items() if not k.startswith("eval_")}
+    patch = status_patch(data({"current": "dpo", "stages": {"dpo": {"step": 1, "metrics": before_eval}}}))
+    assert (patch["preferenceAccuracy"], patch["rewardMargin"]) == (0.75, 0.3)
+
+
+def test_the_column_metrics_survive_the_cap_on_metrics():
+    metrics = {f"a{i:03d}": 1.0 for i in range(100)}
+    metrics.update(eval_preference_accuracy=0.9, eval_reward_margin=1.5)
+    patch = status_patch(data({"current": "dpo", "stages": {"dpo": {"step": 1, "metrics": metrics}}}))
+    assert len(patch["stages"]["dpo"]["metrics"]) == MAX_METRICS
+    assert (patch["preferenceAccuracy"], patch["rewardMargin"]) == (0.9, 1.5)
+
+
+def test_dpo_samples_keep_the_pair_and_its_implicit_rewards_bounded():
+    sample = {"stage": "dpo", "step": 4, "prompt": "Tell me about cats.", "response": " cats tea",
+              "chosen": "cats yes" + "!" * 1000, "rejected": "dogs\x1b[31m tea", "chosen_reward": 0.25,
+              "rejected_reward": -0.5, "chosen_sum": 3.0}
+    patch = status_patch(data({"current": "dpo", "stages": {"dpo": {"step": 4}}, "samples": [sample]}))
+    (copied,) = patch["samples"]
+    assert copied == {"stage": "dpo", "step": 4, "prompt": "Tell me about cats.", "response": " cats tea",
+                      "chosen": copied["chosen"], "rejected": "dogs[31m tea", "chosenReward": 0.25,
+                      "rejectedReward": -0.5}
+    assert len(copied["chosen"]) == SAMPLE_CHARS and copied["chosen"].startswith("cats yes!")

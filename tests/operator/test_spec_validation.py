@@ -228,3 +228,123 @@ def test_trainer_rules_are_refused_at_apply_naming_the_stage(spec):
     assert "pattern '(cats' is not a valid Python regular expression" in errors["spec.stages.reward.functions[0].pattern"]
     assert "module:function" in errors["spec.stages.reward.functions[1].function"]
     assert "responseLengthTokens (200)" in errors["spec.stages.ppo"]
+
+
+# ----------------------------------------------------------------------------- the policy stage (issue 12)
+
+
+def grpo_spec(spec, **settings):
+    """SFT, a numericAnswer reward function and GRPO (no reward model)."""
+    del spec["data"]["preferences"]
+    spec["stages"]["reward"] = {"functions": [{"type": "numericAnswer"}]}
+    spec["stages"].pop("ppo")
+    spec["stages"]["grpo"] = {"steps": 10, "batchSize": 8, "groupSize": 4, **settings}
+    return spec
+
+
+def dpo_spec(spec):
+    """SFT then DPO on the preference pairs."""
+    for stage in ("reward", "ppo"):
+        spec["stages"].pop(stage)
+    del spec["data"]["prompts"]
+    spec["stages"]["dpo"] = {"beta": 0.1}
+    return spec
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_grpo_and_rloo_with_reward_functions_are_valid(spec, algorithm):
+    assert errors_of(grpo_spec(spec, algorithm=algorithm)) == {}
+
+
+def test_grpo_with_a_trained_reward_model_only_is_valid(spec):
+    spec["stages"]["grpo"] = spec["stages"].pop("ppo")
+    assert errors_of(spec) == {}
+
+
+def test_dpo_after_sft_is_valid(spec):
+    assert errors_of(dpo_spec(spec)) == {}
+
+
+def test_two_policy_stages_are_refused_naming_the_second(spec):
+    spec["stages"]["dpo"] = {}
+    errors = errors_of(spec)
+    assert errors["spec.stages.dpo"] == (
+        "cannot run together with spec.stages.ppo: a run has one policy-optimisation stage (ppo, grpo, dpo). "
+        "Remove one of them or set its enabled: false")
+
+
+def test_a_disabled_second_policy_stage_is_fine(spec):
+    spec["stages"]["grpo"] = {"enabled": False}
+    assert errors_of(spec) == {}
+
+
+def test_dpo_without_preference_pairs_is_refused(spec):
+    dpo_spec(spec)
+    del spec["data"]["preferences"]
+    assert errors_of(spec) == {"spec.data.preferences": (
+        "required because spec.stages.dpo is enabled (or set spec.stages.dpo.enabled: false)")}
+
+
+@pytest.mark.parametrize("reward", [{"epochs": 1}, {"functions": [{"type": "keywords", "keywords": ["x"]}]}],
+                         ids=["reward-model", "reward-functions"])
+def test_dpo_with_an_enabled_reward_stage_is_refused_as_unused(spec, reward):
+    dpo_spec(spec)["stages"]["reward"] = reward
+    errors = errors_of(spec)
+    assert set(errors) == {"spec.stages.reward"}
+    assert errors["spec.stages.reward"].startswith("DPO uses no reward model and no reward functions")
+    assert "remove spec.stages.reward or set spec.stages.reward.enabled: false" in errors["spec.stages.reward"]
+    spec["stages"]["reward"]["enabled"] = False
+    assert errors_of(spec) == {}
+
+
+@pytest.mark.parametrize(("algorithm", "name"), [("grpo", "GRPO"), ("rloo", "RLOO")])
+def test_grpo_or_rloo_without_any_reward_source_is_refused_naming_the_stage(spec, algorithm, name):
+    grpo_spec(spec, algorithm=algorithm)
+    del spec["stages"]["reward"]
+    errors = errors_of(spec)
+    assert set(errors) == {"spec.stages.grpo"}
+    assert errors["spec.stages.grpo"].startswith(f"{name} has no reward: enable spec.stages.reward with "
+                                                 "spec.data.preferences to train a reward model, or set "
+                                                 "spec.stages.reward.functions")
+
+
+def test_grpo_without_prompts_is_refused(spec):
+    grpo_spec(spec)
+    del spec["data"]["prompts"]
+    assert errors_of(spec) == {"spec.data.prompts": (
+        "required because spec.stages.grpo is enabled (or set spec.stages.grpo.enabled: false)")}
+
+
+def test_group_size_that_does_not_divide_the_batch_is_refused_naming_the_stage(spec):
+    errors = errors_of(grpo_spec(spec, batchSize=6, groupSize=4))
+    assert errors == {"spec.stages.grpo": "batchSize (6) must be divisible by groupSize (4): each prompt is "
+                                          "sampled groupSize times"}
+
+
+def test_an_unknown_algorithm_is_refused_naming_the_field(spec):
+    errors = errors_of(grpo_spec(spec, algorithm="ppo"))
+    assert "'grpo' or 'rloo'" in errors["spec.stages.grpo.algorithm"]
+
+
+def test_no_enabled_stage_lists_every_stage(spec):
+    spec["stages"] = {"dpo": {"enabled": False}}
+    assert errors_of(spec)["spec.stages"] == "no stage is enabled; list at least one of sft, reward, ppo, grpo, dpo"
+
+
+def test_reward_functions_are_frozen_once_grpo_started(spec):
+    grpo_spec(spec)
+    status = {"startTime": "2025-01-01T00:00:00Z", "state": "Running",
+              "stages": {"sft": {"state": "Succeeded"}, "reward": {"state": "Skipped"},
+                         "grpo": {"state": "Running", "attempts": 1}}}
+    new = {**spec, "stages": {**spec["stages"], "reward": {"functions": [{"type": "exactAnswer"}]}}}
+    assert [e.field for e in admit(spec, new, status)] == ["spec.stages.reward.functions"]
+
+
+def test_the_policy_stage_cannot_be_switched_once_it_started(spec):
+    status = {"startTime": "2025-01-01T00:00:00Z", "state": "Running",
+              "stages": {"sft": {"state": "Succeeded"}, "reward": {"state": "Succeeded"},
+                         "ppo": {"state": "Running", "attempts": 1}}}
+    new = {**spec, "stages": {**{k: v for k, v in spec["stages"].items() if k != "ppo"},
+                              "grpo": spec["stages"]["ppo"]}}
+    fields = [e.field for e in admit(spec, new, status)]
+    assert "spec.stages.ppo" in fields

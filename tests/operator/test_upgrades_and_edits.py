@@ -94,7 +94,7 @@ def test_reward_functions_are_frozen_once_ppo_started(spec):
     new["stages"]["reward"]["functions"][0]["keywords"] = ["please"]
     errors = admit(spec, new, status)
     assert [e.field for e in errors] == ["spec.stages.reward.functions"]
-    assert "ppo stage has started" in errors[0].message
+    assert "ppo or grpo stage has started" in errors[0].message
 
 
 def test_status_fields_this_operator_does_not_know_are_kept():
