@@ -9,6 +9,7 @@ ConfigMap.  ``FanOutReporter`` sends each event to several reporters.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -151,6 +152,30 @@ class FanOutReporter:
     def close(self) -> None:
         for reporter in self._reporters:
             reporter.close()
+
+
+def quiet_libraries() -> None:
+    """No progress bars and no warnings below errors from transformers, huggingface_hub and datasets.
+
+    A pod's log is read line by line (``kubectl logs``, the termination message's last lines):
+    tqdm's carriage-return bars and transformers' per-load reports bury the progress lines. The
+    stage's own lines (``LocalReporter``) carry progress instead. Errors still print.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    try:
+        import datasets
+    except ImportError:  # not a dependency: trainer.data reads the files itself
+        return
+    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.disable_progress_bar()
 
 
 def write_termination_message(path: str | Path, reason: str) -> None:

@@ -25,7 +25,8 @@ from trainer.config import (
     EXPECTED_GPUS_ENV, PERMANENT_FAILURE_EXIT_CODE, PERMANENT_FAILURE_PREFIX, ConfigError, StageJob,
 )
 from trainer.metrics import GAUGES, TrainerMetrics
-from trainer.reporting import FanOutReporter, LocalReporter, ProgressEvent, Reporter, write_termination_message
+from trainer.reporting import (FanOutReporter, LocalReporter, ProgressEvent, Reporter, quiet_libraries,
+                               write_termination_message)
 
 COMPLETE_MARKER = "COMPLETE"
 """File written last into a finished directory (checkpoint or final model); its presence means complete."""
@@ -275,6 +276,7 @@ def build_context(job: StageJob, *, stop: GracefulStop) -> StageContext:
 
     Another run's outputs in outputDir are removed first (``trainer.outputs.claim_output_dir``).
     """
+    quiet_libraries()
     from accelerate import Accelerator
 
     from trainer.multinode import EXPECTED_WORLD_SIZE_ENV, check_world_size, init_distributed

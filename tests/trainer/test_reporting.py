@@ -33,3 +33,16 @@ def test_pace_is_measured_from_the_step_a_resumed_stage_started_at():
     assert pace.update(event(40, 0, kind="checkpoint")) is None
     assert pace.update(event(42, 3)) == "1.5s/step eta 1m27s"  # 58 steps to go
     assert pace.update(event(140, 3600, total=4000)) == "36s/step eta 38h36m00s"
+
+
+def test_a_stage_logs_no_progress_bars_or_load_reports(tmp_path, tiny_model_dir, capfd):
+    from .stage_runs import run_in_process, write_job, write_jsonl
+
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Question {i}?", "completion": " yes"} for i in range(8)])
+    job = write_job(tmp_path / "sft.yaml", stage="sft", model=str(tiny_model_dir), outputDir=str(tmp_path / "out"),
+                    data={"sft": str(data)}, sft={"maxSteps": 2, "batchSize": 4, "precision": "fp32"})
+    assert run_in_process("sft", job) == 0
+    log = capfd.readouterr().err
+    assert "Z [sft] succeeded 2/2" in log
+    for noise in ("Loading weights", "Writing model shards", "LOAD REPORT", "it/s]"):
+        assert noise not in log, f"{noise!r} in the stage's log:\n{log}"
