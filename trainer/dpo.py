@@ -312,15 +312,19 @@ def run(ctx: StageContext) -> Path:
         return MicroBatch(loss=terms.losses.mean(), tokens=tokens, samples=len(indices),
                           sums=_statistics(terms, ctx.device))
 
+    def report_samples(step: int) -> None:
+        if ctx.is_main_process:
+            shown = list(range(min(SAMPLE_PAIRS, len(held_out))))
+            samples = held_out_samples(ctx, accelerator.unwrap_model(setup.model), [held_out[j] for j in shown],
+                                       reference_held_out[shown], rows=[eval_rows[j] for j in shown], cfg=cfg,
+                                       tokenizer=tokenizer)
+            ctx.report("samples", step=step, total_steps=setup.plan.total_steps, samples=samples)
+
     def evaluate(step: int) -> dict[str, float]:
         """Held-out loss, rewards, margin and accuracy, over every process's share of the held-out pairs;
         and a samples event of the first held-out pairs."""
         unwrapped = accelerator.unwrap_model(setup.model)
-        if ctx.is_main_process:
-            shown = list(range(min(SAMPLE_PAIRS, len(held_out))))
-            samples = held_out_samples(ctx, unwrapped, [held_out[j] for j in shown], reference_held_out[shown],
-                                       rows=[eval_rows[j] for j in shown], cfg=cfg, tokenizer=tokenizer)
-            ctx.report("samples", step=step, total_steps=setup.plan.total_steps, samples=samples)
+        report_samples(step)
         mine = list(range(accelerator.process_index, len(held_out), accelerator.num_processes))
         names = ("loss", "chosen_reward", "rejected_reward", "correct", "pairs")
         totals = torch.zeros(len(names), device=ctx.device)
@@ -335,6 +339,9 @@ def run(ctx: StageContext) -> Path:
         sums = dict(zip(names, totals.tolist()))
         return {"eval_loss": sums["loss"] / max(sums["pairs"], 1.0), **window_metrics(sums, prefix="eval_")}
 
+    if held_out and setup.start_step == 0:  # what the input model answers, to compare the later samples with
+        setup.model.eval()
+        report_samples(0)
     train_supervised(ctx, setup, forward=forward, summarise=window_metrics, evaluate=evaluate if held_out else None,
                      non_finite_advice=NON_FINITE_ADVICE)
     if held_out and setup.start_step == setup.plan.total_steps:  # resumed at the end: no log ran the evaluation

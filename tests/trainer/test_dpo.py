@@ -55,9 +55,9 @@ def test_dpo_cli_learns_a_clear_preference_and_saves_a_plain_model(tmp_path, tin
     assert last["eval_reward_margin"] > 1.0 and last["eval_reward_margin"] > first["eval_reward_margin"]
     assert last["eval_chosen_reward"] > last["eval_rejected_reward"]
     assert last["eval_loss"] < 0.5 * first["eval_loss"]
-    # Every log shows the policy's greedy answers to the first held-out prompts beside their pairs.
+    # Every log (and step 0) shows the policy's greedy answers to the first held-out prompts beside their pairs.
     samples = [e for e in progress_events(output) if e["kind"] == "samples"]
-    assert [e["step"] for e in samples] == [3, 6, 9, 12, 15]
+    assert [e["step"] for e in samples] == [0, 3, 6, 9, 12, 15]
     shown = samples[-1]["samples"]
     assert len(shown) == 4 and all(s["prompt"].startswith("Tell me about") and s["response"] for s in shown)
     assert sum(s["chosen_reward"] > s["rejected_reward"] for s in shown) >= 3
