@@ -453,6 +453,29 @@ def _chat_pieces(row: SFTRow, *, tokenizer) -> list[tuple[str, bool]]:
     return pieces
 
 
+def _sft_pieces(row: SFTRow, *, tokenizer) -> list[tuple[str, bool, bool]]:
+    """(text, trained, with special tokens) pieces of one row, in order; empty texts left out."""
+    if row.messages is not None:
+        # The chat template already contains any BOS it wants.
+        return [(text, trained, False) for text, trained in _chat_pieces(row, tokenizer=tokenizer) if text]
+    return [(row.prompt, False, True), (row.completion, True, False)]
+
+
+def tokenize_sft_rows(rows: list[SFTRow], *, tokenizer, max_length: int) -> list[TokenizedExample]:
+    """``tokenize_sft_row`` for many rows, with one batched tokenizer call per kind of piece (fast tokenizers
+    encode a batch in parallel, in Rust), which is what a stage uses."""
+    pieces = [_sft_pieces(row, tokenizer=tokenizer) for row in rows]
+    ids: dict[tuple[int, int], list[int]] = {}
+    for special in (True, False):
+        where = [(r, k) for r, row_pieces in enumerate(pieces) for k, piece in enumerate(row_pieces)
+                 if piece[2] == special]
+        if where:
+            texts = [pieces[r][k][0] for r, k in where]
+            ids.update(zip(where, tokenizer(texts, add_special_tokens=special)["input_ids"]))
+    return [_assemble_sft(row, [(ids[(r, k)], trained) for k, (_, trained, _) in enumerate(pieces[r])],
+                          tokenizer=tokenizer, max_length=max_length) for r, row in enumerate(rows)]
+
+
 def tokenize_sft_row(row: SFTRow, *, tokenizer, max_length: int) -> TokenizedExample:
     """Token ids with labels IGNORE_INDEX outside the trained text (the prompt, untrained turns).
 
@@ -463,13 +486,12 @@ def tokenize_sft_row(row: SFTRow, *, tokenizer, max_length: int) -> TokenizedExa
     last trained text and cut from the left first (the end of the context matters most),
     then cut the trained text from the right.
     """
-    if row.messages is not None:
-        pieces = _chat_pieces(row, tokenizer=tokenizer)
-        # The chat template already contains any BOS it wants.
-        encoded = [(tokenizer(text, add_special_tokens=False)["input_ids"], trained) for text, trained in pieces if text]
-    else:
-        encoded = [(tokenizer(row.prompt, add_special_tokens=True)["input_ids"], False),
-                   (tokenizer(row.completion, add_special_tokens=False)["input_ids"], True)]
+    return tokenize_sft_rows([row], tokenizer=tokenizer, max_length=max_length)[0]
+
+
+def _assemble_sft(row: SFTRow, encoded: list[tuple[list[int], bool]], *, tokenizer,
+                  max_length: int) -> TokenizedExample:
+    """One row's example from its pieces' (ids, trained), as ``tokenize_sft_row`` describes."""
     trained_pieces = [i for i, (ids, trained) in enumerate(encoded) if trained and ids]
     if not trained_pieces:
         raise DatasetError(f"{row.where}: no tokens to train on")
@@ -531,3 +553,57 @@ def split_for_eval(rows: list, *, fraction: float, seed: int) -> tuple[list, lis
     held_out = set(order[:held])
     return ([r for i, r in enumerate(rows) if i not in held_out],
             [r for i, r in enumerate(rows) if i in held_out])
+
+
+# --------------------------------------------------------------------------- tokenised once per stage
+
+TOKENIZED_DIR = "tokenized"
+"""Under the stage's outputDir: one JSON file per (data, tokenizer, settings), reused by retries and resumes."""
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of what decides the token ids: the fast tokenizer's whole state (vocabulary, merges,
+    normalisers, post-processor), its special tokens and its chat template."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = {"backend": backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())),
+             "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+             "chat_template": getattr(tokenizer, "chat_template", None), "class": type(tokenizer).__name__}
+    return "sha256:" + hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def sft_examples(path: str | Path, *, tokenizer, max_length: int, assistant_turns: str, cache_dir: Path,
+                 accelerator, log=None) -> list[TokenizedExample]:
+    """The SFT dataset read, checked and tokenised once per stage, on the main process only.
+
+    The result is cached in ``cache_dir`` (``<outputDir>/tokenized``) under a key made of the
+    data's digest (every shard), the tokenizer's digest and the settings that change the ids, so
+    a retry, a resume or another rank reads the file instead of tokenising again, and changed data,
+    tokenizer or settings tokenise anew. ``accelerator``: anything with ``is_main_process`` and
+    ``wait_for_everyone()``. Bad rows fail on the main process with ``FILE:LINE`` as before.
+    """
+    import hashlib
+
+    from trainer.provenance import dataset_digest
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    key = {"kind": "sft", "data": dataset_digest(path), "tokenizer": tokenizer_digest(tokenizer),
+           "max_length": max_length, "assistant_turns": assistant_turns}
+    cache = Path(cache_dir) / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
+    examples = None
+    if accelerator.is_main_process and not cache.exists():
+        rows = load_sft_rows(path, tokenizer=tokenizer, assistant_turns=assistant_turns)
+        examples = tokenize_sft_rows(rows, tokenizer=tokenizer, max_length=max_length)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(".partial")
+        partial.write_text(json.dumps({"key": key, "examples": [[e.input_ids, e.labels] for e in examples]}))
+        partial.replace(cache)  # atomic: a reader never sees half a file
+        log(f"{path}: tokenised {len(examples)} examples once, cached in {cache}")
+    accelerator.wait_for_everyone()
+    if examples is None:
+        stored = json.loads(cache.read_text())
+        examples = [TokenizedExample(input_ids=ids, labels=labels) for ids, labels in stored["examples"]]
+        if accelerator.is_main_process:
+            log(f"{path}: {len(examples)} tokenised examples reused from {cache}")
+    return examples

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from trainer.data import IGNORE_INDEX, TokenizedExample, load_sft_rows, pad_right, tokenize_sft_row
+from trainer.data import IGNORE_INDEX, TOKENIZED_DIR, TokenizedExample, pad_right, sft_examples
 from trainer.modeling import load_causal_lm, load_tokenizer, model_options, prepare_model_source, save_final
 from trainer.runtime import PermanentStageFailure, StageContext
 from trainer.supervised import MicroBatch, prepare_supervised, train_supervised
@@ -39,8 +39,9 @@ def run(ctx: StageContext) -> Path:
         raise PermanentStageFailure("sft stage needs data.sft (a dataset of prompt/completion or messages rows)")
     source = prepare_model_source(ctx, job.model)
     tokenizer = load_tokenizer(source)
-    rows = load_sft_rows(job.data.sft, tokenizer=tokenizer, assistant_turns=cfg.assistant_turns)
-    examples = [tokenize_sft_row(r, tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens) for r in rows]
+    examples = sft_examples(job.data.sft, tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens,
+                            assistant_turns=cfg.assistant_turns, cache_dir=ctx.output_dir / TOKENIZED_DIR,
+                            accelerator=ctx.accelerator)
 
     set_seed(cfg.seed)  # identical initialisation (LoRA adapters) on every process
     # Trained weights stay fp32 and bf16/fp16 run under autocast; with LoRA the
