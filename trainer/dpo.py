@@ -249,6 +249,28 @@ def _statistics(terms: dpo_math.PairTerms, device) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def evaluate_held_out(ctx: StageContext, model, pairs: list[EncodedPair], reference: torch.Tensor, *, cfg: DPOConfig,
+                      pad_token_id: int) -> dict[str, float]:
+    """eval_loss and the eval_ window metrics over all held-out ``pairs``, each process taking its share.
+
+    Call on every process with the unwrapped policy in eval mode; ``reference`` holds the pairs' rows (n, 4).
+    """
+    accelerator = ctx.accelerator
+    mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
+    names = ("loss", "chosen_reward", "rejected_reward", "correct", "pairs")
+    totals = torch.zeros(len(names), device=ctx.device)
+    for start in range(0, len(mine), cfg.batch_size):
+        indices = mine[start:start + cfg.batch_size]
+        with accelerator.autocast():
+            terms, _ = pair_terms(model, [pairs[j] for j in indices], reference[indices], cfg=cfg,
+                                  pad_token_id=pad_token_id, device=ctx.device)
+        statistics = {"loss": terms.losses.sum(), **_statistics(terms, ctx.device)}
+        totals += torch.stack([statistics[n].float() for n in names])
+    sums = dict(zip(names, accelerator.reduce(totals, "sum").tolist()))
+    return {"eval_loss": sums["loss"] / max(sums["pairs"], 1.0), **window_metrics(sums, prefix="eval_")}
+
+
+@torch.no_grad()
 def held_out_samples(ctx: StageContext, model, pairs: list[EncodedPair], reference: torch.Tensor, *,
                      rows: list[PreferenceRow], cfg: DPOConfig, tokenizer) -> list[dict]:
     """The policy's greedy answer to each pair's prompt, beside the pair and its implicit rewards.
@@ -321,23 +343,9 @@ def run(ctx: StageContext) -> Path:
             ctx.report("samples", step=step, total_steps=setup.plan.total_steps, samples=samples)
 
     def evaluate(step: int) -> dict[str, float]:
-        """Held-out loss, rewards, margin and accuracy, over every process's share of the held-out pairs;
-        and a samples event of the first held-out pairs."""
-        unwrapped = accelerator.unwrap_model(setup.model)
         report_samples(step)
-        mine = list(range(accelerator.process_index, len(held_out), accelerator.num_processes))
-        names = ("loss", "chosen_reward", "rejected_reward", "correct", "pairs")
-        totals = torch.zeros(len(names), device=ctx.device)
-        for start in range(0, len(mine), cfg.batch_size):
-            indices = mine[start:start + cfg.batch_size]
-            with accelerator.autocast():
-                terms, _ = pair_terms(unwrapped, [held_out[j] for j in indices], reference_held_out[indices],
-                                      cfg=cfg, pad_token_id=pad, device=ctx.device)
-            statistics = {"loss": terms.losses.sum(), **_statistics(terms, ctx.device)}
-            totals += torch.stack([statistics[n].float() for n in names])
-        totals = accelerator.reduce(totals, "sum")
-        sums = dict(zip(names, totals.tolist()))
-        return {"eval_loss": sums["loss"] / max(sums["pairs"], 1.0), **window_metrics(sums, prefix="eval_")}
+        return evaluate_held_out(ctx, accelerator.unwrap_model(setup.model), held_out, reference_held_out, cfg=cfg,
+                                 pad_token_id=pad)
 
     if held_out and setup.start_step == 0:  # what the input model answers, to compare the later samples with
         setup.model.eval()
