@@ -215,6 +215,19 @@ def test_pairs_share_the_prompt_and_each_reply_ends_with_eos(tokenizer):
     assert batch["attention_mask"][1].tolist() == [1] * (p + r) + [0] * (c - r)
 
 
+def test_conversational_rows_are_templated_once_and_train_the_assistant_content(tmp_path, tokenizer):
+    from trainer.data import load_preference_rows
+
+    user = [{"role": "user", "content": "hello"}]
+    path = write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": user, "chosen": [{"role": "assistant", "content": "hello world"}],
+         "rejected": [{"role": "assistant", "content": "go away"}]}])
+    (row,) = load_preference_rows(path, tokenizer=tokenizer)
+    pair = dpo.encode_pair(row, tokenizer=tokenizer, max_length=64, chat_template=True)
+    assert tokenizer.decode(pair.prompt) == "<|user|>hello<|assistant|>"
+    assert tokenizer.decode(pair.chosen) == "hello world</s>" and tokenizer.decode(pair.rejected) == "go away</s>"
+
+
 def test_implicit_prompts_split_at_the_common_start_and_long_pairs_keep_their_replies(tokenizer):
     row = PreferenceRow(where="f:1", prompt="", chosen="Tell me about cats? Sure, thanks!",
                         rejected="Tell me about cats? No.")
