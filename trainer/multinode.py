@@ -116,4 +116,10 @@ def init_distributed(*, cuda: bool, env: Mapping[str, str] = os.environ) -> None
                       f"({RENDEZVOUS_TIMEOUT_ENV}): {_where(address)}")
         raise StageFailed(f"{reason} [{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}]") from exc
     backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
+    if cuda:
+        import torch
+
+        # Before any collective: NCCL binds a communicator to the current device, and every process
+        # would otherwise start on GPU 0 (accelerate sets it later, after the group exists).
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0") or 0))
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=collective)

@@ -135,14 +135,22 @@ def encode_query(name: str, qtype: int = TYPE_A, *, ident: int = 0) -> bytes:
     return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + encode_name(name) + struct.pack("!HH", qtype, CLASS_IN)
 
 
+UDP_LIMIT = 512
+"""Bytes of a UDP response without EDNS (RFC 1035 4.2.1)."""
+
+
 def build_response(query: Query, *, rcode: int, addresses=(), ttl: int = TTL_SECONDS) -> bytes:
     """A response echoing the first question, with one A record per IPv4 address.
 
-    Flags: QR, AA (we are the authority for the names we answer), RD copied, RA set.
+    Flags: QR, AA (we are the authority for the names we answer), RD copied, RA set. When the
+    addresses do not fit in 512 bytes, as many as fit are sent, without the truncation bit (we
+    serve no TCP): a client gets a subset of a large headless Service, as from a round-robin server.
     """
     opcode_rd = query.flags & 0x7900
     flags = 0x8000 | opcode_rd | 0x0400 | 0x0080 | (rcode & 0xF)
     question = query.questions[:1]
+    room = UDP_LIMIT - 12 - sum(len(encode_name(q.name)) + 4 for q in question)
+    addresses = tuple(addresses)[:max(room // 16, 0)]  # an A record with a name pointer: 16 bytes
     header = struct.pack("!HHHHHH", query.id, flags, len(question), len(addresses), 0, 0)
     body = b"".join(encode_name(q.name) + struct.pack("!HH", q.qtype, q.qclass) for q in question)
     for address in addresses:

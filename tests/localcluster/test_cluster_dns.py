@@ -58,6 +58,15 @@ def test_a_response_carries_the_question_and_one_a_record_per_address():
     assert response == dns.Response(9, dns.NOERROR, True, ("10.88.0.7", "10.88.0.8"))
 
 
+def test_a_headless_service_with_more_pods_than_fit_in_512_bytes_answers_with_those_that_fit():
+    query = dns.parse_query(dns.encode_query("big.team-a.svc.cluster.local", ident=1))
+    many = tuple(f"10.88.1.{n}" for n in range(100))
+    wire = dns.build_response(query, rcode=dns.NOERROR, addresses=many)
+    assert len(wire) <= 512
+    answered = dns.parse_response(wire).addresses
+    assert 20 <= len(answered) < 100 and answered == many[:len(answered)]
+
+
 def test_compressed_names_are_followed_and_pointer_loops_refused():
     # "b" then a pointer back to offset 12, where "a.example" is written.
     data = b"\x00" * 12 + b"\x01a\x07example\x00" + b"\x01b\xc0\x0c"
