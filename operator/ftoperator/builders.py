@@ -317,6 +317,8 @@ def stage_pod(
     user_env = [var.model_dump(mode="json", by_alias=True, exclude_none=True) for var in template.env]
     user_names = {var["name"] for var in user_env}
     env += [{"name": key, "value": value} for key, value in CACHE_ENV.items() if key not in user_names]
+    if not user_names & {"HF_HOME", "HF_HUB_CACHE"}:  # hf:// downloads on the artifacts volume: retries reuse them
+        env.append({"name": "HF_HUB_CACHE", "value": f"{stage_output_dir(run, stage)}/hf-cache"})
     env = [var for var in env if var["name"] not in user_names] + user_env
     if config.stage_command_override is not None:
         command = ["/bin/sh", "-c", config.stage_command_override]
