@@ -29,9 +29,11 @@ import torch
 from trainer import group_math, ppo_math, runtime
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import GRPOConfig
-from trainer.modeling import disable_dropout, load_causal_lm, load_tokenizer, prepare_model_source, save_final
+from trainer.modeling import (AdapterDisabled, checkpoint_trainable_weights_only, disable_dropout, load_causal_lm,
+                              load_reference, load_tokenizer, prepare_model_source, save_final)
 from trainer.rewards import CompositeReward
-from trainer.rollout import (PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now, reduce_mean,
+from trainer.rollout import (PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now, old_logprobs,
+                             reduce_mean,
                              reduce_sum, report_samples, response_logits, response_logprobs, reward_model_source,
                              sample_and_score, sample_held_out, split_prompts, step_seed)
 from trainer.run_health import RunHealth
@@ -59,13 +61,10 @@ def collect_groups(ctx: StageContext, *, prompts: list[PromptRow], policy, refer
     passes: dict[str, torch.Tensor | None] = {"ref_logprobs": None}
 
     def forward_passes(batch: SampledBatch) -> None:
-        with acc.autocast():
-            logits = response_logits(policy_module, batch.input_ids, batch.attention_mask,
-                                     response_length=batch.responses.shape[1], temperature=cfg.temperature)
-            passes["logprobs"] = ppo_math.logprobs_from_logits(logits, batch.responses)  # (n, t)
-            passes["entropy"] = ppo_math.entropy_from_logits(logits)
-            del logits
-            if reference is not None:
+        passes["logprobs"], passes["entropy"] = old_logprobs(ctx, policy_module, batch,
+                                                             temperature=cfg.temperature)  # (n, t) each
+        if reference is not None:
+            with acc.autocast():
                 passes["ref_logprobs"] = response_logprobs(reference, batch, temperature=cfg.temperature)
 
     repeated = [row for row in prompts for _ in range(cfg.group_size)]  # group by group
@@ -160,17 +159,16 @@ def run(ctx: StageContext) -> Path:
                             chat_template=cfg.chat_template)
 
     torch.manual_seed(cfg.seed)
-    policy = load_causal_lm(model_source, dtype=torch.float32, lora=cfg.lora)  # fp32 master weights
+    # fp32 master weights; a LoRA base is frozen and loads in the compute dtype.
+    policy = load_causal_lm(model_source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora)
     disable_dropout(policy)
-    reference = None
+    reference, which_reference = None, "no reference model (klCoef 0)"
     if cfg.kl_coef > 0:  # without a KL term the reference is never needed: do not spend its memory
-        reference = load_causal_lm(model_source, dtype=ctx.dtype)
-        disable_dropout(reference)
-        reference.to(ctx.device).eval().requires_grad_(False)
+        reference, which_reference = load_reference(model_source, policy=policy, lora=cfg.lora, dtype=ctx.dtype)
+        if not isinstance(reference, AdapterDisabled):
+            reference.to(ctx.device)
     if acc.is_main_process:
-        print(f"[grpo] {cfg.algorithm}, {cfg.group_size} responses per prompt, "
-              + ("reference model loaded (klCoef > 0)" if reference is not None else "no reference model (klCoef 0)"),
-              flush=True)
+        print(f"[grpo] {cfg.algorithm}, {cfg.group_size} responses per prompt, {which_reference}", flush=True)
     reward = build_reward(ctx, tokenizer, reward_source=reward_model_source(job.reward_model), cfg=cfg)
 
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
@@ -179,6 +177,8 @@ def run(ctx: StageContext) -> Path:
         s, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
     policy, optimizer = acc.prepare(policy, optimizer)
     acc.register_for_checkpointing(scheduler)  # stepped once per iteration, as in PPO
+    if cfg.lora:  # checkpoints hold the adapters and the optimizer state, not the frozen base
+        checkpoint_trainable_weights_only(acc)
     params = [p for p in acc.unwrap_model(policy).parameters() if p.requires_grad]
 
     world, rank = acc.num_processes, acc.process_index
@@ -237,7 +237,8 @@ def run(ctx: StageContext) -> Path:
             ctx.report("progress", step=step, total_steps=cfg.steps, metrics={
                 **stats, **update_stats, "learning_rate": learning_rate,
                 "episodes_per_second": global_batch / seconds, "tokens_per_second": tokens / seconds,
-                "generation_seconds": timings["generation"], "scoring_seconds": timings["scoring"],
+                "generation_seconds": timings["generation"], "forward_seconds": timings["forward"],
+                "scoring_seconds": timings["scoring"],
                 "optimisation_seconds": timings["optimisation"],
             })
         if acc.is_main_process and (step % cfg.sample_every_steps == 0 or step == cfg.steps):

@@ -220,7 +220,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
-def _with_lora(model, lora: LoraConfig | None, *, task_type: str, modules_to_save: list[str] | None = None):
+def with_lora(model, lora: LoraConfig | None, *, task_type: str, modules_to_save: list[str] | None = None):
     if lora is None:
         return model
     from peft import LoraConfig as PeftLoraConfig
@@ -273,7 +273,7 @@ def load_causal_lm(path: ModelSource | str, *, dtype: torch.dtype, lora: LoraCon
                                                      **_pretrained_kwargs(source, attention))
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    return _with_lora(model, lora, task_type="CAUSAL_LM")
+    return with_lora(model, lora, task_type="CAUSAL_LM")
 
 
 def load_sequence_classifier(path: ModelSource | str, *, dtype: torch.dtype, lora: LoraConfig | None = None,
@@ -297,7 +297,79 @@ def load_sequence_classifier(path: ModelSource | str, *, dtype: torch.dtype, lor
     disable_dropout(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    return _with_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score"])
+    return with_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score"])
+
+
+class AdapterDisabled:
+    """A LoRA policy's frozen base as a model of its own: calls run the policy with its adapters switched off.
+
+    The PPO/GRPO reference is the SFT model; when the policy is LoRA on that model, its frozen base *is*
+    the SFT model, so no second copy is loaded. Only for gradient-free passes (the rollout's reference
+    log-probs and held-out KL).
+    """
+
+    def __init__(self, peft_model):
+        self.model = peft_model
+
+    def __call__(self, **inputs):
+        with self.model.disable_adapter():
+            return self.model(**inputs)
+
+
+def load_reference(source: ModelSource | str, *, policy, lora: LoraConfig | None, dtype: torch.dtype,
+                   attention: str | None = None):
+    """(reference model, a sentence for the log saying which one it is).
+
+    The reference is the SFT model at ``source`` in ``dtype``, frozen. A LoRA policy loaded from
+    ``source`` in the same ``dtype`` (its base frozen, so still exactly that model) lends its base with the
+    adapters disabled (``AdapterDisabled``); otherwise (a full fine-tune moves the policy's own weights, or
+    the base was loaded in another dtype) a separate copy is loaded and the sentence says why.
+    """
+    base_dtype = next(p.dtype for p in policy.parameters() if not p.requires_grad) if lora is not None else None
+    if lora is not None and base_dtype == dtype:
+        return AdapterDisabled(policy), "reference: the policy's frozen base with its LoRA adapters disabled " \
+                                        "(no second copy of the model)"
+    reference = load_causal_lm(source, dtype=dtype, attention=attention)
+    disable_dropout(reference)
+    reference.eval().requires_grad_(False)
+    why = ("the policy is fully fine-tuned, so its weights leave the SFT model's" if lora is None else
+           f"the policy's frozen base is {base_dtype}, the reference {dtype}")
+    return reference, f"reference: a separate frozen copy of {source} ({why})"
+
+
+def checkpoint_trainable_weights_only(accelerator) -> None:
+    """Make ``accelerator.save_state`` write only the prepared models' trainable weights, and ``load_state``
+    load them back onto models whose frozen weights came from their source.
+
+    For LoRA stages: a checkpoint then holds the adapters (and a value head), the optimizer state and
+    the RNG states, not a copy of the frozen base (which a resume reloads from the model source, the
+    same bytes, as the fingerprint check guarantees). Loading fails (as a damaged checkpoint does) when
+    the file lacks a trainable weight or holds a weight the model does not have.
+    """
+    from accelerate.utils import SAFE_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    def trainable(model) -> set[str]:
+        return {name for name, param in model.named_parameters() if param.requires_grad}
+
+    def keep_trainable(models, weights, output_dir) -> None:
+        for i, model in enumerate(models):
+            keep = trainable(model)
+            weights[i] = {name: value for name, value in weights[i].items() if name in keep}
+
+    def load_trainable(models, input_dir) -> None:
+        for i, model in enumerate(models):
+            name = SAFE_WEIGHTS_NAME if i == 0 else SAFE_WEIGHTS_NAME.replace(".safetensors", f"_{i}.safetensors")
+            state = load_file(str(Path(input_dir) / name), device=str(next(model.parameters()).device))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            lacking = trainable(model) & set(missing)
+            if lacking or unexpected:
+                raise RuntimeError(f"{name}: trainable weights missing {sorted(lacking)[:3]}, "
+                                   f"unexpected {sorted(unexpected)[:3]}")
+        models.clear()  # all loaded here: accelerate must not load them again (strictly, without the base)
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    accelerator.register_load_state_pre_hook(load_trainable)
 
 
 MODEL_CARD_FILE = "README.md"

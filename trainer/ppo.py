@@ -29,12 +29,14 @@ import torch
 
 from trainer import ppo_math, runtime
 from trainer.checkpoint import resume_from_latest, save_checkpoint
-from trainer.modeling import (disable_dropout, enable_gradient_checkpointing, load_causal_lm, load_tokenizer,
-                              model_options, prepare_model_source, save_final)
+from trainer.config import LoraConfig
+from trainer.modeling import (AdapterDisabled, checkpoint_trainable_weights_only, disable_dropout,
+                              enable_gradient_checkpointing, load_causal_lm, load_reference, load_tokenizer,
+                              model_options, prepare_model_source, save_final, with_lora)
 from trainer.rewards import CompositeReward
 from trainer.rollout import (SAMPLES_FILE, PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now,
-                             positions, reduce_mean, reduce_sum, report_samples, response_logits, response_logprobs,
-                             reward_model_source, sample_and_score, sample_held_out, score_responses, split_prompts,
+                             old_logprobs, positions, reduce_mean, reduce_sum, report_samples, response_logits,
+                             response_logprobs, reward_model_source, sample_and_score, sample_held_out, score_responses, split_prompts,
                              step_seed)
 from trainer.run_health import RunHealth
 from trainer.runtime import PermanentStageFailure, StageContext
@@ -59,15 +61,17 @@ class ValueModel(torch.nn.Module):
     def __init__(self, backbone: torch.nn.Module):
         super().__init__()
         self.backbone = backbone
-        self.head = torch.nn.Linear(backbone.config.hidden_size, 1)
+        self.head = torch.nn.Linear(backbone.config.hidden_size, 1, dtype=torch.float32)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_pretrained(cls, source: str, *, dtype: torch.dtype, attention: str | None = None,
-                        gradient_checkpointing: bool = False) -> "ValueModel":
+    def from_pretrained(cls, source: str, *, dtype: torch.dtype, lora: LoraConfig | None = None,
+                        attention: str | None = None, gradient_checkpointing: bool = False) -> "ValueModel":
         """Backbone of any transformers checkpoint (causal LM or sequence classifier); its head is dropped.
 
+        ``dtype`` is the backbone's; the head is always fp32 and trained. With ``lora`` the backbone is
+        frozen and gets trainable adapters (a LoRA value model), else every weight is trained.
         ``attention`` and ``gradient_checkpointing`` as in ``trainer.modeling.load_causal_lm``.
         """
         from transformers import AutoModel
@@ -76,7 +80,7 @@ class ValueModel(torch.nn.Module):
                                              **({"attn_implementation": attention} if attention else {}))
         if gradient_checkpointing:
             enable_gradient_checkpointing(backbone)
-        return cls(backbone)
+        return cls(with_lora(backbone, lora, task_type="FEATURE_EXTRACTION"))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
@@ -124,13 +128,8 @@ def collect_rollouts(ctx: StageContext, *, prompts: list[PromptRow], policy, ref
     passes: dict[str, torch.Tensor] = {}
 
     def forward_passes(batch: SampledBatch) -> None:
-        t = batch.responses.shape[1]
+        passes["logprobs"], passes["entropy"] = old_logprobs(ctx, policy_module, batch, temperature=cfg.temperature)
         with acc.autocast():
-            logits = response_logits(policy_module, batch.input_ids, batch.attention_mask, response_length=t,
-                                     temperature=cfg.temperature)  # (b, t, v)
-            passes["logprobs"] = ppo_math.logprobs_from_logits(logits, batch.responses)
-            passes["entropy"] = ppo_math.entropy_from_logits(logits)
-            del logits
             passes["ref_logprobs"] = response_logprobs(reference, batch, temperature=cfg.temperature)
             passes["values"] = response_values(acc.unwrap_model(value_model), batch.input_ids, batch.attention_mask,
                                                prompt_length=batch.prompt_length)
@@ -228,30 +227,39 @@ def run(ctx: StageContext) -> Path:
     encoder = PromptEncoder(tokenizer, max_prompt_tokens=max(1, cfg.max_seq_length_tokens - cfg.response_length_tokens),
                             chat_template=cfg.chat_template)
 
-    # Trained models keep fp32 master weights (autocast does the low precision); frozen ones load in ctx.dtype.
+    # Trained weights are fp32 masters (autocast does the low precision); frozen ones, a LoRA base included,
+    # load in ctx.dtype. With LoRA the value model is LoRA too (frozen backbone, adapters and an fp32 head).
     torch.manual_seed(cfg.seed)
-    policy = load_causal_lm(model_source, dtype=torch.float32, lora=cfg.lora, **model_options(cfg, trained=True))
-    reference = load_causal_lm(model_source, dtype=ctx.dtype, **model_options(cfg, trained=False))
+    trained_dtype = ctx.dtype if cfg.lora else torch.float32
+    policy = load_causal_lm(model_source, dtype=trained_dtype, lora=cfg.lora, **model_options(cfg, trained=True))
+    reference, which_reference = load_reference(model_source, policy=policy, lora=cfg.lora, dtype=ctx.dtype,
+                                                attention=cfg.attention_implementation)
     reward_source = reward_model_source(job.reward_model)
     # Huang et al.: the value model starts from the reward model, which already judges whole responses.
     value_source = reward_source or model_source
-    value_model = ValueModel.from_pretrained(value_source, dtype=torch.float32, **model_options(cfg, trained=True))
+    value_model = ValueModel.from_pretrained(value_source, dtype=trained_dtype, lora=cfg.lora,
+                                             **model_options(cfg, trained=True))
     if acc.is_main_process:
-        print(f"[ppo] value model initialised from {value_source}", flush=True)
-    for model in (policy, reference, value_model):
+        print(f"[ppo] {which_reference}", flush=True)
+        print(f"[ppo] value model initialised from {value_source}" + (", LoRA" if cfg.lora else ""), flush=True)
+    for model in (policy, value_model):
         disable_dropout(model)
-    reference.to(ctx.device).eval().requires_grad_(False)
+    if not isinstance(reference, AdapterDisabled):
+        reference.to(ctx.device)
     reward = build_reward(ctx, tokenizer, reward_source=reward_source, cfg=cfg)
 
-    params = [p for p in policy.parameters() if p.requires_grad] + list(value_model.parameters())
+    params = [p for p in policy.parameters() if p.requires_grad] + \
+        [p for p in value_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(
         s, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
     policy, value_model, optimizer = acc.prepare(policy, value_model, optimizer)
     # Not prepared: accelerate's scheduler wrapper steps once per process; ours steps once per PPO iteration.
     acc.register_for_checkpointing(scheduler)
+    if cfg.lora:  # checkpoints hold the adapters, the value head and the optimizer state, not the frozen bases
+        checkpoint_trainable_weights_only(acc)
     params = [p for p in acc.unwrap_model(policy).parameters() if p.requires_grad] + \
-        list(acc.unwrap_model(value_model).parameters())
+        [p for p in acc.unwrap_model(value_model).parameters() if p.requires_grad]
 
     if cfg.adaptive_kl is not None:
         kl_ctl = ppo_math.AdaptiveKLController(cfg.kl_coef, target=cfg.adaptive_kl.target_kl,
@@ -320,7 +328,8 @@ def run(ctx: StageContext) -> Path:
             ctx.report("progress", step=step, total_steps=cfg.steps, metrics={
                 **rollout_stats, **update_stats, "kl_coef": kl_ctl.value, "learning_rate": learning_rate,
                 "episodes_per_second": global_batch / seconds, "tokens_per_second": tokens / seconds,
-                "generation_seconds": timings["generation"], "scoring_seconds": timings["scoring"],
+                "generation_seconds": timings["generation"], "forward_seconds": timings["forward"],
+                "scoring_seconds": timings["scoring"],
                 "optimisation_seconds": timings["optimisation"],
             })
         if acc.is_main_process and (step % cfg.sample_every_steps == 0 or step == cfg.steps):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,24 @@ def response_logprobs(model, batch: "SampledBatch", *, temperature: float) -> to
     return ppo_math.logprobs_from_logits(logits, batch.responses)
 
 
+def old_logprobs(ctx: StageContext, policy, batch: "SampledBatch", *,
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropy), each (b, t) float32, of the sampled responses under the policy that drew them.
+
+    In fp32 these are the sampler's own (``Samples``): the logits each token was drawn from, which a
+    second forward pass over prompt + response reproduces to about 1e-6 (a cached, one-token-at-a-time
+    pass against a whole-sequence one: the same arithmetic in another order), so the pass is skipped.
+    In bf16/fp16 the two orders round differently by far more, which would bias the first ratio, so
+    the policy runs the whole-sequence pass the update itself will run.
+    """
+    if ctx.dtype == torch.float32:
+        return batch.sampling_logprobs, batch.sampling_entropy
+    with ctx.accelerator.autocast():
+        logits = response_logits(policy, batch.input_ids, batch.attention_mask,
+                                 response_length=batch.responses.shape[1], temperature=temperature)  # (b, t, v)
+        return ppo_math.logprobs_from_logits(logits, batch.responses), ppo_math.entropy_from_logits(logits)
+
+
 class PromptEncoder:
     """Renders prompt rows as the policy sees them and tokenises them (BOS once, the end of long prompts kept).
 
@@ -179,15 +198,80 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+@dataclass
+class Samples:
+    """What ``sample`` drew: tokens and, for each, the policy's log-probability and entropy at that step."""
+
+    tokens: torch.Tensor  # (b, t) sampled ids, pad after a row's stop token
+    logprobs: torch.Tensor  # (b, t) float32 log softmax(logits / temperature)[token], full vocabulary (no top-k)
+    entropy: torch.Tensor  # (b, t) float32 entropy of softmax(logits / temperature)
+
+
 @torch.no_grad()
-def generate(policy, query, query_mask, *, cfg, stop_token_id, pad_token_id) -> torch.Tensor:
-    """Sample responses: (b, t) new tokens, t <= responseLengthTokens (generation stops when all rows stopped)."""
-    out = policy.generate(
-        input_ids=query, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
-        top_k=cfg.top_k or 0, top_p=1.0, max_new_tokens=cfg.response_length_tokens,
-        eos_token_id=stop_token_id, pad_token_id=pad_token_id,
-    )
-    return out[:, query.shape[1]:]
+def sample(model, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float,
+           top_k: int | None, stop_token_id: int | None, pad_token_id: int) -> Samples:
+    """Sample up to ``max_new_tokens`` tokens after the left-padded (b, p) ``query``, one token per forward.
+
+    The distribution is ``model.generate``'s with do_sample, this temperature and top-k and nothing else
+    (no repetition penalty or other processor from a saved generation_config): softmax(logits /
+    temperature), restricted to the top_k largest logits when top_k is set, one multinomial draw per
+    row. A row that has drawn the stop token continues with pad tokens; sampling ends when every row
+    has stopped (so t <= max_new_tokens). The key/value cache holds prompt + response from the start
+    (transformers' StaticCache), so decoding appends in place instead of growing tensors every step,
+    and the loop skips generate()'s per-step bookkeeping; benchmarks/rollout_levers.py measures both.
+
+    ``logprobs`` and ``entropy`` are of the full tempered distribution (what the PPO and GRPO losses use),
+    computed from the logits the draw came from.
+    """
+    from transformers import StaticCache
+
+    with warnings.catch_warnings():  # transformers 5 renames past_key_values to cache; 4.56 knows only the old name
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        return _sample(model, query, query_mask, cache=StaticCache(config=model.config,
+                                                                   max_cache_len=query.shape[1] + max_new_tokens),
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       stop_token_id=stop_token_id, pad_token_id=pad_token_id)
+
+
+def _sample(model, query, query_mask, *, cache, max_new_tokens, temperature, top_k, stop_token_id,
+            pad_token_id) -> Samples:
+    b, p = query.shape
+    device = query.device
+    # Prompt mask, then ones for the response: tokens after a stop are pad but are attended like generate() does.
+    mask = torch.cat([query_mask, query_mask.new_ones(b, max_new_tokens)], 1)  # (b, p + max_new_tokens)
+    position = positions(query_mask)  # (b, p)
+    logits = model(input_ids=query, attention_mask=query_mask, position_ids=position, past_key_values=cache,
+                   use_cache=True, cache_position=torch.arange(p, device=device), logits_to_keep=1).logits[:, -1]
+    next_position = position[:, -1:] + 1  # (b, 1)
+    tokens = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
+    entropy = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
+    stopped = torch.zeros(b, dtype=torch.bool, device=device)
+    length = max_new_tokens
+    for i in range(max_new_tokens):
+        scaled = logits.float() / temperature  # (b, v)
+        logp = torch.log_softmax(scaled, dim=-1)
+        kept = scaled
+        if top_k is not None and top_k < scaled.shape[-1]:
+            kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # (b, 1)
+            kept = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(kept, dim=-1)
+        token = torch.multinomial(probs, 1).squeeze(1)  # (b,)
+        token = torch.where(stopped, torch.full_like(token, pad_token_id), token)
+        tokens[:, i] = token
+        logprobs[:, i] = logp.gather(1, token[:, None]).squeeze(1)
+        entropy[:, i] = torch.logsumexp(scaled, dim=-1) - (logp.exp() * scaled).sum(-1)
+        if stop_token_id is not None:
+            stopped |= token == stop_token_id
+            if bool(stopped.all()):
+                length = i + 1
+                break
+        if i + 1 == max_new_tokens:
+            break
+        logits = model(input_ids=token[:, None], attention_mask=mask[:, :p + i + 1], position_ids=next_position + i,
+                       past_key_values=cache, use_cache=True,
+                       cache_position=torch.tensor([p + i], device=device)).logits[:, -1]
+    return Samples(tokens[:, :length], logprobs[:, :length], entropy[:, :length])
 
 
 @dataclass
@@ -203,6 +287,8 @@ class SampledBatch:
     mask: torch.Tensor  # (b, t) float, 1 on real response tokens, stop token included
     has_stop: torch.Tensor  # (b,) bool
     scores: torch.Tensor  # (b,) reward score, missing-EOS penalty applied
+    sampling_logprobs: torch.Tensor  # (b, t) log pi(token) from the logits the token was drawn from
+    sampling_entropy: torch.Tensor  # (b, t)
 
 
 @torch.no_grad()
@@ -213,7 +299,7 @@ def sample_and_score(ctx: StageContext, *, cfg, policy_module, encoder: PromptEn
 
     ``cfg`` is the stage's settings (temperature, topK, responseLengthTokens, stopToken, missingEosPenalty);
     ``policy_module`` the unwrapped policy. ``before_scoring(batch)`` runs between truncation and scoring
-    (the stage's own forward passes), so ``timings["scoring"]`` covers both, as PPO has always reported.
+    (the stage's own forward passes, timed as ``timings["forward"]``; ``timings["scoring"]`` is the reward).
     """
     timings = {} if timings is None else timings
     acc, device = ctx.accelerator, ctx.device
@@ -225,18 +311,22 @@ def sample_and_score(ctx: StageContext, *, cfg, policy_module, encoder: PromptEn
     query, query_mask = encoder(texts_in, device)  # (b, p)
     policy_module.eval()
     with acc.autocast():
-        raw = generate(policy_module, query, query_mask, cfg=cfg, stop_token_id=stop_id,
-                       pad_token_id=tokenizer.pad_token_id)  # (b, t)
+        drawn = sample(policy_module, query, query_mask, max_new_tokens=cfg.response_length_tokens,
+                       temperature=cfg.temperature, top_k=cfg.top_k, stop_token_id=stop_id,
+                       pad_token_id=tokenizer.pad_token_id)
     timings["generation"] = now(device) - tick
 
     tick = now(device)
-    responses, mask, has_stop = ppo_math.truncate_at_stop_token(raw, stop_token_id=stop_id,
+    responses, mask, has_stop = ppo_math.truncate_at_stop_token(drawn.tokens, stop_token_id=stop_id,
                                                                 pad_token_id=tokenizer.pad_token_id)
     batch = SampledBatch(prompts=texts_in, responses_text=[], input_ids=torch.cat([query, responses], 1),
                          attention_mask=torch.cat([query_mask, mask], 1), prompt_length=query.shape[1],
-                         responses=responses, mask=mask.float(), has_stop=has_stop, scores=torch.empty(0))
+                         responses=responses, mask=mask.float(), has_stop=has_stop, scores=torch.empty(0),
+                         sampling_logprobs=drawn.logprobs, sampling_entropy=drawn.entropy)
     if before_scoring is not None:
         before_scoring(batch)
+        timings["forward"] = now(device) - tick
+        tick = now(device)
     batch.responses_text = tokenizer.batch_decode(responses, skip_special_tokens=True)
     scores = score_responses(reward, texts_in, batch.responses_text, [row.fields for row in prompts]).to(device)
     if cfg.missing_eos_penalty is not None:
