@@ -88,7 +88,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs of each side, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see tiny_workload.py)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--trainer-tree", type=Path, help="import our trainer from this directory instead, to "
+                        "measure another commit (git archive COMMIT trainer | tar -x -C DIR)")
     args = parser.parse_args()
+    if args.trainer_tree:
+        sys.path.insert(0, str(args.trainer_tree.resolve()))
     try:
         import trl
     except ImportError:

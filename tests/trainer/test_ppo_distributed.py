@@ -58,13 +58,13 @@ def _job(tmp_path: Path, model: Path, *, output: str, **ppo_settings) -> dict:
 
 
 def run_two_processes(tmp_path: Path, config: Path, *, env: dict[str, str] | None = None,
-                      timeout: float = 120) -> subprocess.CompletedProcess:
+                      timeout: float = 120, stage: str = "ppo") -> subprocess.CompletedProcess:
     environment = subprocess_env(**(env or {}))
     # tmp_path holds the python reward function's module.
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [environment.get("PYTHONPATH"), str(tmp_path)]))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               "-m", "trainer", "--stage", "ppo", "--config", str(config)]
+               "-m", "trainer", "--stage", stage, "--config", str(config)]
     return subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True,
                           timeout=timeout)
 
