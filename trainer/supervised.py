@@ -100,11 +100,13 @@ def train_supervised(ctx: StageContext, setup: SupervisedSetup, *, forward: Call
     model.train()
     window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
     window_sums: dict[str, torch.Tensor] = {}
+    window_seconds = {"forward": 0.0, "optimisation": 0.0}
     window_start = time.perf_counter()
     ctx.stop.armed = True
     for step in range(setup.start_step, total):
         micro_batches = plan.step_micro_batches(step, rank=accelerator.process_index)
         step_loss = torch.zeros((), device=ctx.device)
+        started = time.perf_counter()
         for i, indices in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # Gradients are all-reduced only on the last micro-batch of the step.
@@ -117,13 +119,17 @@ def train_supervised(ctx: StageContext, setup: SupervisedSetup, *, forward: Call
             window_samples += result.samples
             for name, value in result.sums.items():
                 window_sums[name] = window_sums.get(name, 0.0) + value.detach().float()
+        step_value = float(step_loss)  # waits for the forward and backward passes (a device sync)
+        stepping = time.perf_counter()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         check_finite(step_health(accelerator, loss=step_loss, grad_norm=grad_norm), stage=ctx.job.stage,
                      step=step + 1, advice=non_finite_advice)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        window_loss += float(step_loss)
+        window_seconds["forward"] += stepping - started
+        window_seconds["optimisation"] += time.perf_counter() - stepping  # on a GPU: launch time only
+        window_loss += step_value
         window_steps += 1
         done = step + 1
 
@@ -142,6 +148,9 @@ def train_supervised(ctx: StageContext, setup: SupervisedSetup, *, forward: Call
                 "tokens_per_second": tokens / elapsed,
                 "grad_norm": float(grad_norm),
                 "epoch": plan.position(done)["epoch"],
+                # Per step, this process: forward and backward passes, then clipping and the optimizer step.
+                "forward_seconds": window_seconds["forward"] / window_steps,
+                "optimisation_seconds": window_seconds["optimisation"] / window_steps,
             }
             if summarise is not None:
                 metrics.update(summarise({n: float(stats[3 + k]) for k, n in enumerate(names)}))
@@ -153,6 +162,7 @@ def train_supervised(ctx: StageContext, setup: SupervisedSetup, *, forward: Call
             ctx.report("progress", step=done, total_steps=total, metrics=metrics)
             window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
             window_sums = {}
+            window_seconds = {"forward": 0.0, "optimisation": 0.0}
             window_start = time.perf_counter()
 
         # The last step is checkpointed too: a crash while writing final/ then costs no training.
