@@ -136,6 +136,25 @@ class LocalReporter:
             self._file = None
 
 
+class TensorBoardReporter:
+    """Every event's metrics as TensorBoard scalars ``<stage>/<metric>`` at the event's step, in
+    ``directory`` (a stage writes ``<outputDir>/tensorboard``; ``tensorboard --logdir`` over the
+    run's directory shows every stage)."""
+
+    def __init__(self, directory: str | Path):
+        from trainer.event_files import EventFileWriter
+
+        self._writer = EventFileWriter(directory)
+
+    def report(self, event: ProgressEvent) -> None:
+        if event.metrics:
+            self._writer.add_scalars(event.step, {f"{event.stage}/{k}": float(v) for k, v in event.metrics.items()},
+                                     wall_time=event.time)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class FanOutReporter:
     """Deliver every event to each reporter; one reporter failing never stops training."""
 

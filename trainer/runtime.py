@@ -25,8 +25,8 @@ from trainer.config import (
     EXPECTED_GPUS_ENV, PERMANENT_FAILURE_EXIT_CODE, PERMANENT_FAILURE_PREFIX, ConfigError, StageJob,
 )
 from trainer.metrics import GAUGES, TrainerMetrics
-from trainer.reporting import (FanOutReporter, LocalReporter, ProgressEvent, Reporter, quiet_libraries,
-                               write_termination_message)
+from trainer.reporting import (FanOutReporter, LocalReporter, ProgressEvent, Reporter, TensorBoardReporter,
+                               quiet_libraries, write_termination_message)
 
 COMPLETE_MARKER = "COMPLETE"
 """File written last into a finished directory (checkpoint or final model); its presence means complete."""
@@ -303,6 +303,7 @@ def build_context(job: StageJob, *, stop: GracefulStop) -> StageContext:
     if accelerator.is_main_process:
         progress = job.reporting.progress_file or output_dir / "progress.jsonl"
         reporters.append(LocalReporter(jsonl_path=progress))
+        reporters.append(TensorBoardReporter(output_dir / "tensorboard"))
         if job.reporting.progress_config_map:
             # Imported lazily: the kubernetes client is only needed in a cluster.
             from trainer.kube_reporter import KubernetesReporter
