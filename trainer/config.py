@@ -437,7 +437,7 @@ class DPOConfig(OptimConfig):
     """Strength of the implicit KL constraint: the implicit reward is beta * (log pi - log pi_ref)."""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid: DPO's -log sigmoid(beta * margin); ipo: (margin - 1 / (2 beta))^2 (Azar et al. 2023), on length-averaged log-probabilities."""
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    label_smoothing: float = Field(0.0, ge=0, le=0.49)
     """sigmoid only: the share of pairs assumed mislabelled (conservative DPO); 0 is plain DPO."""
     chat_template: bool = True
     """Give the policy each text prompt as a user message through the tokenizer's chat template, when it has one, as PPO and GRPO do; false: the prompt text as is (use false when SFT trained on prompt/completion text). Message-list rows always use the template; implicit-prompt text rows are used as they are."""
