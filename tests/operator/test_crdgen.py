@@ -50,6 +50,29 @@ def test_every_spec_field_is_described_for_kubectl_explain():
     assert undocumented == []
 
 
+def test_every_default_passes_its_bounds_as_kubernetes_1_20_checks_them():
+    """A whole-number default (0.0) reaches the API server as an integer, which 1.20 compares with the bounds
+    truncated to integers: `default: 0.0` below `maximum: 0.5, exclusiveMaximum: true` refused the whole CRD
+    (dpo.labelSmoothing). Checked here, as the server would, so that no cluster is needed to find it."""
+    import math
+
+    refused = []
+    for path, node in walk(version_schema()):
+        default = node.get("default")
+        if isinstance(default, bool) or not isinstance(default, (int, float)) or default != int(default):
+            continue
+        value = int(default)
+        if "maximum" in node:
+            bound = math.trunc(node["maximum"])
+            if value > bound or (node.get("exclusiveMaximum") and value >= bound):
+                refused.append(f"{path}: default {default} against maximum {node['maximum']}")
+        if "minimum" in node:
+            bound = math.trunc(node["minimum"])
+            if value < bound or (node.get("exclusiveMinimum") and value <= bound):
+                refused.append(f"{path}: default {default} against minimum {node['minimum']}")
+    assert refused == []
+
+
 def test_trainer_settings_and_their_defaults_reach_the_crd():
     stages = version_schema()["properties"]["spec"]["properties"]["stages"]["properties"]
     ppo = stages["ppo"]["properties"]
