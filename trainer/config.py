@@ -442,6 +442,9 @@ class DPOConfig(OptimConfig):
     chat_template: bool = True
     """Give the policy each text prompt as a user message through the tokenizer's chat template, when it has one, as PPO and GRPO do; false: the prompt text as is (use false when SFT trained on prompt/completion text). Message-list rows always use the template; implicit-prompt text rows are used as they are."""
 
+    share_prompt: bool = True
+    """Run each pair as one sequence, prompt + chosen + rejected, with an attention mask that hides the chosen reply from the rejected one, so the prompt is computed once instead of twice (same results to float rounding); false: two sequences per pair, as TRL does. Needs an attention implementation that takes such masks (sdpa or eager); with any other, pairs run as two sequences."""
+
     @model_validator(mode="after")
     def _smoothing_is_sigmoid(self) -> "DPOConfig":
         if self.label_smoothing and self.loss_type != "sigmoid":

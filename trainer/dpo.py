@@ -42,7 +42,7 @@ REFERENCE_DIR = "reference-logprobs"
 """In outputDir: the reference log-probabilities of every pair, computed once per run."""
 REFERENCE_FILE = "logprobs.safetensors"
 REFERENCE_SETTINGS = frozenset({"max_seq_length_tokens", "eval_fraction", "seed", "chat_template", "precision",
-                                "attention_implementation", "lora"})
+                                "attention_implementation", "lora", "share_prompt"})
 """The dpo settings the reference log-probabilities depend on (which pairs are held out, how they are
 tokenised, the compute dtype); a change to any other setting keeps the saved ones."""
 REFERENCE_COLUMNS = ("chosen_sum", "chosen_tokens", "rejected_sum", "rejected_tokens")
@@ -116,16 +116,81 @@ def collate_pairs(pairs: list[EncodedPair], *, pad_token_id: int, device) -> dic
     }
 
 
-def pair_logprobs(model, pairs: list[EncodedPair], *, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums, token counts) of the replies' log-probs, each (2b,): chosen replies first. One forward pass."""
-    batch = collate_pairs(pairs, pad_token_id=pad_token_id, device=device)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2b, t, v)
-    return dpo_math.completion_logprobs(logits, batch["input_ids"], batch["completion_mask"])
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take the block attention mask of ``collate_shared_prompt``."""
+
+
+def collate_shared_prompt(pairs: list[EncodedPair], *, pad_token_id: int, device,
+                          attention: str) -> dict[str, torch.Tensor]:
+    """One right-padded row per pair, prompt + chosen + rejected, (b, t), so the prompt is computed once.
+
+    The rejected reply continues the prompt's positions (``position_ids``) and cannot see the chosen
+    reply (``attention_mask``, (b, 1, t, t): causal, minus the rejected-to-chosen block; bool for sdpa,
+    additive float for eager), so each reply's logits are those of its own sequence prompt + reply.
+    ``chosen_*`` and ``rejected_*`` (b, k) say which position's logits predict which token (see
+    ``dpo_math.gathered_logprobs``): reply token j is predicted at the position before it, and the
+    first rejected token at the prompt's last position. A first token with no prompt before it is not
+    scored, as in ``collate_pairs``.
+    """
+    b = len(pairs)
+    width = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    ids = torch.full((b, width), pad_token_id, dtype=torch.long)
+    positions = torch.zeros((b, width), dtype=torch.long)
+    allowed = torch.ones(width, width, dtype=torch.bool).tril().repeat(b, 1, 1)  # (b, t, t)
+    scored: dict[str, list[list[tuple[int, int]]]] = {"chosen": [], "rejected": []}
+    for i, pair in enumerate(pairs):
+        p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
+        ids[i, :p + c + r] = torch.tensor(pair.prompt + pair.chosen + pair.rejected)
+        positions[i, :p + c] = torch.arange(p + c)
+        positions[i, p + c:p + c + r] = torch.arange(p, p + r)
+        allowed[i, p + c:p + c + r, p:p + c] = False
+        scored["chosen"].append([(p + j - 1, t) for j, t in enumerate(pair.chosen)])
+        scored["rejected"].append([(p - 1 if j == 0 else p + c + j - 1, t) for j, t in enumerate(pair.rejected)])
+    if attention == "eager":
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    else:
+        mask = allowed
+    batch = {"input_ids": ids.to(device), "position_ids": positions.to(device),
+             "attention_mask": mask[:, None].to(device)}
+    for name, rows in scored.items():
+        k = max(len(row) for row in rows)
+        sources = torch.zeros((b, k), dtype=torch.long)
+        tokens = torch.zeros((b, k), dtype=torch.long)
+        counted = torch.zeros((b, k))
+        for i, row in enumerate(rows):
+            for j, (source, token) in enumerate(row):
+                if source >= 0:
+                    sources[i, j], tokens[i, j], counted[i, j] = source, token, 1.0
+        batch.update({f"{name}_sources": sources.to(device), f"{name}_tokens": tokens.to(device),
+                      f"{name}_mask": counted.to(device)})
+    return batch
+
+
+def pair_logprobs(model, pairs: list[EncodedPair], *, pad_token_id: int, device,
+                  shared_prompt_attention: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums, token counts) of the replies' log-probs, each (2b,): chosen replies first. One forward pass.
+
+    With ``shared_prompt_attention`` (the model's attention implementation, one of
+    ``SHARED_PROMPT_ATTENTION``) each pair is one sequence (``collate_shared_prompt``); without,
+    two (``collate_pairs``). The results agree to float rounding.
+    """
+    if shared_prompt_attention is None:
+        batch = collate_pairs(pairs, pad_token_id=pad_token_id, device=device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2b, t, v)
+        return dpo_math.completion_logprobs(logits, batch["input_ids"], batch["completion_mask"])
+    batch = collate_shared_prompt(pairs, pad_token_id=pad_token_id, device=device,
+                                  attention=shared_prompt_attention)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits  # (b, t, v)
+    chosen = dpo_math.gathered_logprobs(logits, batch["chosen_sources"], batch["chosen_tokens"], batch["chosen_mask"])
+    rejected = dpo_math.gathered_logprobs(logits, batch["rejected_sources"], batch["rejected_tokens"],
+                                          batch["rejected_mask"])
+    return torch.cat([chosen[0], rejected[0]]), torch.cat([chosen[1], rejected[1]])
 
 
 @torch.no_grad()
-def compute_reference(ctx: StageContext, model, pairs: list[EncodedPair], *, pad_token_id: int,
-                      batch_size: int) -> torch.Tensor:
+def compute_reference(ctx: StageContext, model, pairs: list[EncodedPair], *, pad_token_id: int, batch_size: int,
+                      shared_prompt_attention: str | None) -> torch.Tensor:
     """(n, 4) float32, ``REFERENCE_COLUMNS`` of every pair, the same on every process.
 
     Each process computes pairs rank, rank + world, ... in batches of ``batch_size``; the
@@ -142,7 +207,8 @@ def compute_reference(ctx: StageContext, model, pairs: list[EncodedPair], *, pad
     for start in range(0, share, batch_size):
         chunk = [pairs[i] for i in mine[start:start + batch_size]]
         with accelerator.autocast():
-            sums, counts = pair_logprobs(model, chunk, pad_token_id=pad_token_id, device=ctx.device)
+            sums, counts = pair_logprobs(model, chunk, pad_token_id=pad_token_id, device=ctx.device,
+                                         shared_prompt_attention=shared_prompt_attention)
         b = len(chunk)
         rows.append(torch.stack([sums[:b], counts[:b], sums[b:], counts[b:]], dim=1).float())  # (b, 4)
     gathered = accelerator.gather(torch.cat(rows)).cpu()  # (world * share, 4), process by process
@@ -221,16 +287,18 @@ def _reference_columns(reference: torch.Tensor, *, loss_type: str, device) -> tu
 
 
 def pair_terms(model, pairs: list[EncodedPair], reference: torch.Tensor, *, cfg: DPOConfig, pad_token_id: int,
-               device) -> tuple[dpo_math.PairTerms, int]:
+               device, shared_prompt_attention: str | None) -> tuple[dpo_math.PairTerms, int]:
     """Loss and implicit rewards of ``pairs`` under ``model`` against their reference rows (b, 4),
     and the number of tokens read."""
-    sums, counts = pair_logprobs(model, pairs, pad_token_id=pad_token_id, device=device)  # (2b,) each
+    sums, counts = pair_logprobs(model, pairs, pad_token_id=pad_token_id, device=device,
+                                 shared_prompt_attention=shared_prompt_attention)  # (2b,) each
     policy = dpo_math.sequence_logprobs(sums, counts, loss_type=cfg.loss_type)
     reference_chosen, reference_rejected = _reference_columns(reference, loss_type=cfg.loss_type, device=device)
     b = len(pairs)
     terms = dpo_math.preference_terms(policy[:b], policy[b:], reference_chosen, reference_rejected, beta=cfg.beta,
                                       loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
-    tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    prompt_reads = 1 if shared_prompt_attention else 2
+    tokens = sum(prompt_reads * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
     return terms, tokens
 
 
@@ -250,7 +318,7 @@ def _statistics(terms: dpo_math.PairTerms, device) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate_held_out(ctx: StageContext, model, pairs: list[EncodedPair], reference: torch.Tensor, *, cfg: DPOConfig,
-                      pad_token_id: int) -> dict[str, float]:
+                      pad_token_id: int, shared_prompt_attention: str | None) -> dict[str, float]:
     """eval_loss and the eval_ window metrics over all held-out ``pairs``, each process taking its share.
 
     Call on every process with the unwrapped policy in eval mode; ``reference`` holds the pairs' rows (n, 4).
@@ -263,7 +331,8 @@ def evaluate_held_out(ctx: StageContext, model, pairs: list[EncodedPair], refere
         indices = mine[start:start + cfg.batch_size]
         with accelerator.autocast():
             terms, _ = pair_terms(model, [pairs[j] for j in indices], reference[indices], cfg=cfg,
-                                  pad_token_id=pad_token_id, device=ctx.device)
+                                  pad_token_id=pad_token_id, device=ctx.device,
+                                  shared_prompt_attention=shared_prompt_attention)
         statistics = {"loss": terms.losses.sum(), **_statistics(terms, ctx.device)}
         totals += torch.stack([statistics[n].float() for n in names])
     sums = dict(zip(names, accelerator.reduce(totals, "sum").tolist()))
@@ -272,7 +341,8 @@ def evaluate_held_out(ctx: StageContext, model, pairs: list[EncodedPair], refere
 
 @torch.no_grad()
 def held_out_samples(ctx: StageContext, model, pairs: list[EncodedPair], reference: torch.Tensor, *,
-                     rows: list[PreferenceRow], cfg: DPOConfig, tokenizer) -> list[dict]:
+                     rows: list[PreferenceRow], cfg: DPOConfig, tokenizer,
+                     shared_prompt_attention: str | None) -> list[dict]:
     """The policy's greedy answer to each pair's prompt, beside the pair and its implicit rewards.
 
     Greedy decoding draws no random numbers, so samples never change the training that follows.
@@ -282,7 +352,7 @@ def held_out_samples(ctx: StageContext, model, pairs: list[EncodedPair], referen
         return []
     with ctx.accelerator.autocast():
         terms, _ = pair_terms(model, pairs, reference, cfg=cfg, pad_token_id=tokenizer.pad_token_id,
-                              device=ctx.device)
+                              device=ctx.device, shared_prompt_attention=shared_prompt_attention)
     max_new = min(MAX_SAMPLE_TOKENS, max(max(len(p.chosen), len(p.rejected)) for p in pairs))
     samples = []
     for k, (pair, row) in enumerate(zip(pairs, rows)):
@@ -317,12 +387,15 @@ def run(ctx: StageContext) -> Path:
     model = load_causal_lm(source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora,
                            **model_options(cfg, trained=True))
     disable_dropout(model)  # the log-ratios to the reference must not be noise
+    attention = getattr(model.config, "_attn_implementation", None)
+    shared = attention if cfg.share_prompt and attention in SHARED_PROMPT_ATTENTION else None
+    layout = dict(pad_token_id=pad, shared_prompt_attention=shared)
     saved = load_reference(ctx, train=len(train), held_out=len(held_out))
     if saved is None:
         # Before any step the policy is the reference (LoRA's B matrices start at zero).
         model.to(ctx.device).eval()
-        saved = (compute_reference(ctx, model, train, pad_token_id=pad, batch_size=cfg.batch_size),
-                 compute_reference(ctx, model, held_out, pad_token_id=pad, batch_size=cfg.batch_size))
+        saved = (compute_reference(ctx, model, train, batch_size=cfg.batch_size, **layout),
+                 compute_reference(ctx, model, held_out, batch_size=cfg.batch_size, **layout))
         save_reference(ctx, *saved)
     reference_train, reference_held_out = saved
     setup = prepare_supervised(ctx, model, cfg=cfg, epochs=cfg.epochs, max_steps=cfg.max_steps,
@@ -330,7 +403,7 @@ def run(ctx: StageContext) -> Path:
 
     def forward(indices: list[int]) -> MicroBatch:
         terms, tokens = pair_terms(setup.model, [train[j] for j in indices], reference_train[indices], cfg=cfg,
-                                   pad_token_id=pad, device=ctx.device)
+                                   device=ctx.device, **layout)
         return MicroBatch(loss=terms.losses.mean(), tokens=tokens, samples=len(indices),
                           sums=_statistics(terms, ctx.device))
 
@@ -339,13 +412,13 @@ def run(ctx: StageContext) -> Path:
             shown = list(range(min(SAMPLE_PAIRS, len(held_out))))
             samples = held_out_samples(ctx, accelerator.unwrap_model(setup.model), [held_out[j] for j in shown],
                                        reference_held_out[shown], rows=[eval_rows[j] for j in shown], cfg=cfg,
-                                       tokenizer=tokenizer)
+                                       tokenizer=tokenizer, shared_prompt_attention=shared)
             ctx.report("samples", step=step, total_steps=setup.plan.total_steps, samples=samples)
 
     def evaluate(step: int) -> dict[str, float]:
         report_samples(step)
         return evaluate_held_out(ctx, accelerator.unwrap_model(setup.model), held_out, reference_held_out, cfg=cfg,
-                                 pad_token_id=pad)
+                                 **layout)
 
     if held_out and setup.start_step == 0:  # what the input model answers, to compare the later samples with
         setup.model.eval()

@@ -47,6 +47,22 @@ def completion_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
+def gathered_logprobs(logits: torch.Tensor, sources: torch.Tensor, tokens: torch.Tensor,
+                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log-probs, number of tokens), each (n,), of the tokens scored at given positions.
+
+    logits: (n, t, v); sources, tokens, mask: (n, k): token j of row i is ``tokens[i, j]``, predicted by
+    the logits at position ``sources[i, j]``, and counts where ``mask[i, j]`` is 1. This scores a reply
+    whose tokens are not all right after one another, such as a rejected reply that follows the chosen
+    one in a shared sequence but continues the prompt. Sums are float32.
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]  # (n, 1)
+    token_logits = logits[rows, sources]  # (n, k, v)
+    token_logps = logprobs_from_logits(token_logits, tokens)  # (n, k)
+    mask = mask.to(token_logps.dtype)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
 def sequence_logprobs(sums: torch.Tensor, counts: torch.Tensor, *, loss_type: LossType) -> torch.Tensor:
     """What the loss compares: sums for sigmoid, means over the completion's tokens for ipo. (n,)."""
     if loss_type == "ipo":

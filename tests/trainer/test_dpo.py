@@ -215,6 +215,29 @@ def test_pairs_share_the_prompt_and_each_reply_ends_with_eos(tokenizer):
     assert batch["attention_mask"][1].tolist() == [1] * (p + r) + [0] * (c - r)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_shared_prompt_sequence_scores_each_reply_as_its_own_sequence_would(tiny_model_dir, tokenizer, attention):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
+    texts = [("Tell me about cats? ", "Sure, thanks! Cats are nice.", "No."),
+             ("hello ", "yes", "I hate that, never ask me again."),
+             ("", "Tell me about dogs? Sure!", "Tell me about dogs? No.")]  # an implicit prompt
+    pairs = [dpo.encode_pair(PreferenceRow(where="f", prompt=p, chosen=c, rejected=r), tokenizer=tokenizer,
+                             max_length=64, chat_template=False) for p, c, r in texts]
+    with torch.no_grad():
+        separate = dpo.pair_logprobs(model, pairs, pad_token_id=0, device="cpu")
+        shared = dpo.pair_logprobs(model, pairs, pad_token_id=0, device="cpu", shared_prompt_attention=attention)
+    assert torch.equal(shared[1], separate[1])  # the same tokens are scored
+    assert torch.allclose(shared[0], separate[0], atol=1e-4), (shared[0], separate[0])
+    batch = dpo.collate_shared_prompt(pairs[:1], pad_token_id=0, device="cpu", attention="sdpa")
+    p, c, r = len(pairs[0].prompt), len(pairs[0].chosen), len(pairs[0].rejected)
+    assert batch["input_ids"].shape == (1, p + c + r)
+    assert batch["position_ids"][0].tolist() == list(range(p + c)) + list(range(p, p + r))
+    assert not batch["attention_mask"][0, 0, p + c:, p:p + c].any()  # the rejected reply never sees the chosen one
+    assert batch["rejected_sources"][0, :2].tolist() == [p - 1, p + c]
+
+
 def test_conversational_rows_are_templated_once_and_train_the_assistant_content(tmp_path, tokenizer):
     from trainer.data import load_preference_rows
 
