@@ -31,6 +31,18 @@ def test_completion_logprobs_sum_only_masked_tokens_each_predicted_by_the_positi
     assert dm.sequence_logprobs(sums, counts, loss_type="sigmoid") is sums
 
 
+def test_gathered_logprobs_score_tokens_at_the_given_source_positions():
+    # The same logits as above. Row 0 scores token 0 from position 1 (log 3/4) and token 1 from
+    # position 0 (log 1/2): the order of the sources is free. Row 1 masks its second token out.
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [5.0, -5.0]]] * 2)
+    sources = torch.tensor([[1, 0], [1, 2]])
+    tokens = torch.tensor([[0, 1], [1, 0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    sums, counts = dm.gathered_logprobs(logits, sources, tokens, mask)
+    assert sums.tolist() == pytest.approx([math.log(0.75) + math.log(0.5), math.log(0.25)])
+    assert counts.tolist() == [2.0, 1.0]
+
+
 def test_sigmoid_loss_rewards_margin_and_accuracy_of_a_pair():
     # log-ratios: chosen -1 - (-2) = 1, rejected -3 - (-2) = -1, so h = 2 and beta h = 1 (beta 0.5).
     # loss = -log sigmoid(1) = log(1 + e^-1) = 0.3132617; rewards 0.5 * 1 and 0.5 * -1; margin 1.
