@@ -183,3 +183,19 @@ def test_kl_guard_names_the_grpo_setting():
     grpo.check_kl(5.0, max_kl=5.0, step=1)
     with pytest.raises(StageFailed, match="above grpo.maxKl=5.0"):
         grpo.check_kl(5.1, max_kl=5.0, step=1)
+
+
+def test_lora_grpo_with_kl_uses_the_policys_base_as_reference_and_checkpoints_only_adapters(tmp_path, digit_sft_dir,
+                                                                                            capfd):
+    from safetensors import safe_open
+
+    lora = {"rank": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
+    job = grpo_job(tmp_path, digit_sft_dir, output="out", steps=2, batchSize=8, klCoef=0.1, lora=lora,
+                   checkpointEverySteps=1)
+    assert run_in_process("grpo", write_job(tmp_path / "grpo.yaml", **job)) == 0
+    assert "reference: the policy's frozen base with its LoRA adapters disabled" in capfd.readouterr().out
+    assert progress_metrics(tmp_path / "out")[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    for _, checkpoint in complete_checkpoints(tmp_path / "out"):
+        with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as handle:
+            keys = list(handle.keys())
+        assert keys and all("lora_" in k for k in keys)
