@@ -141,6 +141,21 @@ def test_resume_after_a_kill_reads_the_saved_reference_and_matches_an_uninterrup
     assert [step for step, _ in complete_checkpoints(output)] == [8, 9]
 
 
+def test_a_run_resumed_at_its_last_step_still_reports_the_held_out_metrics(tmp_path, tiny_model_dir):
+    import shutil
+
+    config = write_job(tmp_path / "job.yaml", **dpo_job(tmp_path, tiny_model_dir, epochs=1))
+    assert run_in_process("dpo", config) == 0
+    output = tmp_path / "out"
+    finished = logged(output)[-1]
+    shutil.rmtree(output / "final")  # as if the pod died while writing final/
+    (output / "progress.jsonl").unlink()
+    assert run_in_process("dpo", config) == 0
+    again = logged(output)
+    assert len(again) == 1 and again[0]["eval_reward_margin"] == pytest.approx(finished["eval_reward_margin"])
+    assert (output / "final" / "COMPLETE").is_file()
+
+
 def test_a_bad_row_is_reported_with_file_and_line(tmp_path, tiny_model_dir):
     rows = preference_rows(6)
     rows[4] = {"prompt": "Tell me about cats? ", "chosen": "Sure!", "rejected": ""}
