@@ -166,6 +166,22 @@ def collate_shared_prompt(pairs: list[EncodedPair], *, pad_token_id: int, device
     return batch
 
 
+def shared_prompt_attention(config) -> str | None:
+    """The model's attention implementation when it can run a pair as one sequence, else None (said on stderr).
+
+    None for implementations that do not take the prepared mask, and for a model with an active
+    sliding attention window, which the plainly causal mask would not apply.
+    """
+    attention = getattr(config, "_attn_implementation", None)
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    why = (f"attention implementation {attention} takes no prepared mask" if attention not in SHARED_PROMPT_ATTENTION
+           else f"the model has a sliding attention window ({window})" if window else None)
+    if why:
+        print(f"[dpo] pairs run as two sequences (sharePrompt does not apply): {why}", file=sys.stderr, flush=True)
+        return None
+    return attention
+
+
 def pair_logprobs(model, pairs: list[EncodedPair], *, pad_token_id: int, device,
                   shared_prompt_attention: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums, token counts) of the replies' log-probs, each (2b,): chosen replies first. One forward pass.
@@ -387,8 +403,7 @@ def run(ctx: StageContext) -> Path:
     model = load_causal_lm(source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora,
                            **model_options(cfg, trained=True))
     disable_dropout(model)  # the log-ratios to the reference must not be noise
-    attention = getattr(model.config, "_attn_implementation", None)
-    shared = attention if cfg.share_prompt and attention in SHARED_PROMPT_ATTENTION else None
+    shared = shared_prompt_attention(model.config) if cfg.share_prompt else None
     layout = dict(pad_token_id=pad, shared_prompt_attention=shared)
     saved = load_reference(ctx, train=len(train), held_out=len(held_out))
     if saved is None:

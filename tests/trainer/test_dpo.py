@@ -253,6 +253,16 @@ def test_a_shared_prompt_sequence_scores_each_reply_as_its_own_sequence_would(ti
     assert batch["rejected_sources"][0, :2].tolist() == [p - 1, p + c]
 
 
+def test_models_that_cannot_take_the_shared_prompt_mask_run_pairs_as_two_sequences():
+    from types import SimpleNamespace as Config
+
+    assert dpo.shared_prompt_attention(Config(_attn_implementation="sdpa")) == "sdpa"
+    assert dpo.shared_prompt_attention(Config(_attn_implementation="flash_attention_2")) is None
+    assert dpo.shared_prompt_attention(Config(_attn_implementation="sdpa", sliding_window=4096)) is None
+    assert dpo.shared_prompt_attention(Config(_attn_implementation="eager", sliding_window=4096,
+                                              use_sliding_window=False)) == "eager"  # Qwen2's default
+
+
 def test_conversational_rows_are_templated_once_and_train_the_assistant_content(tmp_path, tokenizer):
     from trainer.data import load_preference_rows
 
