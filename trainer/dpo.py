@@ -262,11 +262,15 @@ def load_reference(ctx: StageContext, *, train: int, held_out: int) -> tuple[tor
         if changed:
             why = f"computed for other inputs or settings ({'; '.join(changed)})"
         else:
-            tensors = load_file(str(directory / REFERENCE_FILE))
-            if tuple(tensors["train"].shape) == (train, 4) and tuple(tensors["held_out"].shape) == (held_out, 4):
-                found = (tensors["train"], tensors["held_out"])
+            try:
+                tensors = load_file(str(directory / REFERENCE_FILE))
+            except Exception as exc:  # a damaged file surfaces as any of several library errors
+                why = f"unreadable ({type(exc).__name__}: {exc})"
             else:
-                why = "saved for another number of pairs"
+                if tuple(tensors["train"].shape) == (train, 4) and tuple(tensors["held_out"].shape) == (held_out, 4):
+                    found = (tensors["train"], tensors["held_out"])
+                else:
+                    why = "saved for another number of pairs"
     everywhere = torch.tensor([0.0 if found is None else 1.0], device=ctx.device)
     if ctx.accelerator.num_processes > 1:
         everywhere = ctx.accelerator.reduce(everywhere, "min")

@@ -314,3 +314,6 @@ def test_saved_reference_is_reused_only_by_the_same_run_with_the_same_tokenisati
     assert dpo.load_reference(_context(tmp_path, maxSeqLengthTokens=64), train=3, held_out=1) is None
     assert dpo.load_reference(_context(tmp_path, evalFraction=0.5), train=3, held_out=1) is None
     assert dpo.load_reference(_context(tmp_path), train=4, held_out=1) is None
+    saved = tmp_path / dpo.REFERENCE_DIR / dpo.REFERENCE_FILE
+    saved.write_bytes(saved.read_bytes()[:40])  # damaged behind our back: recomputed, never a failing stage
+    assert dpo.load_reference(_context(tmp_path), train=3, held_out=1) is None
