@@ -5,7 +5,7 @@ token, temperature 0.7, fp32, one torch thread), alternating the two variants of
 repeating (``--repeats``, default 9), it prints the median milliseconds per batch of:
 
 - generation: ``model.generate`` (what the stages ran before) against ``trainer.rollout.sample``
-  (a loop on a pre-allocated StaticCache);
+  (our loop on a growing DynamicCache);
 - the old-log-prob pass: the policy's forward pass over prompt + response that fp32 stages now skip,
   taking the sampler's log-probs instead (``trainer.rollout.old_logprobs``);
 - scoring: decoding the responses and re-tokenising prompt + response for the reward model, against the

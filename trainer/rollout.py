@@ -216,19 +216,19 @@ def sample(model, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_toke
     (no repetition penalty or other processor from a saved generation_config): softmax(logits /
     temperature), restricted to the top_k largest logits when top_k is set, one multinomial draw per
     row. A row that has drawn the stop token continues with pad tokens; sampling ends when every row
-    has stopped (so t <= max_new_tokens). The key/value cache holds prompt + response from the start
-    (transformers' StaticCache), so decoding appends in place instead of growing tensors every step,
-    and the loop skips generate()'s per-step bookkeeping; benchmarks/rollout_levers.py measures both.
+    has stopped (so t <= max_new_tokens). The loop skips generate()'s per-step bookkeeping and keeps a
+    growing key/value cache (DynamicCache): a cache pre-allocated for prompt + response (StaticCache)
+    measured slower at the sizes we benchmark, since every step then attends over the whole allocated
+    length (benchmarks/README.md, rollout_levers.py).
 
     ``logprobs`` and ``entropy`` are of the full tempered distribution (what the PPO and GRPO losses use),
     computed from the logits the draw came from.
     """
-    from transformers import StaticCache
+    from transformers import DynamicCache
 
     with warnings.catch_warnings():  # transformers 5 renames past_key_values to cache; 4.56 knows only the old name
         warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-        return _sample(model, query, query_mask, cache=StaticCache(config=model.config,
-                                                                   max_cache_len=query.shape[1] + max_new_tokens),
+        return _sample(model, query, query_mask, cache=DynamicCache(config=model.config),
                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        stop_token_id=stop_token_id, pad_token_id=pad_token_id)
 
