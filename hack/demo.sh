@@ -3,7 +3,7 @@
 # on a real (local) Kubernetes control plane, on this machine's CPU.
 #
 #   ./hack/demo.sh                # the tiny model: a minute or two
-#   ./hack/demo.sh --real-model   # SmolLM2-135M-Instruct: about 15 minutes on 2 cores
+#   ./hack/demo.sh --real-model   # SmolLM2-135M-Instruct: about 20 minutes on 2 idle cores
 #
 # First run: installs the virtualenv and the project (hack/setup.sh) and compiles
 # the local control plane (about 10 minutes on 2 cores); later runs reuse both and
