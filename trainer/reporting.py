@@ -88,6 +88,16 @@ class StepPace:
         return f"{per_step:.3g}s/step eta {_duration(per_step * max(event.total_steps - event.step, 0))}"
 
 
+# Online stages score a sample with one reward; DPO's held-out samples carry the implicit rewards of
+# the pair's chosen and rejected replies instead.
+_SAMPLE_SCORES = ("reward", "kl", "chosen_reward", "rejected_reward")
+
+
+def _sample_scores(sample: dict) -> str:
+    scores = [f"{key}={sample[key]:.3f}" for key in _SAMPLE_SCORES if isinstance(sample.get(key), (int, float))]
+    return " ".join(scores) or "unscored"
+
+
 class LocalReporter:
     """Human-readable progress on stderr and one JSON object per event in ``jsonl_path``.
 
@@ -124,8 +134,7 @@ class LocalReporter:
         if event.samples:
             for sample in event.samples[:2]:
                 response = str(sample.get("response", ""))[:120].replace("\n", " ")
-                print(f"  sample reward={sample.get('reward', float('nan')):.3f}: {response!r}",
-                      file=self._stream, flush=True)
+                print(f"  sample {_sample_scores(sample)}: {response!r}", file=self._stream, flush=True)
         if self._file is not None:
             self._file.write(json.dumps(event.to_json()) + "\n")
             self._file.flush()

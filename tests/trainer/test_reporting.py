@@ -46,3 +46,14 @@ def test_a_stage_logs_no_progress_bars_or_load_reports(tmp_path, tiny_model_dir,
     assert "Z [sft] succeeded 2/2" in log
     for noise in ("Loading weights", "Writing model shards", "LOAD REPORT", "it/s]"):
         assert noise not in log, f"{noise!r} in the stage's log:\n{log}"
+
+
+def test_sample_lines_show_the_scores_each_stage_gives_its_samples():
+    log = io.StringIO()
+    reporter = LocalReporter(jsonl_path=None, stream=log)
+    reporter.report(event(5, 1, kind="samples", samples=[{"response": "yes", "reward": 0.5, "kl": 0.25}]))
+    reporter.report(event(6, 2, kind="samples", samples=[
+        {"response": "sure", "chosen_reward": 1.25, "rejected_reward": -0.5}]))  # DPO: implicit rewards
+    lines = log.getvalue().splitlines()
+    assert lines[1] == "  sample reward=0.500 kl=0.250: 'yes'"
+    assert lines[3] == "  sample chosen_reward=1.250 rejected_reward=-0.500: 'sure'"
