@@ -131,12 +131,12 @@ class Cluster:
             )
         archives = build.image_archives(log=self.log) if self.runtime == "containerd" else []
         atexit.register(self.stop)
-        started = time.monotonic()
-        deadline = started + timeout_seconds
         try:
             if self.runtime == "containerd":
                 self.node = self._real_node()
-                self.node.prepare()
+                self.node.prepare()  # may wait for another real node's lock: the deadline starts after it
+            started = time.monotonic()
+            deadline = started + timeout_seconds
             self._timed("certificates", self._write_pki_and_configs)
             self._timed("etcd", lambda: self._start_etcd(deadline))
             self._timed("kube-apiserver", lambda: self._start_apiserver(deadline))
