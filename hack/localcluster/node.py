@@ -10,7 +10,8 @@ makes ClusterIP Services work, so pods reach the API server through the
 
 One real node per machine: the kubelet, kube-proxy and containerd own
 machine-wide things (cgroups, iptables chains, /var/log/pods), so `start`
-takes a lock and fails fast, naming the holder, when another cluster has it.
+takes a lock and fails, naming the holder, when another cluster has it (after waiting
+$FINETUNE_NODE_LOCK_WAIT_SECONDS, default 0); a node that never took the lock cleans nothing.
 Fixed locations (so that leftovers of a crashed run can be found and cleaned
 at the next start):
 
@@ -347,6 +348,10 @@ class NodeLock:
         handle.flush()
         self.handle = handle
 
+    @property
+    def held(self) -> bool:
+        return self.handle is not None
+
     def release(self) -> None:
         if self.handle is not None:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
@@ -414,6 +419,10 @@ class RealNode:
         self._step("kube-proxy", self._start_kube_proxy)
 
     def stop(self) -> None:
+        if not self.lock.held:
+            # Never took the lock (refused, or interrupted while waiting): the machine's containers,
+            # bridge and iptables belong to the node that holds it, so there is nothing of ours to clean.
+            return
         try:
             clean_machine(log=self.log)
             subprocess.run([str(self.bin_dir / "kube-proxy"), "--cleanup"], capture_output=True, timeout=60)

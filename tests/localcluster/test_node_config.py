@@ -146,3 +146,21 @@ def test_node_lock_refuses_a_second_holder_and_waits_when_asked(tmp_path, monkey
     thread.join()
     assert (tmp_path / "node" / "lock").read_text() == f"pid {os.getpid()}\n"
     second.release()
+
+
+def test_a_node_refused_the_lock_cleans_nothing_of_the_node_that_holds_it(tmp_path, monkeypatch):
+    from localcluster.node import NodeError, NodeLock, RealNode
+
+    monkeypatch.setenv("FINETUNE_LOCALCLUSTER_CACHE", str(tmp_path))
+    monkeypatch.delenv("FINETUNE_NODE_LOCK_WAIT_SECONDS", raising=False)  # refuse at once
+    cleaned = []
+    monkeypatch.setattr(node, "clean_machine", lambda **kwargs: cleaned.append(kwargs))
+    holder = NodeLock()
+    holder.acquire()
+    second = RealNode(name="n", gpus=0, labels={}, bin_dir=tmp_path, state_dir=tmp_path, processes=None,
+                      pki_dir=tmp_path, kubeconfig_for=None, free_port=None, log=lambda *_: None)
+    with pytest.raises(NodeError, match="another local cluster"):
+        second.prepare()
+    second.stop()  # as Cluster.start does after a failed start
+    assert cleaned == []
+    holder.release()
