@@ -39,9 +39,11 @@ _METRIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_./-]{0,63}$")
 # The first of these present in the online stage's metrics (ppo or grpo) fills the Reward and KL printer
 # columns. PPO reports score_mean (the reward model and functions) and reward_mean (score minus the KL
 # penalty); GRPO/RLOO report reward_mean (the score: their KL is a loss term, not a reward penalty). The
-# column shows the score, the KL has its own column (GRPO/RLOO measure it only with klCoef > 0).
+# column shows the score, the KL has its own column (GRPO/RLOO measure it only with klCoef > 0). KL prefers
+# kl_k3, the non-negative estimate the run-health checks report: the k1 mean ("kl") of one batch can be
+# negative, which reads as a bug in a column.
 REWARD_METRICS = ("score_mean", "reward_mean", "eval_reward_mean")
-KL_METRICS = ("kl", "eval_kl")
+KL_METRICS = ("kl_k3", "kl", "eval_kl")
 # DPO's columns: held-out pairs first (the training batch's numbers rise with overfitting too), else the
 # latest training batch when no pairs are held out (dpo.evalFraction 0) or none were measured yet.
 PREFERENCE_ACCURACY_METRICS = ("eval_preference_accuracy", "preference_accuracy")

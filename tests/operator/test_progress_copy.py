@@ -110,3 +110,11 @@ def test_dpo_samples_keep_the_pair_and_its_implicit_rewards_bounded():
                       "chosen": copied["chosen"], "rejected": "dogs[31m tea", "chosenReward": 0.25,
                       "rejectedReward": -0.5}
     assert len(copied["chosen"]) == SAMPLE_CHARS and copied["chosen"].startswith("cats yes!")
+
+
+def test_the_kl_column_shows_the_non_negative_k3_estimate_when_the_trainer_reports_it():
+    patch = status_patch(data({
+        "current": "ppo",
+        "stages": {"ppo": {"step": 2, "totalSteps": 12, "metrics": {"score_mean": 0.1, "kl": -0.13, "kl_k3": 0.15}}},
+    }))
+    assert patch["kl"] == 0.15
