@@ -485,12 +485,22 @@ def import_images(archives, *, containerd_address: str, snapshotter: str = "", l
     the CRI plugin uses. An archive is skipped when containerd already holds
     each of its references with the same config digest (the config carries the
     inputs hash label, so equal digests mean equal images); that check does not
-    look at which snapshotter it was unpacked for. Raises BuildError if an
+    look at which snapshotter it was unpacked for. Project archives are first
+    brought up to this checkout's inputs (a no-op when they are), under the build
+    lock, so two checkouts sharing the cache cannot import each other's images.
+    Raises BuildError if an
     import fails or the image is not there afterwards.
     """
     _require_root_and_tools(["ctr"])
     with build_lock(log=log):  # a build on this machine would replace the archives
-        for archive in map(pathlib.Path, archives):
+        archives = [pathlib.Path(a) for a in archives]
+        project = {archive_path(plan["name"]) for plan in image_plans(log=log)}
+        if project & set(archives):
+            # Another checkout on this machine (a git worktree) may have rebuilt the
+            # archives since ours were built: rebuild to this checkout's inputs, under the
+            # same lock as the import, so a node never runs another tree's code.
+            _build_images(log=log)
+        for archive in archives:
             _import_archive(archive, containerd_address=containerd_address, snapshotter=snapshotter, log=log)
 
 
