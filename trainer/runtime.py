@@ -182,6 +182,8 @@ class StageContext:
     """Planned steps, as last reported; the success event carries it."""
     latest_metrics: dict[str, float] = field(default_factory=dict)
     """Each metric's latest reported value (this process start only): what the model card shows."""
+    watchdog: Any = None
+    """``trainer.watchdog.ProgressWatchdog`` when a progress timeout is set: every report is a beat."""
 
     @property
     def is_main_process(self) -> bool:
@@ -197,6 +199,8 @@ class StageContext:
         """
         self.step = step
         self.total_steps = total_steps or self.total_steps
+        if self.watchdog is not None:
+            self.watchdog.beat(step)
         if not self.accelerator.is_main_process:
             return
         metrics = {k: float(v) for k, v in (metrics or {}).items() if v is not None}
@@ -352,11 +356,17 @@ def run_stage(job: StageJob) -> int:
     """
     from trainer.outputs import final_is_current
 
+    from trainer.watchdog import exit_hung
+    from trainer.watchdog import from_env as progress_watchdog
+
     stop = GracefulStop()
     stop.install()
     ctx = None
+    # From the start: a rendezvous or model load that hangs is caught too (the timeout must cover them).
+    watchdog = progress_watchdog(on_hung=exit_hung(job.reporting.termination_log_path))
     try:
         ctx = build_context(job, stop=stop)
+        ctx.watchdog = watchdog
         if final_is_current(ctx):
             ctx.report("succeeded", step=0, total_steps=0, artifact=str(ctx.output_dir / "final"))
             return 0
@@ -390,6 +400,8 @@ def run_stage(job: StageJob) -> int:
                 pass
         return exit_code(exc)
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         stop.uninstall()  # run in-process (tests), the caller's handler is back
         if ctx is not None:
             ctx.reporter.close()

@@ -72,6 +72,8 @@ class ResourcesSpec(ApiModel):
     """CPU cores, a Kubernetes quantity such as 4 or 500m."""
     memory: Quantity | None = None
     """Memory, a Kubernetes quantity such as 64Gi."""
+    nodes: int | None = Field(None, ge=1, le=256)
+    """Pods of the stage (default 1), each with these gpus, cpu and memory; above 1 the pods form one torch.distributed world of nodes x max(gpus, 1) processes, launched by torchrun, created and replaced together (spec.distributed)."""
 
 
 class _StageControls(ApiModel):
@@ -127,6 +129,23 @@ class ArtifactsSpec(ApiModel):
     """Name of a ReadWriteOnce (or ReadWriteMany) PVC in the run's namespace, mounted read-write at /artifacts."""
 
 
+class DistributedSpec(ApiModel):
+    """How the pods of a stage with resources.nodes above 1 meet and fail together (docs/multinode.md)."""
+
+    placement_timeout_seconds: int = Field(600, ge=1)
+    """Some but not all pods of an attempt placed for this long: all are deleted (so a partial gang holds no GPUs) and the next attempt asks for all of them again; not counted against backoffLimit."""
+    rendezvous_timeout_seconds: int = Field(900, ge=1)
+    """How long a pod waits to reach rank 0 (and rank 0 for the others) before the attempt fails naming the address and port; pods of one attempt may start minutes apart."""
+    collective_timeout_seconds: int = Field(1800, ge=1)
+    """One collective operation (all-reduce, broadcast) hanging this long ends the attempt (gloo timeout, NCCL watchdog)."""
+    progress_timeout_seconds: int | None = Field(None, ge=1)
+    """A stage pod whose trainer reports no new step for this long is ended as hung (a stuck collective, a deadlock); unset: no watchdog beyond collectiveTimeoutSeconds. Applies to single-pod stages too."""
+    port: int = Field(29500, ge=1024, le=65535)
+    """TCP port of the rendezvous on rank 0."""
+    gang_scheduler: Literal["none", "kueue", "coscheduling", "volcano"] = "none"
+    """Labels the pods for a gang scheduler: kueue (pod group labels; set the queue label in podTemplate.labels), coscheduling or volcano (pod group; set podTemplate.schedulerName and create the PodGroup). none: the operator's own gang rules only."""
+
+
 class FineTuneRunSpec(ApiModel):
     """Desired state of a FineTuneRun: a base model taken through SFT, reward modelling and PPO, GRPO, RLOO or DPO, one pod per stage."""
 
@@ -156,6 +175,8 @@ class FineTuneRunSpec(ApiModel):
     """Deprecated: use podTemplate.nodeSelector. Still applied, merged with it (a key in both must have the same value)."""
     tolerations: list[Toleration] = Field(default_factory=list)
     """Deprecated: use podTemplate.tolerations. Still applied, after podTemplate.tolerations."""
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    """Timeouts, port and gang scheduler of stages that run as several pods (resources.nodes above 1)."""
 
     @field_validator("node_selector")
     @classmethod

@@ -32,6 +32,7 @@ from ftoperator import naming, stageplan
 from ftoperator.api import FineTuneRunSpec, ResourcesSpec, effective_resources, trainer_processes
 from ftoperator.naming import ARTIFACTS_MOUNT, CONFIG_DIR, DATA_MOUNT_ROOT, SHM_DIR, TERMINATION_LOG, TMP_DIR
 from ftoperator.config import OperatorConfig
+from trainer.watchdog import PROGRESS_TIMEOUT_ENV
 from trainer.config import (
     EXPECTED_GPUS_ENV, DataPaths, DPOConfig, GRPOConfig, PPOConfig, ReportingConfig, RewardConfig, SFTConfig,
     StageJob,
@@ -314,6 +315,8 @@ def stage_pod(
         {"name": EXPECTED_GPUS_ENV, "value": str(resources.gpus or 0)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if spec.distributed.progress_timeout_seconds is not None:  # the trainer's watchdog (trainer/watchdog.py)
+        env.append({"name": PROGRESS_TIMEOUT_ENV, "value": str(spec.distributed.progress_timeout_seconds)})
     user_env = [var.model_dump(mode="json", by_alias=True, exclude_none=True) for var in template.env]
     user_names = {var["name"] for var in user_env}
     env += [{"name": key, "value": value} for key, value in CACHE_ENV.items() if key not in user_names]

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from ftoperator import builders, naming, stageplan
+from ftoperator import builders, gangstage, naming, stageplan
 from ftoperator.api import (
     FailedCreate, FineTuneRunSpec, FineTuneRunStatus, StageStatus, Termination, effective_resources, parse_status,
 )
@@ -398,6 +398,8 @@ class _Pass:
 
     def advance(self, spec: FineTuneRunSpec, stage: str) -> Literal["succeeded", "waiting", "failed"]:
         """Move ``stage`` forward from what its pods show."""
+        if gangstage.stage_nodes(spec, stage) > 1:
+            return gangstage.advance(self, spec, stage)
         current = self.status.stage(stage)
         mine = [p for p in self.pods if p.stage == stage]
         attempt = max([current.attempts, *(p.attempt for p in mine)])
@@ -617,6 +619,9 @@ class _Pass:
         current.attempt_start_time = self.stamp
         current.running_time = None
         current.waiting_since = None
+        if gangstage.stage_nodes(spec, stage) > 1:
+            gangstage.start_attempt(self, spec, stage, attempt)
+            return True
         self.ensure_stage_config(spec, stage)
         self.decision.actions.append(CreateObject(
             builders.stage_pod(spec, run=self.run, stage=stage, attempt=attempt, config=self.config)))

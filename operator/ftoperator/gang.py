@@ -38,7 +38,7 @@ from ftoperator.conditions import parse_timestamp
 from ftoperator.observe import ObservedPod, observe_pod
 from trainer.multinode import COLLECTIVE_TIMEOUT_ENV, EXPECTED_WORLD_SIZE_ENV, RENDEZVOUS_TIMEOUT_ENV
 
-LABEL_RANK = f"{GROUP}/rank"
+LABEL_RANK = naming.LABEL_RANK
 """Node rank of a gang member (0..N-1); rank 0 hosts the rendezvous."""
 LABEL_GANG_SIZE = f"{GROUP}/nodes"
 """How many pods the member's attempt has."""

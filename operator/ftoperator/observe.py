@@ -70,6 +70,14 @@ class ObservedPod:
     """metadata.deletionTimestamp: when a graceful deletion should be over."""
     ready: bool | None = None
     """The pod's Ready condition (None when it has none); False on a node that stopped reporting."""
+    rank: int | None = None
+    """Node rank of a pod of a multi-node stage (label finetune.dev/rank); None for a single pod."""
+    node: str | None = None
+    """spec.nodeName: set once the scheduler has placed the pod."""
+    not_ready_since: datetime | None = None
+    """When the Ready condition last turned False (None while Ready or before it has one)."""
+    finished: datetime | None = None
+    """When the trainer container terminated."""
 
     @property
     def active(self) -> bool:
@@ -124,6 +132,7 @@ def observe_pod(pod: dict[str, Any]) -> ObservedPod | None:
     waiting = waiting_reason = None
     reason = message = None
     exit_code = None
+    finished = None
     for container in status.get("containerStatuses") or []:
         if container.get("name") not in (None, TRAINER_CONTAINER):
             continue
@@ -138,6 +147,7 @@ def observe_pod(pod: dict[str, Any]) -> ObservedPod | None:
             # The reason is kept whatever the message says: with FallbackToLogsOnError the message of an
             # OOMKilled container is the tail of its log, which never says it was killed.
             exit_code = terminated.get("exitCode")
+            finished = terminated.get("finishedAt")
             reason = terminated.get("reason") or "Error"
             message = (terminated.get("message") or "").strip() or None
 
@@ -156,6 +166,11 @@ def observe_pod(pod: dict[str, Any]) -> ObservedPod | None:
         message = shorten(status.get("message") or (disruption or {}).get("message") or "") or None
 
     ready = _condition(status, "Ready")
+    try:
+        rank: int | None = int(labels[naming.LABEL_RANK])
+    except (KeyError, ValueError):
+        rank = None
+    not_ready = ready is not None and ready.get("status") == "False" and ready.get("lastTransitionTime")
     created = meta.get("creationTimestamp")
     deletion = meta.get("deletionTimestamp")
     return ObservedPod(
@@ -177,6 +192,10 @@ def observe_pod(pod: dict[str, Any]) -> ObservedPod | None:
         memory_limit=memory_limit,
         deletion_time=parse_timestamp(deletion) if deletion else None,
         ready=None if ready is None else ready.get("status") == "True",
+        rank=rank if rank is None or rank >= 0 else None,
+        node=(pod.get("spec") or {}).get("nodeName") or None,
+        not_ready_since=parse_timestamp(not_ready) if not_ready else None,
+        finished=parse_timestamp(finished) if finished else None,
     )
 
 

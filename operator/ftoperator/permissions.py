@@ -30,6 +30,8 @@ NAMESPACED: dict[Permission, str] = {
     ("", "configmaps", "create"): "stage and progress ConfigMaps",
     ("", "configmaps", "patch"): "granted to the run's Role: RBAC lets you grant only what you hold",
     ("", "configmaps", "update"): "granted to the run's Role: RBAC lets you grant only what you hold",
+    ("", "services", "get"): "kubeapi.get_object after a 409 (the rendezvous Service of a multi-node stage)",
+    ("", "services", "create"): "the headless rendezvous Service of each attempt of a multi-node stage",
     ("", "serviceaccounts", "get"): "kubeapi.get_object, each pass",
     ("", "serviceaccounts", "create"): "the run's ServiceAccount",
     ("rbac.authorization.k8s.io", "roles", "get"): "kubeapi.get_object, each pass",

@@ -235,6 +235,31 @@ def _check_stage_plan(spec: FineTuneRunSpec) -> list[FieldError]:
     return errors
 
 
+def _check_distributed(spec: FineTuneRunSpec) -> list[FieldError]:
+    """Stages with resources.nodes above 1: what their pods need that the schema cannot say."""
+    from ftoperator.gangstage import GANG_ENV, stage_nodes
+
+    errors = []
+    gangs = [stage for stage in stageplan.plan(spec).stages if stage_nodes(spec, stage) > 1]
+    for index, var in enumerate(spec.pod_template.env):
+        if var.name in GANG_ENV:
+            errors.append(FieldError(f"spec.podTemplate.env[{index}].name",
+                                     f"{var.name} is set by the operator (multi-node rendezvous and timeouts)"))
+    scheduler = spec.distributed.gang_scheduler
+    if gangs and scheduler in ("coscheduling", "volcano") and not spec.pod_template.scheduler_name:
+        errors.append(FieldError("spec.podTemplate.schedulerName", (
+            f"required with spec.distributed.gangScheduler {scheduler} (stages {', '.join(gangs)} run on several "
+            f"pods): name the {scheduler} scheduler, or the pods are placed by the default scheduler one by one")))
+    distributed = spec.distributed
+    if gangs and distributed.progress_timeout_seconds is not None and \
+            distributed.progress_timeout_seconds <= distributed.rendezvous_timeout_seconds:
+        errors.append(FieldError("spec.distributed.progressTimeoutSeconds", (
+            f"{distributed.progress_timeout_seconds} is not above rendezvousTimeoutSeconds "
+            f"({distributed.rendezvous_timeout_seconds}): the watchdog would end a gang still waiting for its "
+            "pods to meet, before the rendezvous could say which one is missing")))
+    return errors
+
+
 def check_semantics(
     spec: FineTuneRunSpec, *, max_gpus_per_stage: int | None, default_image: str | None
 ) -> list[FieldError]:
@@ -247,6 +272,7 @@ def check_semantics(
             errors += _check_resources(f"spec.stages.{stage}.resources", settings.resources, max_gpus_per_stage)
 
     errors += _check_pod_template(spec)
+    errors += _check_distributed(spec)
 
     if spec.image is None and not default_image:
         errors.append(FieldError(

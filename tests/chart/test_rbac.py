@@ -57,7 +57,7 @@ class RecordingClient:
             if permission_of(method, url)[2] == "list":
                 return Response(200, {"items": self.pods if url.endswith("/pods") else []})
             return Response(404, {"message": "not found"})  # named objects: none exist yet
-        if method == "POST" and self.conflicts and url.endswith("/pods"):
+        if method == "POST" and self.conflicts and url.endswith(("/pods", "/services")):
             return Response(409, {"message": "already exists"})
         return Response(201 if method == "POST" else 200, body or {})
 
@@ -84,6 +84,10 @@ def recorded_permissions():
         "data": {"progress.json": '{"current": "sft", "stages": {"sft": {"step": 1}}}'}})
     # A create that answers 409 makes the operator read the existing pod to see whose it is.
     client.run, client.pods, client.conflicts = run, [], True
+    with pytest.raises(ChildConflict):
+        reconciler.reconcile("ns", "demo")
+    # A stage on two pods creates its rendezvous Service first; a 409 makes the operator read it.
+    client.run = {**run, "spec": {**SPEC, "resources": {"nodes": 2}}}
     with pytest.raises(ChildConflict):
         reconciler.reconcile("ns", "demo")
     elector = LeaderElector(api, namespace=NAMESPACE, identity="a")

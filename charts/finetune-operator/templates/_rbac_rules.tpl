@@ -25,6 +25,11 @@ Shared by the ClusterRole (rbac.scope=cluster) and the per-namespace Roles
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "update"]
+# A headless Service per attempt of a stage with resources.nodes > 1: rank 0's name for
+# the other pods' rendezvous (deleted with the run by the garbage collector).
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create"]
 # A ServiceAccount, Role and RoleBinding per run, letting its pods write only their
 # progress ConfigMap (deleted with the run by the garbage collector).
 - apiGroups: [""]
