@@ -50,11 +50,27 @@ def rendezvous_failure(exc: BaseException, *, env=os.environ, waited: float) -> 
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if node == "0":
         head = (f"pod rank 0 of {nodes} waited {waited:.0f}s at {address}:{port} for the other pods to join "
-                f"(rendezvousTimeoutSeconds {timeout}); they could not reach it or did not start (see their pods)")
+                f"(rendezvousTimeoutSeconds {timeout}); they could not reach it or did not start (see their pods)"
+                f"{_not_this_pod(address)}")
     else:
         head = (f"pod rank {node} of {nodes} could not reach rank 0 at {address}:{port} within {waited:.0f}s "
                 f"(rendezvousTimeoutSeconds {timeout}): {_where(address)}")
     return f"rendezvous failed: {head} [{type(exc).__name__}: {detail}]"
+
+
+def _not_this_pod(address: str) -> str:
+    """When rank 0's own name points elsewhere (a wrong Service), say so: that is why nobody could meet here."""
+    import socket
+
+    try:
+        own = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, proto=socket.IPPROTO_TCP)}
+        named = {info[4][0] for info in socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP)}
+    except OSError:
+        return ""
+    if named & own or any(ip.startswith("127.") for ip in named):
+        return ""
+    return (f"; {address} resolves to {', '.join(sorted(named))}, not to this pod ({', '.join(sorted(own))}): "
+            "the rendezvous Service does not select rank 0")
 
 
 def main(argv: list[str] | None = None) -> int:

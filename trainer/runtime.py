@@ -297,6 +297,11 @@ def build_context(job: StageJob, *, stop: GracefulStop) -> StageContext:
     init_distributed(cuda=cuda)  # before accelerate, with our rendezvous and collective timeouts
     accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
     check_world_size(expected=os.environ.get(EXPECTED_WORLD_SIZE_ENV), actual=accelerator.num_processes)
+    if accelerator.num_processes > 1:  # every process says where it stands: `kubectl logs` of each pod shows it
+        print(f"[{job.stage}] world size {accelerator.num_processes}: rank {accelerator.process_index} "
+              f"(node rank {os.environ.get('NODE_RANK', os.environ.get('GROUP_RANK', '0'))}, local rank "
+              f"{accelerator.local_process_index}, backend {torch.distributed.get_backend()})",
+              file=sys.stderr, flush=True)
     stop.accelerator = accelerator
     output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ LABEL_GANG_SIZE = f"{GROUP}/nodes"
 DEFAULT_MASTER_PORT = 29500
 """torch.distributed's customary rendezvous port on rank 0."""
 RENDEZVOUS_PORT_NAME = "rendezvous"
+SIGTERM_EXIT_CODE = 128 + 15
+"""The trainer's exit code after a SIGTERM (``runtime.INTERRUPTED_EXIT_CODE``; not imported: it loads torch)."""
 
 
 GangState = Literal["Creating", "WaitingForOldAttempt", "WaitingForPlacement", "Starting", "Running",
@@ -338,8 +340,11 @@ def decide_gang(*, attempt: int, pods: Sequence[GangPod], settings: GangSettings
         def order(item: tuple[GangPod, str]) -> tuple[int, datetime, int]:
             member = item[0]
             # A failure the trainer reported names the cause; the others usually died of losing it.
-            reported = member.pod.phase == "Failed" and not member.pod.disrupted
-            return (0 if reported else 1, member.finished or now, member.rank)
+            # A member stopped by SIGTERM (with its checkpoint) was stopped, not failed: whatever else ended
+            # (a peer deleted or evicted) is the cause, whichever end was seen first.
+            stopped = member.pod.phase == "Failed" and member.pod.exit_code == SIGTERM_EXIT_CODE
+            reported = member.pod.phase == "Failed" and not member.pod.disrupted and not stopped
+            return (0 if reported else 2 if stopped else 1, member.finished or now, member.rank)
 
         first, why = min(ended, key=order)
         reason = f"rank {first.rank} ({first.name}) ended: {why}"

@@ -23,7 +23,7 @@ from ftoperator.api import FineTuneRunSpec, Termination, effective_resources, tr
 from ftoperator.builders import RunRef
 from ftoperator.config import OperatorConfig
 from ftoperator.gang import (
-    LABEL_GANG_SIZE, LABEL_RANK, RENDEZVOUS_PORT_NAME, GangPod, GangSettings, decide_gang, gang_pod_labels,
+    LABEL_GANG_SIZE, LABEL_RANK, RENDEZVOUS_PORT_NAME, SIGTERM_EXIT_CODE, GangPod, GangSettings, decide_gang, gang_pod_labels,
     gang_pod_name, gang_scheduler_metadata, rendezvous_env, rendezvous_service, rendezvous_service_name,
 )
 from ftoperator.observe import ObservedPod
@@ -157,7 +157,9 @@ def step(work: _Pass, spec: FineTuneRunSpec, stage: str) -> Literal["succeeded",
                 reason="GangReleased" if decision.state == "Released" else "PodDeleted",
                 message=decision.message), disrupted=True)
         pod = failed.pod
-        trainer_failed = pod.phase == "Failed" and not pod.disrupted
+        # A member that stopped on SIGTERM (its checkpoint written) was stopped with its peer, not failed by
+        # the trainer: whoever deleted the peer disrupted the gang, even when this member's end is seen first.
+        trainer_failed = pod.phase == "Failed" and not pod.disrupted and pod.exit_code != SIGTERM_EXIT_CODE
         return work.attempt_ended(spec, stage, Termination(
             attempt=attempt, pod=pod.name, reason=(pod.reason or "Error") if trainer_failed else "GangMemberLost",
             exit_code=pod.exit_code if trainer_failed else None, message=decision.message,

@@ -231,3 +231,15 @@ def test_the_stage_command_override_is_kept_for_gang_pods(spec, run):
     config = OperatorConfig(trainer_image="t", stage_command_override="echo hi")
     pod = gang_pod(parsed, run=run, stage="sft", attempt=1, rank=0, config=config)
     assert pod["spec"]["containers"][0]["command"] == ["/bin/sh", "-c", "echo hi"]
+
+
+def test_a_rank_stopped_by_sigterm_is_not_the_cause_when_its_peer_was_deleted(spec, run, config, now):
+    spec = two_pod_spec(spec)
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    # Rank 1 was deleted; rank 0 saw the stop (the all-reduced SIGTERM flag), checkpointed and exited first.
+    pods = [raw_pod(spec, run, config, "sft", 1, 0, "Failed", exit_code=143, message="Interrupted: SIGTERM"),
+            raw_pod(spec, run, config, "sft", 1, 1, deleting="2025-01-01T12:02:00Z")]
+    _, status = reconcile(spec, status, pods, run=run, config=config, at=now(60))
+    sft = status["stages"]["sft"]
+    assert (sft["failures"], sft["disruptions"]) == (0, 1)
+    assert "rank 1 (demo-sft-1-1) ended: it was deleted" in sft["lastFailure"]["message"]
