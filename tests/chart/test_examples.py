@@ -63,7 +63,8 @@ def crd() -> dict:
 
 def test_the_promised_examples_exist():
     names = {p.name for p in RUN_EXAMPLES}
-    assert {"gpu-1b-preferences.yaml", "heuristic-rewards.yaml", "multi-gpu.yaml", "pod-template.yaml"} <= names
+    assert {"gpu-1b-preferences.yaml", "heuristic-rewards.yaml", "multi-gpu.yaml", "multi-node.yaml",
+            "pod-template.yaml"} <= names
 
 
 def test_the_pod_template_example_shows_every_pod_template_field():
@@ -81,6 +82,15 @@ def test_examples_cover_preferences_heuristic_rewards_and_multi_gpu():
     heuristic = runs(REPO / "examples" / "heuristic-rewards.yaml")[0]["spec"]
     assert "preferences" not in heuristic["data"] and heuristic["stages"]["reward"]["functions"]
     assert runs(REPO / "examples" / "multi-gpu.yaml")[0]["spec"]["resources"]["gpus"] == 4
+
+
+def test_the_multi_node_example_runs_sft_and_ppo_on_two_pods_and_the_reward_on_one():
+    from ftoperator.gangstage import stage_nodes
+    from ftoperator.validation import parse_spec
+
+    spec, _ = parse_spec(runs(REPO / "examples" / "multi-node.yaml")[0]["spec"])
+    assert [stage_nodes(spec, stage) for stage in ("sft", "reward", "ppo")] == [2, 1, 2]
+    assert spec.distributed.gang_scheduler == "kueue"
 
 
 def test_one_example_per_policy_algorithm():
