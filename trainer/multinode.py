@@ -25,6 +25,8 @@ EXPECTED_WORLD_SIZE_ENV = "FINETUNE_EXPECTED_WORLD_SIZE"
 """Processes the whole stage must have (nodes x processes per node); set by the operator."""
 RENDEZVOUS_TIMEOUT_ENV = "FINETUNE_RENDEZVOUS_TIMEOUT_SECONDS"
 COLLECTIVE_TIMEOUT_ENV = "FINETUNE_COLLECTIVE_TIMEOUT_SECONDS"
+PROGRESS_TIMEOUT_ENV = "FINETUNE_PROGRESS_TIMEOUT_SECONDS"
+"""The progress watchdog's timeout (``trainer.watchdog``); set by the operator from spec.distributed."""
 DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS = 900.0
 """Pods of one gang can start minutes apart (image pulls on different nodes)."""
 DEFAULT_COLLECTIVE_TIMEOUT_SECONDS = 1800.0

@@ -18,7 +18,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-PROGRESS_TIMEOUT_ENV = "FINETUNE_PROGRESS_TIMEOUT_SECONDS"
+from trainer.multinode import PROGRESS_TIMEOUT_ENV
+
 HUNG_EXIT_CODE = 1
 """Retryable: the next attempt may well get through (a lost peer is replaced)."""
 

@@ -32,7 +32,7 @@ from ftoperator import naming, stageplan
 from ftoperator.api import FineTuneRunSpec, ResourcesSpec, effective_resources, trainer_processes
 from ftoperator.naming import ARTIFACTS_MOUNT, CONFIG_DIR, DATA_MOUNT_ROOT, SHM_DIR, TERMINATION_LOG, TMP_DIR
 from ftoperator.config import OperatorConfig
-from trainer.watchdog import PROGRESS_TIMEOUT_ENV
+from trainer.multinode import PROGRESS_TIMEOUT_ENV
 from trainer.config import (
     EXPECTED_GPUS_ENV, DataPaths, DPOConfig, GRPOConfig, PPOConfig, ReportingConfig, RewardConfig, SFTConfig,
     StageJob,

@@ -27,7 +27,7 @@ from ftoperator.gang import (
     gang_pod_name, gang_scheduler_metadata, rendezvous_env, rendezvous_service, rendezvous_service_name,
 )
 from ftoperator.observe import ObservedPod
-from trainer.watchdog import PROGRESS_TIMEOUT_ENV
+from trainer.multinode import PROGRESS_TIMEOUT_ENV
 
 if TYPE_CHECKING:
     from ftoperator.decide import _Pass
