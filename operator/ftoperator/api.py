@@ -147,7 +147,7 @@ class DistributedSpec(ApiModel):
 
 
 class FineTuneRunSpec(ApiModel):
-    """Desired state of a FineTuneRun: a base model taken through SFT, reward modelling and PPO, GRPO, RLOO or DPO, one pod per stage."""
+    """Desired state of a FineTuneRun: a base model taken through SFT, reward modelling and PPO, GRPO, RLOO or DPO, one pod per stage (resources.nodes pods where set)."""
 
     model: ModelSpec
     """The base model."""
