@@ -246,7 +246,7 @@ def test_validation_refuses_human_feedback_with_dpo_and_says_what_to_do_instead(
 
 def test_validation_needs_a_reward_model_to_retrain(spec):
     del spec["data"]["preferences"]
-    spec["stages"]["reward"] = {"functions": [{"type": "length"}]}
+    spec["stages"]["reward"] = {"functions": [{"type": "length", "targetLengthTokens": 20}]}
     errors = errors_of(feedback_spec(spec))
     assert "reward model to retrain" in errors.get("spec.humanFeedback", ""), errors
 
