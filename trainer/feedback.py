@@ -38,6 +38,9 @@ CANDIDATES_KEY = "candidates.json"
 """Key of the round's ConfigMap holding the candidates document."""
 TEXT_LIMIT = 4000
 """Characters of a prompt or response kept in a candidate (the ConfigMap holds at most 1 MiB)."""
+LABELS_FILE_ENV = "FINETUNE_FEEDBACK_LABELS"
+"""A run without a cluster: a JSON file of PreferenceLabel objects (``kubectl get pl -o json``, or a list) that
+the retraining reads instead of the API."""
 FEEDBACK_FILE = "feedback.json"
 """Written into the retrained reward model's final/: the rounds it learned from and its accuracies."""
 
@@ -152,11 +155,18 @@ def is_held_out(prompt: str, chosen: str, rejected: str, *, share: float) -> boo
 
 
 def fetch_labels(job: StageJob, *, rounds: range) -> list:
-    """The run's PreferenceLabels of ``rounds``, read through the API (the Role grants list), in export order."""
-    from kubernetes import client
-
+    """The run's PreferenceLabels of ``rounds`` in export order: read through the API (the Role grants list),
+    or from the file ``LABELS_FILE_ENV`` names."""
     from ftconsole import GROUP, LABEL_PLURAL, VERSION
     from ftconsole.labels import LABEL_RUN, run_label_value, run_labels
+
+    if job.run_name is None:
+        raise PermanentStageFailure("the job has no runName: it names the FineTuneRun whose labels to train on")
+    if os.environ.get(LABELS_FILE_ENV):
+        document = json.loads(Path(os.environ[LABELS_FILE_ENV]).read_text())
+        items = document.get("items", []) if isinstance(document, dict) else document
+        return run_labels(items, run=job.run_name, rounds=rounds)
+    from kubernetes import client
     from trainer.kube_reporter import _core_api, own_namespace
 
     _core_api()  # loads the in-cluster (or kubeconfig) credentials
