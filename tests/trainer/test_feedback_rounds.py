@@ -29,7 +29,7 @@ from .stage_runs import progress_events, run_in_process, write_job, write_jsonl
 from .test_ppo import WORDS, ppo_job, samples_by_step, toy_sft_dir  # noqa: F401  (toy_sft_dir: a fixture)
 
 FRIENDLY = ("good", "great", "happy", "yes", "please", "hello", "cats", "love", "kind", "nice")
-EVERY, STEPS = 10, 19  # one round, after step 10; steps 11..19 use the retrained reward model
+EVERY, STEPS = 4, 24  # rounds after steps 4, 8 ... 20; people label round 1 only, so steps 5..24 use its reward model
 
 
 def friendly_count(text: str) -> int:
@@ -82,7 +82,8 @@ def test_a_round_of_human_labels_teaches_the_reward_model_and_the_policy(tmp_pat
     shutil.copytree(tmp_path / "reward" / "final", original_reward)
 
     ppo = ppo_job(tmp_path, toy_sft_dir, output="ppo", steps=STEPS, samplePrompts=32, sampleEverySteps=100,
-                  checkpointEverySteps=100, functions=[], rewardModelWeight=1.0)
+                  checkpointEverySteps=100, functions=[], rewardModelWeight=1.0, batchSize=8, ppoEpochs=2,
+                  miniBatches=1)
     ppo.update(rewardModel=str(tmp_path / "reward" / "final"), humanFeedback=feedback, runName="demo")
     ppo_config = write_job(tmp_path / "ppo.yaml", **ppo)
 
@@ -113,12 +114,17 @@ def test_a_round_of_human_labels_teaches_the_reward_model_and_the_policy(tmp_pat
     assert after >= before + 0.15 and after >= 0.7
     assert (tmp_path / "reward" / "final.before-round-1").is_dir()  # the old model is kept
 
-    # 3. PPO resumes after the boundary (no second round) with the new reward model; the baseline with the old.
-    assert run_in_process("ppo", ppo_config) == 0
-    assert len(json.loads((tmp_path / "ppo" / "feedback" / "round-1.json").read_text())["pairs"]) == 192
-    assert not (tmp_path / "ppo" / "feedback" / "round-2.json").exists()
-    base = dict(ppo, outputDir=str(baseline), rewardModel=str(original_reward))
-    assert run_in_process("ppo", write_job(tmp_path / "ppo-baseline.yaml", **base)) == 0
+    # 3. PPO resumes after the boundary with the new reward model; the baseline with the old. Nobody labels
+    # the later rounds: each resumes unchanged, as the operator does after onTimeout Continue without labels.
+    base_config = write_job(tmp_path / "ppo-baseline.yaml",
+                            **dict(ppo, outputDir=str(baseline), rewardModel=str(original_reward)))
+    for config, output in ((ppo_config, tmp_path / "ppo"), (base_config, baseline)):
+        for round_ in range(2, STEPS // EVERY):
+            assert run_in_process("ppo", config) == FEEDBACK_ROUND_EXIT_CODE
+            assert f"round {round_} after step {round_ * EVERY}:" in (tmp_path / "termination-log").read_text()
+        assert run_in_process("ppo", config) == 0
+        assert sorted(p.name for p in (output / "feedback").iterdir()) == [
+            f"round-{r}.json" for r in range(1, STEPS // EVERY)]  # each round opened once
     with_round, without = final_friendly_share(tmp_path / "ppo"), final_friendly_share(baseline)
     print(f"held-out friendly-word share after {STEPS} steps: {with_round:.3f} with the round, {without:.3f} "
           f"without; {time.monotonic() - started:.0f}s")
