@@ -144,3 +144,19 @@ def test_round_boundaries_every_n_steps_and_once_at_the_end():
     assert every.rounds(30) == 2 and every.round_at(20, total_steps=30) == 2
     at_end = HumanFeedbackConfig(every_steps=0)
     assert [s for s in range(1, 31) if at_end.round_at(s, total_steps=30)] == [30] and at_end.rounds(30) == 1
+
+
+def test_grpo_opens_a_round_with_an_sft_response_and_resumes_after_it(tmp_path, tiny_model_dir):
+    from .test_grpo import grpo_job
+
+    job = grpo_job(tmp_path, tiny_model_dir, output="grpo", steps=3, klCoef=0.05, checkpointEverySteps=100)
+    job.update(humanFeedback={"everySteps": 2, "prompts": 3, "responsesPerPrompt": 3, "includeSft": True},
+               runName="demo")
+    config = write_job(tmp_path / "grpo.yaml", **job)
+    assert run_in_process("grpo", config) == FEEDBACK_ROUND_EXIT_CODE
+    assert "round 1 after step 2: 9 candidate pairs" in (tmp_path / "termination-log").read_text()
+    candidates = json.loads((tmp_path / "grpo" / "feedback" / "round-1.json").read_text())
+    per_prompt = [sorted(r["source"] for r in pair["responses"]) for pair in candidates["pairs"]]
+    assert per_prompt.count(["grpo@2", "grpo@2"]) == 3 and per_prompt.count(["grpo@2", "sft"]) == 6
+    assert run_in_process("grpo", config) == 0  # resumes at step 2: the round is not opened again
+    assert [e["step"] for e in progress_events(tmp_path / "grpo") if e["kind"] == "succeeded"] == [3]
