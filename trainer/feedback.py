@@ -77,16 +77,21 @@ def draw_candidates(ctx: StageContext, *, cfg, feedback: HumanFeedbackConfig, ro
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed * 1000 + round_)
-        drawn = sample_and_score(ctx, cfg=cfg, policy_module=ctx.accelerator.unwrap_model(policy), encoder=encoder,
-                                 reward=reward, prompts=[row for row in rows for _ in range(from_policy)])
-        texts = [drawn.responses_text[i * from_policy:(i + 1) * from_policy] for i in range(len(rows))]
+        wanted = [row for row in rows for _ in range(from_policy)]
+        drawn: list[str] = []
+        for start in range(0, len(wanted), cfg.batch_size):  # no larger batches than training samples
+            drawn += sample_and_score(ctx, cfg=cfg, policy_module=ctx.accelerator.unwrap_model(policy),
+                                      encoder=encoder, reward=reward,
+                                      prompts=wanted[start:start + cfg.batch_size]).responses_text
+        texts = [drawn[i * from_policy:(i + 1) * from_policy] for i in range(len(rows))]
         sources = [[f"{stage}@{step}"] * from_policy for _ in rows]
         if use_reference:
-            base = sample_and_score(ctx, cfg=cfg, policy_module=reference, encoder=encoder, reward=reward,
-                                    prompts=rows)
-            for i, text in enumerate(base.responses_text):
-                texts[i].append(text)
-                sources[i].append("sft")
+            for start in range(0, len(rows), cfg.batch_size):
+                base = sample_and_score(ctx, cfg=cfg, policy_module=reference, encoder=encoder, reward=reward,
+                                        prompts=rows[start:start + cfg.batch_size])
+                for i, text in enumerate(base.responses_text, start=start):
+                    texts[i].append(text)
+                    sources[i].append("sft")
     pairs = []
     for i, row in enumerate(rows):
         prompt = encoder.text(row.prompt)  # what the policy continued and what the reward model scores
