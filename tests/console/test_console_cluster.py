@@ -300,8 +300,8 @@ def feedback_run(kube_cluster, release):
     run["metadata"] = {"name": run["metadata"]["name"], "namespace": TEAM_A}
     run["spec"]["humanFeedback"].update(everySteps=20, labelsNeeded=6, heldOutShare=0.5, includeSft=True)
     claims = [d["metadata"]["name"] for d in yaml.safe_load_all(STORAGE.read_text()) if d]
-    demo_assets.write_for_run(run["spec"], pvc_root=kube_cluster.pvc_dir(TEAM_A, claims[0]).parent,
-                              log=lambda line: None)
+    pvc_root = [kube_cluster.pvc_dir(TEAM_A, claim) for claim in claims][0].parent  # each claim's PVC
+    demo_assets.write_for_run(run["spec"], pvc_root=pvc_root, log=lambda line: None)
     wait_for("the feedback run to be admitted",
              lambda: kube_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(run), check=False).returncode == 0,
              timeout_seconds=180)
