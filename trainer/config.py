@@ -29,6 +29,16 @@ The operator fails the stage at once instead of retrying it. Any other failure e
 PERMANENT_FAILURE_PREFIX = "PermanentError: "
 """Start of the termination message of such an error. ``accelerate launch`` exits 1 whatever its
 processes returned, so the operator reads this prefix as well as the exit code."""
+FEEDBACK_ROUND_EXIT_CODE = 4
+"""Exit code of an online stage (ppo, grpo) that stopped at a human-feedback round boundary after a
+checkpoint and after writing the round's candidates: not a failure. The operator waits for labels,
+retrains the reward model and starts the stage again, which resumes after the boundary."""
+FEEDBACK_ROUND_PREFIX = "FeedbackRound: "
+"""Start of the termination message of such an exit, followed by ``round <N> ...``: the operator reads
+both the exit code and this prefix (``accelerate launch`` exits 1 whatever its processes returned)."""
+FEEDBACK_ROUND_ENV = "FINETUNE_FEEDBACK_ROUND"
+"""Set by the operator on a reward-stage pod that retrains the reward model after human-feedback round
+<N> (the value): the pod continues from the reward stage's final/ instead of training from scratch."""
 EXPECTED_GPUS_ENV = "FINETUNE_EXPECTED_GPUS"
 """Environment variable the operator sets to the pod's GPU count; the trainer fails permanently
 when it is above zero and CUDA sees no device."""
@@ -467,6 +477,44 @@ class ReportingConfig(ApiModel):
     """Name of the ConfigMap that receives the bounded metric history for the console; None: none."""
     report_interval_seconds: float = Field(2.0, gt=0)
     """Minimum seconds between two progress updates sent to Kubernetes."""
+    feedback_config_maps: list[str] = Field(default_factory=list)
+    """Names of the ConfigMaps (created by the operator) that receive the candidates of human-feedback rounds 1, 2 ...; empty: candidates only go to <outputDir>/feedback/."""
+
+
+class HumanFeedbackConfig(ApiModel):
+    """Human-feedback rounds during the online stage (ppo or grpo): people label pairs of the policy's responses in the console, the reward model is trained further on them, and the stage continues with it."""
+
+    every_steps: int = Field(0, ge=0)
+    """A round every this many steps of the online stage (rounds at everySteps, 2 x everySteps ... before the last step); 0: one round after the last step, whose retrained reward model is the reward stage's final model (the policy does not continue)."""
+    prompts: int = Field(8, ge=1, le=256)
+    """Prompts per round (K), drawn from spec.data.prompts (the training prompts, a different draw every round)."""
+    responses_per_prompt: int = Field(2, ge=2, le=4)
+    """Responses sampled per prompt (R); every two of them make a candidate pair, so a round has K x R(R-1)/2 pairs."""
+    include_sft: bool = False
+    """One of each prompt's responses comes from the model the stage started from (its reference, usually the SFT model) instead of the current policy."""
+    labels_needed: int = Field(16, ge=1)
+    """Labels that prefer A or B (ties and both-bad do not count) needed before the round closes and the reward model is retrained."""
+    timeout_seconds: int = Field(86400, ge=1)
+    """Seconds a round waits for labelsNeeded labels before onTimeout applies."""
+    on_timeout: Literal["Continue", "Fail"] = "Continue"
+    """Continue: retrain on the labels there are (or, with none, resume with the unchanged reward model); Fail: the run fails."""
+    held_out_share: float = Field(0.25, ge=0, lt=1)
+    """Share of the human labels (chosen by a digest of the pair, so a pair stays on its side in every round) kept out of training to measure the reward model's accuracy on human labels before and after each round."""
+    max_rounds: ClassVar[int] = 20
+
+    def rounds(self, total_steps: int) -> int:
+        """How many rounds an online stage of ``total_steps`` steps opens."""
+        if self.every_steps == 0:
+            return 1
+        return (total_steps - 1) // self.every_steps
+
+    def round_at(self, step: int, *, total_steps: int) -> int | None:
+        """The round that opens after ``step`` (1, 2 ...), or None."""
+        if self.every_steps == 0:
+            return 1 if step == total_steps else None
+        if step % self.every_steps == 0 and step < total_steps:
+            return step // self.every_steps
+        return None
 
 
 StageName = Literal["sft", "reward", "ppo", "grpo", "dpo"]
@@ -504,6 +552,10 @@ class StageJob(ApiModel):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     reporting: ReportingConfig = Field(default_factory=ReportingConfig)
+    human_feedback: HumanFeedbackConfig | None = None
+    """Human-feedback rounds (the run's spec.humanFeedback): the online stage stops at each round boundary."""
+    run_name: str | None = None
+    """Name of the FineTuneRun (set by the operator): names the round's <run>-feedback-<round> ConfigMap and selects its PreferenceLabels."""
 
 
 class ConfigError(ValueError):

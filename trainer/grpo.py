@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import group_math, ppo_math, runtime
+from trainer import feedback, group_math, ppo_math, runtime
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import GRPOConfig
 from trainer.modeling import (AdapterDisabled, checkpoint_trainable_weights_only, disable_dropout, load_causal_lm,
@@ -245,11 +245,15 @@ def run(ctx: StageContext) -> Path:
             _samples(ctx, step=step, held_out=held_out, policy=policy, reference=reference, reward=reward,
                      encoder=encoder)
         stopping = ctx.stop.requested()
-        if step % cfg.checkpoint_every_steps == 0 or step == cfg.steps or stopping:
+        feedback_round = feedback.round_due(job, step=step, total_steps=cfg.steps)  # human-feedback round boundary
+        if step % cfg.checkpoint_every_steps == 0 or step == cfg.steps or stopping or feedback_round:
             path = save_checkpoint(ctx, step=step, extra_state={"step": step, "data_position": plan.position(step)})
             ctx.report("checkpoint", step=step, total_steps=cfg.steps, checkpoint=str(path))
         if stopping:
             raise ctx.stop.interrupted(step=step, checkpoint=path)
+        if feedback_round:  # exits the process; the next attempt resumes after this step
+            feedback.open_round(ctx, cfg=cfg, round_=feedback_round, step=step, prompts=train_prompts, policy=policy,
+                                reference=reference, reward=reward, encoder=encoder)
 
     ctx.stop.armed = False
     return save_final(ctx, policy, tokenizer)

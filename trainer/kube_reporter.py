@@ -45,7 +45,7 @@ DATA_KEY = "progress.json"
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 MAX_SAMPLES = 3
 SAMPLE_CHARS = 500
-TERMINAL_KINDS = ("succeeded", "failed", "interrupted")
+TERMINAL_KINDS = ("succeeded", "failed", "interrupted", "feedback")  # feedback: the process exits at a round boundary
 HISTORY_KEY = "history.json"
 POINTS_PER_SERIES = 256
 """A series holds between half this and this many points, evenly spread over its steps."""

@@ -107,7 +107,10 @@ def job_fingerprint(job: StageJob, *, processes: int) -> dict[str, Any]:
     data_path = getattr(job.data, data_field)
     inputs[f"data.{data_field}"] = None if data_path is None else dataset_digest(data_path)
     if job.stage in ("ppo", "grpo"):
-        inputs["rewardModel"] = model_identity(job.reward_model)
+        # Human-feedback rounds retrain the reward model between attempts on purpose: a checkpoint must not
+        # be refused for it (the rounds are in the run's status and in the reward model's feedback.json).
+        inputs["rewardModel"] = ("retrained by human-feedback rounds" if job.human_feedback is not None
+                                 else model_identity(job.reward_model))
         inputs["reward.functions"] = [f.model_dump(mode="json", by_alias=True, exclude_none=True)
                                       for f in job.reward.functions]
     return {"runUid": job.run_uid, "inputs": inputs, "settings": stage_settings(job), "processes": processes}

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
 
-EventKind = Literal["started", "progress", "checkpoint", "samples", "succeeded", "failed", "interrupted"]
+EventKind = Literal["started", "progress", "checkpoint", "samples", "succeeded", "failed", "interrupted", "feedback"]
 
 
 @dataclass

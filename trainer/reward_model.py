@@ -102,6 +102,11 @@ def _functions_only(ctx: StageContext) -> Path:
 
 
 def run(ctx: StageContext) -> Path:
+    from trainer import feedback
+
+    round_ = feedback.continuation_round()
+    if round_ is not None:  # a human-feedback round: continue from final/ on the labels (trainer/feedback.py)
+        return feedback.retrain_reward(ctx, round_)
     job, cfg, accelerator = ctx.job, ctx.job.reward, ctx.accelerator
     if job.data.preferences is None:
         if cfg.functions:

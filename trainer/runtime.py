@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from trainer.config import (
-    EXPECTED_GPUS_ENV, PERMANENT_FAILURE_EXIT_CODE, PERMANENT_FAILURE_PREFIX, ConfigError, StageJob,
+    EXPECTED_GPUS_ENV, FEEDBACK_ROUND_ENV, FEEDBACK_ROUND_EXIT_CODE, PERMANENT_FAILURE_EXIT_CODE,
+    PERMANENT_FAILURE_PREFIX, ConfigError, StageJob,
 )
 from trainer.metrics import GAUGES, TrainerMetrics
 from trainer.reporting import (FanOutReporter, LocalReporter, ProgressEvent, Reporter, TensorBoardReporter,
@@ -50,6 +51,12 @@ INTERRUPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 class StageInterrupted(Exception):
     """SIGTERM was received; the message says what was saved. Not a failure of the stage: the next attempt resumes."""
+
+
+class FeedbackRoundOpened(Exception):
+    """The online stage checkpointed at a human-feedback round boundary and published the round's candidates
+    (``trainer.feedback``); the message starts with ``FEEDBACK_ROUND_PREFIX``. Not a failure: the process
+    exits with ``FEEDBACK_ROUND_EXIT_CODE`` and the next attempt resumes after the boundary."""
 
 
 class GracefulStop:
@@ -372,7 +379,9 @@ def run_stage(job: StageJob) -> int:
     try:
         ctx = build_context(job, stop=stop)
         ctx.watchdog = watchdog
-        if final_is_current(ctx):
+        # A reward pod of a human-feedback round continues from final/ on purpose.
+        retraining = job.stage == "reward" and bool(os.environ.get(FEEDBACK_ROUND_ENV))
+        if not retraining and final_is_current(ctx):
             ctx.report("succeeded", step=0, total_steps=0, artifact=str(ctx.output_dir / "final"))
             return 0
         ctx.report("started", step=0, total_steps=0)
@@ -380,6 +389,10 @@ def run_stage(job: StageJob) -> int:
         artifact = stage.run(ctx)
         ctx.report("succeeded", step=ctx.total_steps, total_steps=ctx.total_steps, artifact=str(artifact))
         return 0
+    except FeedbackRoundOpened as exc:
+        print(f"[{job.stage}] {exc}", file=sys.stderr, flush=True)
+        write_termination_message(job.reporting.termination_log_path, str(exc))
+        return FEEDBACK_ROUND_EXIT_CODE
     except StageInterrupted as exc:
         stop.armed = True  # a second SIGTERM while reporting only records
         print(f"[{job.stage}] interrupted: {exc}", file=sys.stderr, flush=True)

@@ -136,3 +136,30 @@ def candidate_pairs(samples: list[dict[str, Any]]) -> list[Pair]:
         (a, sa), (b, sb) = (newer, older) if swap else (older, newer)
         pairs.append((last["step"], Pair(prompt=prompt, a=a, b=b, source_a=sa, source_b=sb)))
     return [pair for _, pair in sorted(pairs, key=lambda item: -item[0])]
+
+
+def open_round(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's human-feedback round waiting for labels (``status.feedbackRounds``), if any."""
+    rounds = ((run.get("status") or {}).get("feedbackRounds") or [])
+    waiting = [r for r in rounds if isinstance(r, dict) and r.get("state") == "AwaitingLabels"
+               and isinstance(r.get("round"), int)]
+    return waiting[-1] if waiting else None
+
+
+def round_pairs(data: dict[str, str] | None) -> list[Pair]:
+    """The candidate pairs of a round's ``<run>-feedback-<round>`` ConfigMap (key ``candidates.json``, written
+    by the trainer: ``trainer.feedback``), in the trainer's order; anything malformed is left out."""
+    try:
+        document = json.loads((data or {}).get("candidates.json") or "{}")
+    except ValueError:
+        return []
+    pairs = []
+    for raw in (document.get("pairs") or []) if isinstance(document, dict) else []:
+        responses = raw.get("responses") if isinstance(raw, dict) else None
+        if not (isinstance(raw.get("prompt"), str) and isinstance(responses, list) and len(responses) == 2
+                and all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in responses)):
+            continue
+        a, b = responses
+        pairs.append(Pair(prompt=raw["prompt"], a=a["text"], b=b["text"], source_a=str(a.get("source") or ""),
+                          source_b=str(b.get("source") or "")))
+    return pairs

@@ -21,7 +21,7 @@ PERMISSIONS: dict[tuple[str, str, str], str] = {
     (GROUP, RUN_PLURAL, "get"): "a run's page",
     (GROUP, LABEL_PLURAL, "list"): "label counts and export",
     (GROUP, LABEL_PLURAL, "create"): "a user's label",
-    ("", "configmaps", "get"): "a run's <run>-history ConfigMap, fetched by name (no list or watch)",
+    ("", "configmaps", "get"): "a run's <run>-history and <run>-feedback-<round> ConfigMaps, fetched by name (no list or watch)",
 }
 """(API group, resource, verb) -> why; cluster-wide, or per namespace with console.namespaces."""
 

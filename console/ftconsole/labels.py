@@ -68,6 +68,11 @@ def pair_digest(prompt: str, a: str, b: str) -> str:
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
+def run_label_value(run: str) -> str:
+    """The ``finetune.dev/run`` label value of a run's labels (a label value is at most 63 characters)."""
+    return run[:63].rstrip("-._")
+
+
 def _name_prefix(run: str) -> str:
     # generateName adds 5 characters; object names are at most 253.
     return f"{run[:200].rstrip('-.')}-label-"
@@ -82,7 +87,7 @@ def label_object(spec: PreferenceLabelSpec, *, namespace: str) -> dict[str, Any]
             "generateName": _name_prefix(spec.run),
             "namespace": namespace,
             "labels": {
-                LABEL_RUN: spec.run[:63].rstrip("-._"),
+                LABEL_RUN: run_label_value(spec.run),
                 LABEL_ROUND: str(spec.round),
                 LABEL_PAIR: pair_digest(spec.prompt, spec.responses[0].text, spec.responses[1].text),
             },
@@ -123,6 +128,31 @@ def preference_rows(labels: Iterable[PreferenceLabelSpec]) -> ExportResult:
         else:
             skipped[label.choice] += 1
     return ExportResult(rows=rows, skipped=skipped)
+
+
+def run_labels(objects: Iterable[dict[str, Any]], *, run: str,
+               rounds: Iterable[int] | None = None) -> list[PreferenceLabelSpec]:
+    """The labels of ``run`` (optionally of some rounds only) among PreferenceLabel objects, in export
+    order; malformed objects are skipped (the API server validated them against the schema)."""
+    wanted = None if rounds is None else set(rounds)
+    found = []
+    for obj in objects:
+        try:
+            label = parse_label(obj)
+        except ValueError:
+            continue
+        if label.run == run and (wanted is None or label.round in wanted):
+            found.append(label)
+    return sorted(found, key=sort_key)
+
+
+def preferences_per_round(labels: Iterable[PreferenceLabelSpec]) -> dict[int, int]:
+    """Round -> labels that prefer A or B (what a human-feedback round counts towards labelsNeeded)."""
+    counts: dict[int, int] = {}
+    for label in labels:
+        if preference_rows([label]).rows:
+            counts[label.round] = counts.get(label.round, 0) + 1
+    return counts
 
 
 def sort_key(label: PreferenceLabelSpec) -> tuple[str, str, int]:

@@ -78,11 +78,18 @@ def runs_table(runs: list[dict[str, Any]], *, hidden_namespaces: int = 0) -> str
     for run in runs:
         meta, status = run.get("metadata") or {}, _status(run)
         state = status.get("state") or "Pending"
+        shown = esc(state)
+        waiting = [r for r in status.get("feedbackRounds") or [] if isinstance(r, dict)
+                   and r.get("state") == "AwaitingLabels"]
+        if state == "AwaitingFeedback" and waiting:  # the count people act on, and where to label
+            label_path = run_path(meta.get("namespace", ""), meta.get("name", "")) + "/label"
+            shown += (f' <a class="feedback-count" href="{esc(label_path)}">{esc(waiting[-1].get("labels", 0))}/'
+                      f'{esc(waiting[-1].get("needed"))} labels</a>')
         rows.append(
             f'<tr class="run" data-state="{esc(state)}">'
             f'<td>{esc(meta.get("namespace"))}</td>'
             f'<td><a href="{esc(run_path(meta.get("namespace", ""), meta.get("name", "")))}">{esc(meta.get("name"))}</a></td>'
-            f'<td><span class="state state-{esc(state)}">{esc(state)}</span></td>'
+            f'<td><span class="state state-{esc(state)}">{shown}</span></td>'
             f'<td>{esc(status.get("currentStage"))}</td><td>{esc(status.get("progress"))}</td>'
             f'<td class=num>{_num(status.get("reward"))}</td><td class=num>{_num(status.get("kl"))}</td>'
             f'<td>{esc(meta.get("creationTimestamp"))}</td></tr>')
@@ -245,9 +252,13 @@ def run_page(run: dict[str, Any], history: History, *, user: str, label_count: i
 # ----------------------------------------------------------------------------- labelling
 
 
-def label_page(*, namespace: str, run: str, pairs: list[Pair], existing: int, user: str) -> str:
+def label_page(*, namespace: str, run: str, pairs: list[Pair], existing: int, user: str,
+               round_: int | None = None, counted: int | None = None, needed: int | None = None) -> str:
     """One pair at a time (JS shows the next after each label); keys 1 A, 2 B, t tie, b both bad,
-    s skip. Each pair's texts are escaped into the page; the script reads them as text."""
+    s skip. Each pair's texts are escaped into the page; the script reads them as text.
+
+    ``round_``: the open human-feedback round whose candidates ``pairs`` are; its labels carry that round
+    number, and ``counted`` of ``needed`` labels (A or B) are shown."""
     sections = "".join(
         f'<section class="pair" data-index="{i}" hidden>'
         f'<h2>Prompt</h2><pre class="prompt">{esc(p.prompt)}</pre>'
@@ -260,12 +271,18 @@ def label_page(*, namespace: str, run: str, pairs: list[Pair], existing: int, us
     if not pairs:
         sections = ('<p class="empty" id="no-pairs">Nothing to label yet: pairs appear once a prompt has been '
                     "answered at two steps with different text.</p>")
+    heading = f'<h1>Label {esc(run)} <small>{esc(namespace)}</small></h1>'
+    if round_ is not None:
+        heading += (f'<p class="round" id="feedback-round">Human-feedback round {round_}: '
+                    f'<span id="round-count">{counted}/{needed}</span> labels that prefer A or B; the run continues '
+                    "once enough exist.</p>")
     body = (
-        f'<h1>Label {esc(run)} <small>{esc(namespace)}</small></h1>'
+        f'{heading}'
         f'<p><a href="{esc(run_path(namespace, run))}">Back to the run</a> · '
         f'<span id="label-progress" data-existing="{existing}" data-total="{len(pairs)}">'
         f'{existing} labels so far</span> · <span id="pair-position"></span></p>'
-        f'<div id="labelling" data-namespace="{esc(namespace)}" data-run="{esc(run)}">{sections}</div>'
+        f'<div id="labelling" data-namespace="{esc(namespace)}" data-run="{esc(run)}" '
+        f'data-round="{round_ or 0}">{sections}</div>'
         '<p class="keys"><kbd>1</kbd> A is better · <kbd>2</kbd> B is better · <kbd>t</kbd> tie · '
         '<kbd>b</kbd> both bad · <kbd>s</kbd> skip</p><p id="label-status" role="status"></p>')
     return layout(title=f"Label {run}", body=body, user=user)

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from ftconsole import LABEL_PLURAL, authz, labels, pages
 from ftconsole.authz import Access
-from ftconsole.history import candidate_pairs, parse_history
+from ftconsole.history import candidate_pairs, open_round, parse_history, round_pairs
 from ftconsole.kube import User
 
 COOKIE = "ft_token"
@@ -231,10 +231,21 @@ class Console:
         run = self._run_or_404(user, namespace, name)
         if isinstance(run, Response):
             return run
-        existing = len(self.kube.list_labels(namespace, run=name))
-        pairs = candidate_pairs(self._history(run).samples)
-        return html_response(200, pages.label_page(namespace=namespace, run=name, pairs=pairs, existing=existing,
-                                                   user=user.username))
+        found = self.kube.list_labels(namespace, run=name)
+        current = open_round(run)
+        if current is None:  # no human-feedback round waits: earliest and latest held-out answers
+            pairs = candidate_pairs(self._history(run).samples)
+            return html_response(200, pages.label_page(namespace=namespace, run=name, pairs=pairs,
+                                                       existing=len(found), user=user.username))
+        from ftoperator import naming  # the operator's own name for the round's ConfigMap
+
+        number = current["round"]
+        pairs = round_pairs(self.kube.config_map_data(namespace, naming.feedback_config_map_name(name, number)))
+        in_round = [label for label in labels.run_labels(found, run=name, rounds=[number])]
+        counted = labels.preferences_per_round(in_round).get(number, 0)
+        return html_response(200, pages.label_page(namespace=namespace, run=name, pairs=pairs, existing=len(in_round),
+                                                   user=user.username, round_=number, counted=counted,
+                                                   needed=current.get("needed")))
 
     # -- writes
     def create_label(self, user: User, headers: dict[str, str], body: bytes) -> Response:

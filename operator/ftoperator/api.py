@@ -21,8 +21,8 @@ from ftoperator.podapi import (  # noqa: F401  (label_value_problem, qualified_n
     PodTemplate, Quantity, Toleration, label_value_problem, qualified_name_problem,
 )
 from trainer.config import (
-    HUB_SCHEME, HUB_SOURCE_PATTERN, ApiModel, DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig,
-    parse_hub_source,
+    HUB_SCHEME, HUB_SOURCE_PATTERN, ApiModel, DPOConfig, GRPOConfig, HumanFeedbackConfig, PPOConfig, RewardConfig,
+    SFTConfig, parse_hub_source,
 )
 
 # A PVC claim name is a DNS-1123 subdomain; the path after it is relative to the claim's root.
@@ -159,6 +159,8 @@ class FineTuneRunSpec(ApiModel):
     """Resources of every stage pod, unless the stage overrides them."""
     artifacts: ArtifactsSpec
     """Where outputs are written."""
+    human_feedback: HumanFeedbackConfig | None = None
+    """Human-feedback rounds during the online stage (ppo or grpo, with a reward stage that trains a reward model): candidates to label in the console, the reward model retrained on the labels, the stage continued with it. docs/console.md."""
     image: str | None = None
     """Trainer container image; default: the operator's --trainer-image."""
     backoff_limit: int = Field(2, ge=0, le=100)
@@ -203,11 +205,12 @@ class StatusModel(ApiModel):
     model_config = ConfigDict(extra="ignore")
 
 
-RunState = Literal["Pending", "Running", "WaitingForResources", "Suspended", "Succeeded", "Failed"]
+RunState = Literal["Pending", "Running", "WaitingForResources", "AwaitingFeedback", "Suspended", "Succeeded", "Failed"]
 StageState = Literal[
-    "Pending", "Skipped", "Starting", "WaitingForResources", "Running", "BackingOff", "Suspended", "Succeeded",
-    "Failed",
+    "Pending", "Skipped", "Starting", "WaitingForResources", "Running", "BackingOff", "AwaitingFeedback", "Suspended",
+    "Succeeded", "Failed",
 ]
+FeedbackRoundState = Literal["AwaitingLabels", "Retraining", "Done", "TimedOut", "Failed"]
 
 
 class Condition(StatusModel):
@@ -344,6 +347,37 @@ class Sample(StatusModel):
     """DPO: implicit reward of the rejected reply."""
 
 
+class FeedbackRoundStatus(StatusModel):
+    """One human-feedback round of the online stage."""
+
+    round: int
+    """Round number, 1, 2 ... (the finetune.dev/round label of its PreferenceLabels)."""
+    state: FeedbackRoundState = "AwaitingLabels"
+    """AwaitingLabels, Retraining (the reward model trains on the labels), Done, TimedOut (continued without retraining) or Failed."""
+    stage: str
+    """The online stage that opened it (ppo or grpo)."""
+    step: int | None = None
+    """Step of the online stage after which the round opened (its checkpoint)."""
+    attempt: int
+    """Attempt of the online stage whose pod opened the round."""
+    candidates: int | None = None
+    """Candidate pairs in the <run>-feedback-<round> ConfigMap."""
+    labels: int = 0
+    """Labels so far that prefer A or B."""
+    needed: int
+    """spec.humanFeedback.labelsNeeded."""
+    since: str
+    """When the round opened (RFC 3339); spec.humanFeedback.timeoutSeconds counts from here."""
+    reward_attempt: int | None = None
+    """Attempt of the reward stage that retrains the reward model on this round's labels."""
+    held_out_accuracy_before: float | None = None
+    """Accuracy of the reward model on the held-out human labels before retraining."""
+    held_out_accuracy: float | None = None
+    """Accuracy of the retrained reward model on the held-out human labels."""
+    completion_time: str | None = None
+    """When the online stage was resumed after the round."""
+
+
 class FineTuneRunStatus(StatusModel):
     """Observed state, written only by the operator."""
 
@@ -383,6 +417,8 @@ class FineTuneRunStatus(StatusModel):
     """metadata.generation at which specDigests last matched the spec; the spec cannot have changed while the generation stays."""
     failed_create: FailedCreate | None = None
     """The last create the API server refused, while the operator retries it."""
+    feedback_rounds: list[FeedbackRoundStatus] = Field(default_factory=list)
+    """Human-feedback rounds so far (spec.humanFeedback), oldest first."""
 
     def stage(self, name: str) -> StageStatus:
         """The status of stage ``name``, created empty if missing."""

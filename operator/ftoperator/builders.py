@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ftoperator import API_VERSION, KIND
+from ftoperator import API_VERSION, GROUP, KIND
 from ftoperator import naming, stageplan
 from ftoperator.api import FineTuneRunSpec, ResourcesSpec, effective_resources, trainer_processes
 from ftoperator.naming import ARTIFACTS_MOUNT, CONFIG_DIR, DATA_MOUNT_ROOT, SHM_DIR, TERMINATION_LOG, TMP_DIR
@@ -170,6 +170,14 @@ def _stage_config(spec: FineTuneRunSpec, stage: str) -> Any:
     return cls.model_validate(settings.model_dump(exclude=_CONTROL_FIELDS))
 
 
+def feedback_rounds(spec: FineTuneRunSpec) -> int:
+    """Human-feedback rounds the run's online stage opens (0 without spec.humanFeedback or an online stage)."""
+    online = next((s for s in stageplan.ONLINE_STAGES if getattr(spec.stages, s) is not None), None)
+    if spec.human_feedback is None or online is None:
+        return 0
+    return max(0, spec.human_feedback.rounds(getattr(spec.stages, online).steps))
+
+
 def stage_job(spec: FineTuneRunSpec, *, run: RunRef, stage: str, config: OperatorConfig) -> StageJob:
     """The file the trainer reads for ``stage`` of this run."""
     def resolve(uri: str | None) -> str | None:
@@ -198,7 +206,12 @@ def stage_job(spec: FineTuneRunSpec, *, run: RunRef, stage: str, config: Operato
             progress_config_map=naming.progress_config_map_name(run.name),
             history_config_map=naming.history_config_map_name(run.name),
             report_interval_seconds=config.report_interval_seconds,
+            feedback_config_maps=[naming.feedback_config_map_name(run.name, r)
+                                  for r in range(1, feedback_rounds(spec) + 1)] if stage in stageplan.ONLINE_STAGES else [],
         ),
+        # Only runs with human-feedback rounds carry these, so every other run's job file is unchanged.
+        human_feedback=spec.human_feedback if stage in ("reward", *stageplan.ONLINE_STAGES) else None,
+        run_name=run.name if spec.human_feedback is not None else None,
     )
 
 
@@ -435,21 +448,41 @@ def history_config_map(run: RunRef) -> dict[str, Any]:
     }
 
 
-def trainer_access(run: RunRef) -> list[dict[str, Any]]:
-    """ServiceAccount, Role and RoleBinding that let the run's pods change only its progress ConfigMap."""
+def feedback_config_map(run: RunRef, round_: int) -> dict[str, Any]:
+    """The ConfigMap the online stage writes human-feedback round ``round_``'s candidates into (empty until then).
+
+    Created by the operator because a Role cannot grant ``create`` by name; the trainer patches it."""
+    labels = {**naming.run_labels(run.name), naming.LABEL_COMPONENT: naming.COMPONENT_FEEDBACK}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(run, naming.feedback_config_map_name(run.name, round_), labels=labels),
+        "data": {},
+    }
+
+
+def trainer_access(run: RunRef, *, feedback_rounds: int = 0) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding that let the run's pods change only its progress and history
+    ConfigMaps -- and, with ``feedback_rounds`` human-feedback rounds, the rounds' ConfigMaps by name and
+    ``list`` PreferenceLabels (the reward stage reads the labels it retrains on)."""
     name = naming.trainer_service_account_name(run.name)
+    names = [naming.progress_config_map_name(run.name), naming.history_config_map_name(run.name)]
+    names += [naming.feedback_config_map_name(run.name, r) for r in range(1, feedback_rounds + 1)]
+    rules: list[dict[str, Any]] = [{
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": names,
+        "verbs": ["get", "patch", "update"],
+    }]
+    if feedback_rounds:
+        rules.append({"apiGroups": [GROUP], "resources": ["preferencelabels"], "verbs": ["list"]})
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(run, name)},
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": _metadata(run, name),
-            "rules": [{
-                "apiGroups": [""],
-                "resources": ["configmaps"],
-                "resourceNames": [naming.progress_config_map_name(run.name), naming.history_config_map_name(run.name)],
-                "verbs": ["get", "patch", "update"],
-            }],
+            "rules": rules,
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -461,6 +494,8 @@ def trainer_access(run: RunRef) -> list[dict[str, Any]]:
     ]
 
 
-def run_infrastructure(run: RunRef) -> list[dict[str, Any]]:
-    """Everything created once when a run starts, in creation order."""
-    return [*trainer_access(run), progress_config_map(run), history_config_map(run)]
+def run_infrastructure(run: RunRef, *, feedback_rounds: int = 0) -> list[dict[str, Any]]:
+    """Everything created once when a run starts, in creation order (``feedback_rounds``: the human-feedback
+    rounds of spec.humanFeedback, each with its ConfigMap)."""
+    return [*trainer_access(run, feedback_rounds=feedback_rounds), progress_config_map(run), history_config_map(run),
+            *(feedback_config_map(run, r) for r in range(1, feedback_rounds + 1))]

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from ftoperator import builders, gangstage, naming, stageplan
+from ftoperator import builders, feedback, gangstage, naming, stageplan
 from ftoperator.api import (
     FailedCreate, FineTuneRunSpec, FineTuneRunStatus, StageStatus, Termination, effective_resources, parse_status,
 )
@@ -155,8 +155,10 @@ class _Pass:
 
     def __init__(self, *, run: RunRef, status: FineTuneRunStatus, pods: list[ObservedPod],
                  children: list[ObservedChild], now: datetime, config: OperatorConfig,
-                 refused: RefusedCreate | None = None):
+                 refused: RefusedCreate | None = None, label_counts: dict[int, int] | None = None):
         self.run = run
+        self.label_counts = label_counts or {}
+        """Human-feedback round -> PreferenceLabels preferring A or B (``ftoperator.feedback``)."""
         self.refused = refused
         self.may_create = refused is None
         """False while a refused create backs off, and in the pass that follows a refusal."""
@@ -236,7 +238,7 @@ class _Pass:
             self.start(spec)
         if self.may_create and self.create_backing_off():
             self.may_create = False
-        for obj in builders.run_infrastructure(self.run):
+        for obj in builders.run_infrastructure(self.run, feedback_rounds=feedback.round_count(spec)):
             self.ensure(obj)
         self.advance_stages(spec)
         record_digests(spec, self.status, generation=self.run.generation)
@@ -406,6 +408,10 @@ class _Pass:
         for stale in mine:
             if stale.attempt < attempt and stale.active:
                 self.decision.actions.append(DeletePod(stale.name, f"superseded by attempt {attempt}"))
+        if spec.human_feedback is not None and stage in stageplan.ONLINE_STAGES:
+            outcome = feedback.advance_online(self, spec, stage, self.label_counts)
+            if outcome is not None:
+                return outcome
 
         if attempt == 0:
             if self.start_attempt(spec, stage, 1):
@@ -623,8 +629,8 @@ class _Pass:
             gangstage.start_attempt(self, spec, stage, attempt)
             return True
         self.ensure_stage_config(spec, stage)
-        self.decision.actions.append(CreateObject(
-            builders.stage_pod(spec, run=self.run, stage=stage, attempt=attempt, config=self.config)))
+        pod = builders.stage_pod(spec, run=self.run, stage=stage, attempt=attempt, config=self.config)
+        self.decision.actions.append(CreateObject(feedback.with_round_env(pod, self.status.feedback_rounds, stage)))
         return True
 
     # ------------------------------------------------------------------ the run's summary
@@ -635,7 +641,8 @@ class _Pass:
         self.status.message = f"{stage}: {current.message}" if current.message else stage
         running = current.state == "Running"
         waiting = current.state == "WaitingForResources"
-        self.status.state = "Running" if running else "WaitingForResources" if waiting else "Pending"
+        self.status.state = ("Running" if running else "WaitingForResources" if waiting
+                             else "AwaitingFeedback" if current.state == "AwaitingFeedback" else "Pending")
         if current.state == "BackingOff" and current.retry_after:
             self.status.message = f"{stage}: {current.message}"
         self.condition(RUNNING, "True" if running else "False", "StageRunning" if running else "NotRunning",
@@ -696,6 +703,7 @@ def decide(
     now: datetime,
     config: OperatorConfig,
     refused: RefusedCreate | None = None,
+    label_counts: dict[int, int] | None = None,
 ) -> Decision:
     """The next step for one run. ``spec`` and ``status`` are the raw object's fields.
 
@@ -704,10 +712,11 @@ def decide(
     Role and RoleBinding -- whoever owns it: what is the run's own is not created again, what is
     not holds the run in ``WaitingForCleanup``. ``refused``: the API server refused a create of the
     decision made from the same inputs; this decision creates nothing and records the refusal.
+    ``label_counts``: for a run with spec.humanFeedback, the PreferenceLabels preferring A or B per round.
     """
     before = parse_status(status)
     work = _Pass(run=run, status=before.model_copy(deep=True), pods=pods, children=children, now=now,
-                 config=config, refused=refused)
+                 config=config, refused=refused, label_counts=label_counts)
     work.reconcile(spec)
     work.decision.transitions = _stage_transitions(before, work.status)
     return work.decision

@@ -31,6 +31,7 @@ _KIND_PATHS = {
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
     KIND: (f"/apis/{GROUP}/{VERSION}", PLURAL),
+    "PreferenceLabel": (f"/apis/{GROUP}/{VERSION}", "preferencelabels"),
 }
 
 

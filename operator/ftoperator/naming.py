@@ -43,6 +43,7 @@ MANAGED_BY = "finetune-operator"
 TRAINER_APP = "finetune-trainer"
 COMPONENT_PROGRESS = "progress"
 COMPONENT_HISTORY = "history"
+COMPONENT_FEEDBACK = "feedback"
 COMPONENT_TRAINER = "trainer"
 COMPONENT_STAGE_CONFIG = "stage-config"
 
@@ -87,6 +88,11 @@ def progress_config_map_name(run: str) -> str:
 def history_config_map_name(run: str) -> str:
     """ConfigMap the trainer writes the run's bounded metric history into (read by the console)."""
     return bounded(run, "-history")
+
+
+def feedback_config_map_name(run: str, round_: int) -> str:
+    """ConfigMap the online stage writes a human-feedback round's candidate pairs into (read by the console)."""
+    return bounded(run, f"-feedback-{round_}")
 
 
 def trainer_service_account_name(run: str) -> str:

@@ -19,6 +19,9 @@ NAMESPACED: dict[Permission, str] = {
     ("finetune.dev", "finetuneruns/status", "patch"): "kubeapi.patch_run_status",
     ("finetune.dev", "finetuneruns/finalizers", "update"):
         "children carry blockOwnerDeletion; the OwnerReferencesPermissionEnforcement admission plugin checks it",
+    ("finetune.dev", "preferencelabels", "list"):
+        "kubeapi.list_objects counts a human-feedback round's labels; granted to the run's Role (its reward stage "
+        "retrains on them)",
     ("", "pods", "get"): "kubeapi.get_object after a 409",
     ("", "pods", "list"): "kubeapi.list_pods; kopf watches pods",
     ("", "pods", "watch"): "kopf watches pods",

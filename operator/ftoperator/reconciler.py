@@ -82,7 +82,7 @@ class RunReconciler:
         old_status = obj.get("status") or {}
         now = self.clock()
         inputs = dict(run=run, spec=obj.get("spec"), status=old_status, pods=pods, children=children, now=now,
-                      config=self.config)
+                      config=self.config, label_counts=self._count_labels(run, obj.get("spec")))
         decision = decide(**inputs)
         refused = self._apply(run, decision)
         if refused is not None:
@@ -134,6 +134,20 @@ class RunReconciler:
             if raw is not None:
                 found.append(observe_child(raw))
         return found
+
+    def _count_labels(self, run: RunRef, spec: dict[str, Any] | None) -> dict[int, int] | None:
+        """Round -> PreferenceLabels preferring A or B, for a run with spec.humanFeedback (else None)."""
+        if not isinstance(spec, dict) or spec.get("humanFeedback") is None:
+            return None
+        from ftconsole import labels  # the console's pure model of a label: one reading of them
+
+        try:
+            found = self.api.list_objects("PreferenceLabel", run.namespace,
+                                          label_selector=f"{labels.LABEL_RUN}={labels.run_label_value(run.name)}")
+        except ApiError as exc:  # e.g. the PreferenceLabel CRD is not installed: the round waits
+            log.warning("%s/%s: cannot list PreferenceLabels: %s", run.namespace, run.name, exc)
+            return {}
+        return labels.preferences_per_round(labels.run_labels(found, run=run.name))
 
     def _check_existing_is_ours(self, run: RunRef, action: CreateObject) -> None:
         """After a 409: fine if the existing object is the run's own, else raise ``ChildConflict``."""

@@ -43,7 +43,7 @@ MIN_MEMORY_TEXT = "256Mi"
 RUN_FROZEN_FIELDS = ("spec.model", "spec.data", "spec.artifacts", "spec.image")
 TERMINAL_STATES = ("Succeeded", "Failed")
 NOT_STARTED_STAGE_STATES = ("Pending", "Skipped")
-IN_PROGRESS_STAGE_STATES = ("Starting", "WaitingForResources", "Running", "BackingOff", "Suspended")
+IN_PROGRESS_STAGE_STATES = ("Starting", "WaitingForResources", "Running", "BackingOff", "AwaitingFeedback", "Suspended")
 
 
 @dataclass(frozen=True)
@@ -260,11 +260,53 @@ def _check_distributed(spec: FineTuneRunSpec) -> list[FieldError]:
     return errors
 
 
+def _check_human_feedback(spec: FineTuneRunSpec) -> list[FieldError]:
+    """spec.humanFeedback needs an online stage to stop and a reward model to retrain."""
+    feedback = spec.human_feedback
+    if feedback is None:
+        return []
+    plan = stageplan.plan(spec)
+    online = next((stage for stage in plan.stages if stage in ONLINE_STAGES), None)
+    if plan.runs("dpo"):
+        return [FieldError("spec.humanFeedback", (
+            "rounds are not supported with DPO (no online stage to stop, no reward model to retrain): remove "
+            "spec.humanFeedback, label the DPO run's samples in the console, export them with `python -m ftconsole "
+            "labels export` and add them to spec.data.preferences of the next run (docs/console.md)"))]
+    if online is None:
+        return [FieldError("spec.humanFeedback", "needs an enabled online stage, spec.stages.ppo or spec.stages.grpo, "
+                           "whose responses are labelled")]
+    if not plan.trains_reward_model:
+        return [FieldError("spec.humanFeedback", (
+            "needs a reward model to retrain: enable spec.stages.reward and set spec.data.preferences (reward "
+            "functions alone cannot learn from labels)"))]
+    steps = getattr(spec.stages, online).steps
+    rounds = feedback.rounds(steps)
+    if rounds < 1:
+        return [FieldError("spec.humanFeedback.everySteps", (
+            f"{feedback.every_steps} opens no round before the last of spec.stages.{online}.steps ({steps}): use a "
+            "smaller value, or 0 for one round after the last step"))]
+    if rounds > feedback.max_rounds:
+        return [FieldError("spec.humanFeedback.everySteps", (
+            f"{feedback.every_steps} opens {rounds} rounds in spec.stages.{online}.steps ({steps}); at most "
+            f"{feedback.max_rounds}: use a larger value"))]
+    from ftoperator.gangstage import stage_nodes
+
+    # Round boundaries and retraining are decided per pod; a gang of pods stops and resumes as one,
+    # which the round logic does not do yet: refuse rather than half-work.
+    gangs = [stage for stage in (online, "reward") if stage_nodes(spec, stage) > 1]
+    if gangs:
+        return [FieldError("spec.humanFeedback", (
+            f"not supported yet with several pods per stage (resources.nodes above 1 for {', '.join(gangs)}): "
+            "run the online and reward stages on one pod each, or remove spec.humanFeedback"))]
+    return []
+
+
 def check_semantics(
     spec: FineTuneRunSpec, *, max_gpus_per_stage: int | None, default_image: str | None
 ) -> list[FieldError]:
     """Rules across fields that a schema cannot express."""
     errors = _check_stage_plan(spec)
+    errors += _check_human_feedback(spec)
     errors += _check_resources("spec.resources", spec.resources, max_gpus_per_stage)
     for stage in STAGE_ORDER:
         settings = getattr(spec.stages, stage)

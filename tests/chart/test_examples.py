@@ -64,7 +64,15 @@ def crd() -> dict:
 def test_the_promised_examples_exist():
     names = {p.name for p in RUN_EXAMPLES}
     assert {"gpu-1b-preferences.yaml", "heuristic-rewards.yaml", "multi-gpu.yaml", "multi-node.yaml",
-            "pod-template.yaml"} <= names
+            "pod-template.yaml", "tiny-feedback.yaml"} <= names
+
+
+def test_the_human_feedback_example_opens_two_rounds():
+    from ftoperator import builders
+    from ftoperator.validation import validate_spec
+
+    spec, errors = validate_spec(runs(REPO / "examples" / "tiny-feedback.yaml")[0]["spec"])
+    assert errors == [] and builders.feedback_rounds(spec) == 2
 
 
 def test_the_pod_template_example_shows_every_pod_template_field():

@@ -82,6 +82,9 @@ def recorded_permissions():
         "metadata": {"name": "demo-progress", "namespace": "ns",
                      "ownerReferences": [{"uid": "u1", "controller": True}]},
         "data": {"progress.json": '{"current": "sft", "stages": {"sft": {"step": 1}}}'}})
+    # A run with human-feedback rounds counts its PreferenceLabels on every pass.
+    client.run = {**run, "spec": {**SPEC, "humanFeedback": {"labelsNeeded": 4}}}
+    reconciler.reconcile("ns", "demo")
     # A create that answers 409 makes the operator read the existing pod to see whose it is.
     client.run, client.pods, client.conflicts = run, [], True
     with pytest.raises(ChildConflict):

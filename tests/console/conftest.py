@@ -15,3 +15,12 @@ def helm() -> str:
     from localcluster import tools
 
     return str(tools.helm_path())
+
+
+@pytest.fixture
+def browser():
+    """Headless chromium (browserlib.chromium), shared by the fake-cluster and the real-cluster browser tests."""
+    from browserlib import chromium
+
+    with chromium() as driver:
+        yield driver

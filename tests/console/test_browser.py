@@ -9,6 +9,7 @@ import threading
 from http.server import ThreadingHTTPServer
 
 import pytest
+from browserlib import log_in, press_and_wait_for_count
 from fakes import FakeKube, history_data, run_object
 
 from ftconsole.server import Console, handler_class
@@ -36,22 +37,6 @@ def console_url():
         server.shutdown()
 
 
-@pytest.fixture
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 def test_log_in_watch_a_run_and_label_with_the_keyboard(console_url, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -59,9 +44,8 @@ def test_log_in_watch_a_run_and_label_with_the_keyboard(console_url, browser):
     url, kube = console_url
     wait = WebDriverWait(browser, 20)
     browser.get(url + "/")  # not logged in: the login form
-    browser.find_element(By.NAME, "token").send_keys("alice-token")
-    browser.find_element(By.CSS_SELECTOR, "form button").click()
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.run"))
+    assert browser.find_elements(By.NAME, "token")
+    log_in(browser, url, "alice-token", wait)
     assert "demo" in browser.find_element(By.ID, "runs").text and "secret" not in browser.page_source
 
     browser.find_element(By.LINK_TEXT, "demo").click()
@@ -83,4 +67,35 @@ def test_log_in_watch_a_run_and_label_with_the_keyboard(console_url, browser):
                    and (key != "s" or "pair 4 of 4" in d.find_element(By.ID, "pair-position").text))
     assert [label["spec"]["choice"] for label in kube.labels] == ["a", "b", "bothBad"]
     assert {label["spec"]["labeller"] for label in kube.labels} == {"alice"}
+    assert browser.execute_script("return window.ftOwned") is None
+
+
+def test_label_an_open_feedback_round_with_the_keyboard(console_url, browser):
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, kube = console_url
+    run = kube.runs[0]
+    run["status"]["state"] = "AwaitingFeedback"
+    run["status"]["feedbackRounds"] = [{"round": 1, "state": "AwaitingLabels", "stage": "ppo", "attempt": 1,
+                                        "labels": 0, "needed": 3, "since": "2026-12-01T15:00:00Z"}]
+    pairs = [{"prompt": f"round prompt {i}", "responses": [{"text": f"policy {i}", "source": "ppo@10"},
+                                                           {"text": INJECTED if i == 0 else f"sft {i}", "source": "sft"}]}
+             for i in range(3)]
+    kube.config_maps[("team-a", "demo-feedback-1")] = {"candidates.json": json.dumps({"round": 1, "pairs": pairs})}
+    wait = WebDriverWait(browser, 20)
+    log_in(browser, url, "alice-token", wait)
+    assert "0/3 labels" in browser.find_element(By.ID, "runs").text
+
+    browser.find_element(By.CSS_SELECTOR, "a.feedback-count").click()
+    wait.until(lambda d: d.find_elements(By.ID, "feedback-round"))
+    assert browser.find_element(By.ID, "pair-position").text == "pair 1 of 3"
+    assert "round prompt 0" in browser.find_element(By.CSS_SELECTOR, "section.pair:not([hidden])").text
+    press_and_wait_for_count(browser, wait, [("2", 1), ("1", 2), ("t", 3)])
+    assert [(label["spec"]["round"], label["spec"]["choice"]) for label in kube.labels] == [
+        (1, "b"), (1, "a"), (1, "tie")]
+    assert [label["metadata"]["labels"]["finetune.dev/round"] for label in kube.labels] == ["1", "1", "1"]
+    assert kube.labels[0]["spec"]["responses"][1]["text"] == INJECTED  # labelled as the text it is
     assert browser.execute_script("return window.ftOwned") is None

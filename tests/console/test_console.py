@@ -197,3 +197,34 @@ def test_history_from_a_pod_is_not_trusted():
                              {"stage": "ppo", "step": 9, "prompt": "q", "response": "same"},
                              {"stage": "ppo", "step": 12, "prompt": "q", "response": "same"}])
     assert len(pairs) == 1 and {pairs[0].a, pairs[0].b} == {"x", "y"}
+
+
+def test_an_open_feedback_round_is_labelled_from_its_candidates_and_counted(console, kube):
+    kube.allow("alice", "get", "finetuneruns", "team-a")
+    kube.allow("alice", "list", "preferencelabels", "team-a")
+    kube.allow("alice", "create", "preferencelabels", "team-a")
+    kube.allow("alice", "list", "finetuneruns", "team-a")
+    run = kube.runs[0]
+    run["status"]["state"] = "AwaitingFeedback"
+    run["status"]["feedbackRounds"] = [{"round": 2, "state": "AwaitingLabels", "stage": "ppo", "attempt": 3,
+                                        "labels": 1, "needed": 4, "since": "2026-12-01T15:00:00Z"}]
+    candidates = {"round": 2, "stage": "ppo", "step": 40, "pairs": [
+        {"prompt": "Name a pet", "responses": [{"text": "cats", "source": "ppo@40"}, {"text": SCRIPT, "source": "sft"}]},
+        {"prompt": "Greet", "responses": [{"text": "hi", "source": "ppo@40"}, {"text": "yo", "source": "ppo@40"}]},
+        {"prompt": "broken", "responses": [{"text": "only one"}]}]}
+    kube.config_maps[("team-a", "demo-feedback-2")] = {"candidates.json": json.dumps(candidates)}
+    console.handle("POST", "/api/labels", POST_HEADERS, label_body(round=2))  # one label of the round already
+
+    page = console.handle("GET", "/runs/team-a/demo/label", ALICE).text
+    assert page.count('class="pair"') == 2, "the round's candidates, not the sample history's pairs"
+    assert "Name a pet" in page and "Say hi" not in page and "<script>alert" not in page
+    assert 'data-round="2"' in page and "Human-feedback round 2" in page and ">1/4<" in page
+    created = console.handle("POST", "/api/labels", POST_HEADERS, label_body(round=2, prompt="Name a pet"))
+    assert created.status == 201 and kube.labels[-1]["metadata"]["labels"]["finetune.dev/round"] == "2"
+
+    runs = console.handle("GET", "/", ALICE).text
+    assert "AwaitingFeedback" in runs and "1/4 labels" in runs and 'href="/runs/team-a/demo/label"' in runs
+
+    run["status"]["feedbackRounds"][0]["state"] = "Retraining"  # closed: back to the sample history's pairs
+    page = console.handle("GET", "/runs/team-a/demo/label", ALICE).text
+    assert "Say hi" in page and 'data-round="0"' in page

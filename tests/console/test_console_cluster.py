@@ -25,6 +25,7 @@ import urllib.request
 
 import pytest
 import yaml
+from browserlib import log_in, press_and_wait_for_count
 from chartlib import CHART, REPO
 
 sys.path.insert(0, str(REPO / "hack"))
@@ -225,22 +226,6 @@ def test_a_user_without_rbac_gets_403_and_sees_no_runs(kube_cluster, users, trai
     assert get(console_url, f"/runs/{TEAM_B}/hidden", alice)[0] == 403
 
 
-@pytest.fixture
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 def screenshot(driver, name, *, height=None):
     if height:
         driver.set_window_size(1400, height)
@@ -261,10 +246,7 @@ def test_in_a_browser_alice_sees_plots_and_samples_and_labels_with_the_keyboard(
                          json.dumps({"data": {"history.json": json.dumps(document)}}))
     wait = WebDriverWait(browser, 30)
 
-    browser.get(console_url + "/login")
-    browser.find_element(By.NAME, "token").send_keys(users["alice"])
-    browser.find_element(By.CSS_SELECTOR, "form button").click()
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.run"))
+    log_in(browser, console_url, users["alice"], wait)
     runs_text = browser.find_element(By.ID, "runs").text
     assert trained_run in runs_text and "hidden" not in runs_text
     screenshot(browser, "console-runs.png", height=500)
@@ -293,10 +275,7 @@ def test_in_a_browser_alice_sees_plots_and_samples_and_labels_with_the_keyboard(
     browser.get(f"{console_url}/runs/{TEAM_A}/{trained_run}/label")
     wait.until(lambda d: [s for s in d.find_elements(By.CSS_SELECTOR, "section.pair") if s.is_displayed()])
     screenshot(browser, "console-label.png", height=900)
-    body = browser.find_element(By.TAG_NAME, "body")
-    for key, saved in (("1", 1), ("2", 2), ("t", 3)):
-        body.send_keys(key)
-        wait.until(lambda d, n=saved: f"{n} labels so far" in d.find_element(By.ID, "label-progress").text)
+    press_and_wait_for_count(browser, wait, [("1", 1), ("2", 2), ("t", 3)])
 
     labels = labels_in(kube_cluster, TEAM_A)
     assert sorted(label["spec"]["choice"] for label in labels) == ["a", "b", "tie"]
@@ -309,3 +288,73 @@ def test_in_a_browser_alice_sees_plots_and_samples_and_labels_with_the_keyboard(
     rows = [json.loads(line) for line in export.stdout.splitlines()]
     assert len(rows) == 2 and all(set(row) == {"prompt", "chosen", "rejected"} for row in rows)
     assert "left out 1 tie" in export.stderr
+
+
+FEEDBACK_EXAMPLE = REPO / "examples" / "tiny-feedback.yaml"
+
+
+@pytest.fixture(scope="module")
+def feedback_run(kube_cluster, release):
+    """examples/tiny-feedback.yaml with one round (after PPO step 20 of 30), applied in namespace A."""
+    (run,) = [d for d in yaml.safe_load_all(FEEDBACK_EXAMPLE.read_text()) if d and d.get("kind") == "FineTuneRun"]
+    run["metadata"] = {"name": run["metadata"]["name"], "namespace": TEAM_A}
+    run["spec"]["humanFeedback"].update(everySteps=20, labelsNeeded=6, heldOutShare=0.5, includeSft=True)
+    claims = [d["metadata"]["name"] for d in yaml.safe_load_all(STORAGE.read_text()) if d]
+    pvc_root = [kube_cluster.pvc_dir(TEAM_A, claim) for claim in claims][0].parent  # each claim's PVC
+    demo_assets.write_for_run(run["spec"], pvc_root=pvc_root, log=lambda line: None)
+    wait_for("the feedback run to be admitted",
+             lambda: kube_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(run), check=False).returncode == 0,
+             timeout_seconds=180)
+    return run["metadata"]["name"]
+
+
+def test_a_feedback_round_is_labelled_in_the_browser_and_the_run_continues_to_the_end(
+        kube_cluster, users, feedback_run, console_url, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    started = time.monotonic()
+    name = feedback_run
+    status = wait_for(f"{name} to wait for feedback",
+                      lambda: (s := run_status(kube_cluster, TEAM_A, name)).get("state") in (
+                          "AwaitingFeedback", "Succeeded", "Failed") and s,
+                      timeout_seconds=1200, diagnose=lambda: yaml.safe_dump(run_status(kube_cluster, TEAM_A, name)))
+    assert status["state"] == "AwaitingFeedback", yaml.safe_dump(status)
+    (opened,) = status["feedbackRounds"]
+    assert opened["round"] == 1 and opened["step"] == 20 and opened["candidates"] == 8 and opened["needed"] == 6
+    assert "round 1: 0/6 labels" in status["message"]
+    waited = time.monotonic() - started
+
+    wait = WebDriverWait(browser, 30)
+    log_in(browser, console_url, users["alice"], wait)
+    assert "0/6 labels" in browser.find_element(By.ID, "runs").text
+    browser.find_element(By.CSS_SELECTOR, "a.feedback-count").click()
+    wait.until(lambda d: d.find_elements(By.ID, "feedback-round"))
+    sources = {c.get_attribute("data-source") for c in browser.find_elements(By.CSS_SELECTOR, ".candidate")}
+    assert sources == {"sft", "ppo@20"}, sources  # includeSft: one response of each pair from the SFT model
+    # Prefer the answer that mentions cats (what the reward model already likes), else A; one tie, which
+    # does not count: 7 key presses for the 6 labels needed.
+    keys = []
+    for index in range(7):
+        pair = browser.find_elements(By.CSS_SELECTOR, "section.pair")[index]
+        texts = [browser.execute_script("return arguments[0].textContent", r)
+                 for r in pair.find_elements(By.CSS_SELECTOR, ".response")]
+        keys.append(("t" if index == 3 else "2" if "cats" in texts[1] and "cats" not in texts[0] else "1",
+                     index + 1))
+    press_and_wait_for_count(browser, wait, keys)
+    labels = [item["spec"] for item in labels_in(kube_cluster, TEAM_A) if item["spec"]["run"] == name]
+    assert len(labels) == 7 and {label["round"] for label in labels} == {1}
+
+    done = wait_for(f"{name} to leave AwaitingFeedback and finish",
+                    lambda: (s := run_status(kube_cluster, TEAM_A, name)).get("state") in ("Succeeded", "Failed") and s,
+                    timeout_seconds=1200, diagnose=lambda: yaml.safe_dump(run_status(kube_cluster, TEAM_A, name)))
+    assert done["state"] == "Succeeded", yaml.safe_dump(done)
+    (closed,) = done["feedbackRounds"]
+    assert closed["state"] == "Done" and closed["labels"] == 6 and closed["rewardAttempt"] == 2
+    assert 0 <= closed["heldOutAccuracy"] <= 1 and "heldOutAccuracyBefore" in closed
+    assert done["stages"]["ppo"]["attempts"] == 2 and done["stages"]["ppo"]["failures"] == 0
+    reasons = kube_cluster.kubectl("get", "events", "-n", TEAM_A, "--field-selector",
+                                   f"involvedObject.name={name}", "-o", "jsonpath={.items[*].reason}").stdout.split()
+    assert {"FeedbackRoundOpened", "FeedbackRoundRetraining", "FeedbackRoundClosed"} <= set(reasons)
+    print(f"feedback run: {waited:.0f}s to AwaitingFeedback, {time.monotonic() - started:.0f}s to Succeeded; held-out "
+          f"human-label accuracy {closed.get('heldOutAccuracyBefore')} -> {closed['heldOutAccuracy']}")

@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "ftoperator"
 PURE = ["api", "podapi", "leadership", "naming", "conditions", "stageplan", "validation", "builders", "observe", "decide",
-        "progress", "mergepatch", "gang", "gangstage",
+        "progress", "mergepatch", "gang", "gangstage", "feedback",
         "crdgen", "config"]
 FORBIDDEN_IN_PURE = {"kopf", "kubernetes", "ftoperator.kubeapi", "ftoperator.reconciler", "ftoperator.handlers",
                      "ftoperator.metrics", "time", "urllib", "requests", "aiohttp", "socket", "subprocess"}

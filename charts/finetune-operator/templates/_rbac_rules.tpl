@@ -17,6 +17,11 @@ Shared by the ClusterRole (rbac.scope=cluster) and the per-namespace Roles
 - apiGroups: ["finetune.dev"]
   resources: ["finetuneruns/finalizers"]
   verbs: ["update"]
+# Human-feedback rounds: the operator counts a round's labels, and grants the run's
+# pods list (its reward stage retrains on them).
+- apiGroups: ["finetune.dev"]
+  resources: ["preferencelabels"]
+  verbs: ["list"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete"]

@@ -63,6 +63,7 @@ function labelling() {
       responses: Array.from(candidates).map((c) => ({text: c.querySelector(".response").textContent,
                                                      source: c.dataset.source})),
       choice: choice,
+      round: Number(root.dataset.round || 0),  // the open human-feedback round these candidates are from
     };
     try {
       const response = await fetch("/api/labels", {
