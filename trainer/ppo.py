@@ -30,6 +30,7 @@ import torch
 from trainer import ppo_math, runtime
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import LoraConfig
+from trainer.lean_decoder import LeanDecoder
 from trainer.modeling import (AdapterDisabled, checkpoint_trainable_weights_only, disable_dropout,
                               enable_gradient_checkpointing, load_causal_lm, load_reference, load_tokenizer,
                               model_options, prepare_model_source, save_final, with_lora)
@@ -84,8 +85,12 @@ class ValueModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids).last_hidden_state  # (b, s, d)
+        lean = LeanDecoder.of(self.backbone)
+        if lean is not None:
+            hidden = lean.forward_hidden(input_ids, attention_mask, position_ids)  # (b, s, d)
+        else:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids).last_hidden_state  # (b, s, d)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (b, s)
 
 
@@ -250,7 +255,9 @@ def run(ctx: StageContext) -> Path:
 
     params = [p for p in policy.parameters() if p.requires_grad] + \
         [p for p in value_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # foreach: the same arithmetic as the per-tensor loop torch picks on the CPU (bit for bit), in a few ops
+    # over all tensors instead of ~10 per tensor (benchmarks/README.md).
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(
         s, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
     policy, value_model, optimizer = acc.prepare(policy, value_model, optimizer)
