@@ -110,13 +110,13 @@ class LeanDecoder:
 
     def hidden(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor, mask: torch.Tensor | None,
                rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-               cache: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
+               cache: "KVCache | None" = None) -> torch.Tensor:
         """Final-norm hidden states (b, s, hidden) of ``input_ids`` (b, s).
 
         ``mask`` comes from ``attention_mask`` (None: causal without padding when s > 1, or no mask for
         one query). ``rotary`` may be given precomputed (``rotary(position_ids, dtype)``). With ``cache``
-        (a list of [key, value] per layer, empty lists at the start) keys and values are appended to it and
-        the queries attend to everything cached before them, as with transformers' DynamicCache.
+        (a ``KVCache``) keys and values are appended to it and the queries attend to everything cached
+        before them, as with transformers' DynamicCache.
         """
         x = self.base.embed_tokens(input_ids)
         cos, sin = rotary if rotary is not None else self.rotary(position_ids, x.dtype)
@@ -132,17 +132,14 @@ class LeanDecoder:
             v = attn.v_proj(h).view(shape).transpose(1, 2)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             if cache is not None:
-                entry = cache[index]
-                if entry:
-                    k = entry[0] = torch.cat([entry[0], k], dim=-2)
-                    v = entry[1] = torch.cat([entry[1], v], dim=-2)
-                else:
-                    entry.extend((k, v))
+                k, v = cache.update(index, k, v)
             out = self._attend(attn, q, k, v, mask, dropout=attn.attention_dropout if training else 0.0)
             x = x + attn.o_proj(out.reshape(b, s, -1).contiguous())
             h = self._rms_norm(layer.post_attention_layernorm, x)
             mlp = layer.mlp
             x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        if cache is not None:
+            cache.filled += s
         return self._rms_norm(self.base.norm, x)
 
     def _attend(self, attn, q, k, v, mask, *, dropout: float) -> torch.Tensor:
@@ -176,3 +173,26 @@ class LeanDecoder:
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     b, g, k, d = x.shape
     return x[:, :, None].expand(b, g, groups, k, d).reshape(b, g * groups, k, d)
+
+
+class KVCache:
+    """Every layer's keys and values in buffers allocated once for ``length`` positions; attention reads the
+    filled prefix (a view), so a step writes its own key and value instead of copying the whole cache as
+    ``torch.cat`` does, and never attends over unfilled positions (what made transformers' StaticCache slower)."""
+
+    def __init__(self, layers: int, length: int):
+        self.length = length
+        self.filled = 0
+        self.keys: list[torch.Tensor | None] = [None] * layers
+        self.values: list[torch.Tensor | None] = [None] * layers
+
+    def update(self, index: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (b, g, s, d) ``key`` and ``value`` after the filled prefix; return the keys and values so far."""
+        if self.keys[index] is None:
+            b, g, _, d = key.shape
+            self.keys[index] = key.new_empty(b, g, self.length, d)
+            self.values[index] = value.new_empty(b, g, self.length, d)
+        end = self.filled + key.shape[2]
+        self.keys[index][:, :, self.filled:end] = key
+        self.values[index][:, :, self.filled:end] = value
+        return self.keys[index][:, :, :end], self.values[index][:, :, :end]
