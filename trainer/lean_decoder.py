@@ -196,3 +196,21 @@ class KVCache:
         self.keys[index][:, :, self.filled:end] = key
         self.values[index][:, :, self.filled:end] = value
         return self.keys[index][:, :, :end], self.values[index][:, :, :end]
+
+
+def classifier_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``model(input_ids=..., attention_mask=...).logits`` of a sequence classifier (a reward model): the score
+    head read at each row's last token that is not the pad token, through the lean pass when it covers the
+    model. (b, labels)."""
+    lean = LeanDecoder.of(model)
+    score = getattr(model, "score", None)
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if lean is None or not isinstance(score, torch.nn.Linear) or pad_id is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    s = input_ids.shape[1]
+    position_ids = torch.arange(s, device=input_ids.device)[None]  # what the model uses when given none
+    logits = score(lean.forward_hidden(input_ids, attention_mask, position_ids))  # (b, s, labels)
+    # transformers' pooling: the rightmost token that is not pad, whatever the attention mask says
+    non_pad = (input_ids != pad_id).to(logits.device, torch.int32)
+    last = (torch.arange(s, device=logits.device, dtype=torch.int32) * non_pad).argmax(-1)
+    return logits[torch.arange(input_ids.shape[0], device=logits.device), last]

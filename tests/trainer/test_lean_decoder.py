@@ -7,14 +7,19 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
+def _config(kv_heads: int = 4, **overrides):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=kv_heads, intermediate_size=64, max_position_embeddings=128,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **overrides)
+
+
 def _llama(kv_heads: int = 4, **overrides):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=kv_heads, intermediate_size=64, max_position_embeddings=128,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **overrides)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(_config(kv_heads, **overrides)).eval()
 
 
 def _batch(padded: bool = True):
@@ -111,3 +116,18 @@ def test_a_lora_model_uses_its_own_forward():
 
     model = get_peft_model(_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     assert LeanDecoder.of(model) is None
+
+
+def test_a_reward_models_scores_through_the_lean_pass_equal_its_forward():
+    """Right-padded rows as the reward scorer pads them, pooled at the last token that is not pad."""
+    from transformers import AutoModelForSequenceClassification
+
+    from trainer.lean_decoder import LeanDecoder, classifier_logits
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(_config(num_labels=1)).eval()
+    assert LeanDecoder.of(model) is not None
+    ids = torch.tensor([[5, 6, 7, 30, 2], [8, 9, 0, 0, 0], [20, 21, 22, 23, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        assert torch.equal(classifier_logits(model, ids, mask), model(input_ids=ids, attention_mask=mask).logits)
