@@ -13,6 +13,10 @@ default: on a 2-core machine shared with other work, two spinning OpenMP threads
 wait for a core (a 32-token generation took 15 s with 2 threads and 0.07 s with 1 under load),
 which measures the machine, not the code. Steady state: the first update of every run is a
 warm-up and is left out.
+
+Two clocks: the wall clock (what a user waits for) and this process's CPU time (``time.process_time``;
+what the code costs: time spent waiting for a core, which other work on a shared machine adds in
+bursts, does not count). Rates and ratios are printed on both; our per-phase split is in CPU time.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import os
 import random
@@ -27,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -100,7 +106,7 @@ class RunResult:
     """Per second of this process's CPU time over the same steps: what the code costs, less moved by
     other processes taking the cores (time spent waiting for a core does not count)."""
     seconds: dict[str, float] = field(default_factory=dict)
-    """Our stage only: seconds per step in each phase (generation, forward, scoring, optimisation, other)."""
+    """Our stage only: CPU seconds per step in each phase (generation, forward, scoring, optimisation, other)."""
 
 
 class Stamps:
@@ -141,16 +147,21 @@ def run_ours(work: Path, *, stage: str, job: dict, name: str) -> RunResult:
         return report(self, kind, **kwargs)
 
     StageContext.report = stamped
+    # The stage's phase timers (trainer.rollout.now) read this process's CPU time here, like the CPU rates.
+    rollout = importlib.import_module("trainer.rollout")
+    clock = rollout.time
+    rollout.time = types.SimpleNamespace(perf_counter=time.process_time)
     try:
         if main(["--stage", stage, "--config", str(config)]) != 0:
             raise SystemExit(f"our {stage} failed: {(work / 'termination-log').read_text()}")
     finally:
         StageContext.report = report
+        rollout.time = clock
     events = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     timed = [e for e in events if e["kind"] == "progress" and e.get("metrics")][1:]
     split = {k: statistics.mean(e["metrics"].get(f"{k}_seconds", 0.0) for e in timed)
              for k in ("generation", "forward", "scoring", "optimisation")}
-    split["other"] = (stamps.wall[-1] - stamps.wall[0]) / len(timed) - sum(split.values())
+    split["other"] = (stamps.cpu[-1] - stamps.cpu[0]) / len(timed) - sum(split.values())
     return stamps.result(job[stage]["batchSize"], split)
 
 
@@ -277,7 +288,7 @@ def summarise(title: str, mine: list[RunResult], trl: list[RunResult], *, unit: 
                       "ratio_iqr": [q1, q3], "ratio_min": min(ratios), "ratio_max": max(ratios)}
     split = {k: statistics.median(r.seconds[k] for r in mine) for k in mine[0].seconds}
     total = sum(split.values())
-    print("our step time (median s, wall): "
+    print("our step's CPU time (median): "
           + ", ".join(f"{k} {v * 1000:.0f} ms ({v / total:.0%})" for k, v in split.items()), flush=True)
     out["our_split_seconds"] = split
     return out
