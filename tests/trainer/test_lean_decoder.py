@@ -131,3 +131,18 @@ def test_a_reward_models_scores_through_the_lean_pass_equal_its_forward():
     mask = (ids != 0).long()
     with torch.no_grad():
         assert torch.equal(classifier_logits(model, ids, mask), model(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=["fp32-weights", "bf16-weights"])
+def test_the_lean_pass_equals_the_models_forward_under_bf16_autocast(weights):
+    """What bf16 runs do: fp32 master weights (or a bf16 frozen copy) under autocast."""
+    from trainer.lean_decoder import LeanDecoder
+    from trainer.rollout import positions
+
+    model = _llama(2).to(weights)
+    ids, mask, _, _ = _batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+        lean = LeanDecoder.of(model)
+        got = lean.logits(lean.forward_hidden(ids, mask, positions(mask)))
+    assert torch.equal(got, expected)
