@@ -55,8 +55,8 @@ class LeanDecoder:
             return None
         if getattr(config, "_attn_implementation", None) != "sdpa":
             return None
-        rope = getattr(config, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") not in STATIC_ROPE_TYPES:
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}  # 5.x, 4.x
+        if rope.get("rope_type", rope.get("type", "default")) not in STATIC_ROPE_TYPES:
             return None
         if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
             return None
