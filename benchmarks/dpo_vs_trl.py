@@ -23,19 +23,15 @@ TRL is a benchmark-only dependency, installed into its own virtualenv beside the
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from tiny_workload import (GOOD_WORDS, WORDS, RunResult, alternate, build_models, prompts, run_ours,  # noqa: E402
-                           steady_rate, summarise)
+from tiny_workload import (GOOD_WORDS, WORDS, RunResult, alternate, parser, run_ours, summarise,  # noqa: E402
+                           train_trl, workload, write_json)
 
 BATCH = 8
 BETA = 0.1
@@ -63,7 +59,7 @@ def dpo_ours(work: Path, sft: Path, data: Path, *, steps: int, rep: int) -> RunR
 def dpo_trl(work: Path, sft: Path, rows: list[dict], *, steps: int, rep: int, precompute: bool) -> RunResult:
     from accelerate.state import AcceleratorState
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     AcceleratorState._reset_state(True)  # our stage's Accelerator may have set it up another way
@@ -74,62 +70,37 @@ def dpo_trl(work: Path, sft: Path, rows: list[dict], *, steps: int, rep: int, pr
         save_strategy="no", logging_steps=1, bf16=False, fp16=False, use_cpu=True, seed=0, disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    stamps: list[float] = []
-
-    class StepTimes(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
-
-    torch.manual_seed(0)
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(sft), args=args,
-                         train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(sft),
-                         callbacks=[StepTimes()])
-    trainer.train()
-    AcceleratorState._reset_state(True)
-    return RunResult(steady_rate(stamps, BATCH))
+    try:
+        return train_trl(lambda callbacks: DPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(sft), args=args, train_dataset=Dataset.from_list(rows),
+            processing_class=AutoTokenizer.from_pretrained(sft), callbacks=callbacks,
+        ), batch=BATCH)
+    finally:
+        AcceleratorState._reset_state(True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per run (the first is a warm-up; "
-                                                               "at most 32, one epoch of the 256 pairs)")
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each side, alternating")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (see tiny_workload.py)")
-    parser.add_argument("--trl-reference", choices=["precomputed", "every-step", "both"], default="both",
-                        help="TRL's reference log-probs: precomputed once (like ours) or a reference model per step")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
-    try:
-        import trl
-    except ImportError:
-        sys.exit("trl is not installed here: run benchmarks/trl_venv.sh 1.16.0 and use that venv's python")
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, trl {trl.__version__}, "
-          f"{args.steps} steps per run (first excluded), {args.repeats} runs per side", flush=True)
+    cli = parser(__doc__, steps=24, steps_help="optimizer steps per run (the first is a warm-up; at most 32, one "
+                                                "epoch of the 256 pairs)")
+    cli.add_argument("--trl-reference", choices=["precomputed", "every-step", "both"], default="both",
+                     help="TRL's reference log-probs: precomputed once (like ours) or a reference model per step")
+    args = cli.parse_args()
     variants = {"precomputed": True, "every-step": False}
     wanted = list(variants) if args.trl_reference == "both" else [args.trl_reference]
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        sft, _ = build_models(work)
-        rows = preference_rows(prompts(AutoTokenizer.from_pretrained(sft)))
-        data = work / "preferences.jsonl"
+    with workload(args, trl_version="1.16.0") as w:
+        rows = preference_rows(w.texts)
+        data = w.work / "preferences.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         for name in wanted:
             mine, theirs = alternate(
-                lambda rep: dpo_ours(work, sft, data, steps=args.steps, rep=len(results) * 100 + rep),
-                lambda rep: dpo_trl(work, sft, rows, steps=args.steps, rep=len(results) * 100 + rep,
+                lambda rep: dpo_ours(w.work, w.sft, data, steps=args.steps, rep=len(results) * 100 + rep),
+                lambda rep: dpo_trl(w.work, w.sft, rows, steps=args.steps, rep=len(results) * 100 + rep,
                                     precompute=variants[name]),
                 repeats=args.repeats)
             results.append(summarise(f"DPO, {BATCH} pairs per step, TRL's reference {name}", mine, theirs,
                                      unit="pairs/s"))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args, results)
 
 
 if __name__ == "__main__":

@@ -19,18 +19,13 @@ TRL is a benchmark-only dependency, installed into its own virtualenv beside the
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from tiny_workload import (RunResult, alternate, build_models, good_words, prompts, run_ours,  # noqa: E402
-                           steady_rate, summarise)
+from tiny_workload import (RunResult, alternate, good_words, parser, run_ours, summarise, train_trl,  # noqa: E402
+                           workload, write_json)
 
 BATCH = 16
 GROUP = 4
@@ -55,7 +50,7 @@ def grpo_ours(work: Path, sft: Path, prompt_file: Path, *, steps: int, rep: int)
 
 def grpo_trl(work: Path, sft: Path, texts: list[str], *, steps: int, rep: int) -> RunResult:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(sft)
@@ -68,56 +63,21 @@ def grpo_trl(work: Path, sft: Path, texts: list[str], *, steps: int, rep: int) -
         mask_truncated_completions=False, save_strategy="no", logging_steps=1, bf16=False, fp16=False,
         use_cpu=True, seed=0, disable_tqdm=True, log_completions=False,
     )
-    stamps: list[float] = []
-
-    class StepTimes(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
-
-    torch.manual_seed(0)
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(sft), reward_funcs=good_words, args=args,
-                          train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
-                          callbacks=[StepTimes()])
-    trainer.train()
-    return RunResult(steady_rate(stamps, BATCH))
+    return train_trl(lambda callbacks: GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(sft), reward_funcs=good_words, args=args,
+        train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer, callbacks=callbacks,
+    ), batch=BATCH)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run (the first is a warm-up)")
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each side, alternating")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (see tiny_workload.py)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--trainer-tree", type=Path, help="import our trainer from this directory instead, to "
-                        "measure another commit (git archive COMMIT trainer | tar -x -C DIR)")
-    args = parser.parse_args()
-    if args.trainer_tree:
-        sys.path.insert(0, str(args.trainer_tree.resolve()))
-    try:
-        import trl
-    except ImportError:
-        sys.exit("trl is not installed here: run benchmarks/trl_venv.sh 1.16.0 and use that venv's python")
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, trl {trl.__version__}, "
-          f"{args.steps} steps per run (first excluded), {args.repeats} runs per side", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        sft, _ = build_models(work)
-        texts = prompts(AutoTokenizer.from_pretrained(sft))
-        prompt_file = work / "prompts.jsonl"
-        prompt_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
-        mine, theirs = alternate(lambda rep: grpo_ours(work, sft, prompt_file, steps=args.steps, rep=rep),
-                                 lambda rep: grpo_trl(work, sft, texts, steps=args.steps, rep=rep),
+    args = parser(__doc__, steps=10, steps_help="optimizer steps per run (the first is a warm-up)").parse_args()
+    with workload(args, trl_version="1.16.0") as w:
+        mine, theirs = alternate(lambda rep: grpo_ours(w.work, w.sft, w.prompt_file, steps=args.steps, rep=rep),
+                                 lambda rep: grpo_trl(w.work, w.sft, w.texts, steps=args.steps, rep=rep),
                                  repeats=args.repeats)
         result = summarise(f"GRPO, batch {BATCH} (group {GROUP}), up to {RESPONSE_TOKENS} response tokens",
                            mine, theirs)
-    if args.json:
-        args.json.write_text(json.dumps([result], indent=2))
+    write_json(args, [result])
 
 
 if __name__ == "__main__":

@@ -17,19 +17,14 @@ TRL is a benchmark-only dependency, installed into its own virtualenv beside the
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from tiny_workload import RunResult, alternate, build_models, prompts, run_ours, steady_rate, summarise  # noqa: E402
+from tiny_workload import RunResult, alternate, parser, run_ours, summarise, train_trl, workload, write_json  # noqa: E402
 
 BATCH = 8
 RESPONSE_TOKENS = 32
@@ -51,8 +46,7 @@ def ppo_ours(work: Path, sft: Path, rm: Path, prompt_file: Path, *, epochs: int,
 
 def ppo_trl(work: Path, sft: Path, rm: Path, texts: list[str], *, epochs: int, steps: int, rep: int) -> RunResult:
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              TrainerCallback)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(sft)
@@ -66,64 +60,29 @@ def ppo_trl(work: Path, sft: Path, rm: Path, texts: list[str], *, epochs: int, s
         local_rollout_forward_batch_size=BATCH, num_sample_generations=0, save_strategy="no",
         logging_steps=1, bf16=False, fp16=False, use_cpu=True, seed=0, disable_tqdm=True,
     )
-    stamps: list[float] = []
-
-    class StepTimes(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            stamps.append(time.perf_counter())
-
-    torch.manual_seed(0)
-    trainer = PPOTrainer(
+    return train_trl(lambda callbacks: PPOTrainer(
         args=args, processing_class=tokenizer,
         model=AutoModelForCausalLM.from_pretrained(sft), ref_model=AutoModelForCausalLM.from_pretrained(sft),
         reward_model=AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1),
         value_model=AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1),
-        train_dataset=train, eval_dataset=train.select(range(BATCH)), callbacks=[StepTimes()],
-    )
-    trainer.train()
-    return RunResult(steady_rate(stamps, BATCH))
+        train_dataset=train, eval_dataset=train.select(range(BATCH)), callbacks=callbacks,
+    ), batch=BATCH)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="PPO updates per run (the first is a warm-up)")
-    parser.add_argument("--repeats", type=int, default=5, help="runs of each side, alternating")
-    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (see tiny_workload.py)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--trainer-tree", type=Path, help="import our trainer from this directory instead, to "
-                        "measure another commit (git archive COMMIT trainer | tar -x -C DIR)")
-    args = parser.parse_args()
-    if args.trainer_tree:
-        sys.path.insert(0, str(args.trainer_tree.resolve()))
-    try:
-        import trl
-    except ImportError:
-        sys.exit("trl is not installed here: run benchmarks/trl_venv.sh 1.12.0 and use that venv's python")
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, trl {trl.__version__}, "
-          f"{args.steps} updates per run (first excluded), {args.repeats} runs per side", flush=True)
+    cli = parser(__doc__, steps=10, steps_help="PPO updates per run (the first is a warm-up)")
+    cli.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
+    args = cli.parse_args()
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        sft, rm = build_models(work)
-        texts = prompts(AutoTokenizer.from_pretrained(sft))
-        prompt_file = work / "prompts.jsonl"
-        prompt_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    with workload(args, trl_version="1.12.0", unit="updates") as w:
         for epochs in args.epochs:
             mine, theirs = alternate(
-                lambda rep: ppo_ours(work, sft, rm, prompt_file, epochs=epochs, steps=args.steps, rep=rep),
-                lambda rep: ppo_trl(work, sft, rm, texts, epochs=epochs, steps=args.steps, rep=rep),
+                lambda rep: ppo_ours(w.work, w.sft, w.rm, w.prompt_file, epochs=epochs, steps=args.steps, rep=rep),
+                lambda rep: ppo_trl(w.work, w.sft, w.rm, w.texts, epochs=epochs, steps=args.steps, rep=rep),
                 repeats=args.repeats)
             results.append(summarise(f"PPO, {epochs} epoch(s), batch {BATCH}, {RESPONSE_TOKENS} response tokens",
                                      mine, theirs))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args, results)
 
 
 if __name__ == "__main__":

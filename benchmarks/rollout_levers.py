@@ -4,12 +4,17 @@ In one process, on the tiny policy of benchmarks/tiny_workload.py (batch 8, 32 r
 token, temperature 0.7, fp32, one torch thread), alternating the two variants of each lever and
 repeating (``--repeats``, default 9), it prints the median milliseconds per batch of:
 
-- generation: ``model.generate`` (what the stages ran before) against ``trainer.rollout.sample``
-  (our loop on a growing DynamicCache);
+- generation: ``model.generate`` (what the stages ran before) against ``trainer.rollout.sample``;
+- the sampling loop itself: our loop over the model's own forward (a DynamicCache) against the same loop
+  on the lean pass (``trainer.lean_decoder``: a KV cache allocated once, inference mode);
 - the old-log-prob pass: the policy's forward pass over prompt + response that fp32 stages now skip,
   taking the sampler's log-probs instead (``trainer.rollout.old_logprobs``);
 - scoring: decoding the responses and re-tokenising prompt + response for the reward model, against the
-  reward model's forward pass itself, to show what scoring on token ids directly could save.
+  reward model's forward pass itself, to show what scoring on token ids directly could save;
+- the reward model's pass: its own forward against the lean pass (``trainer.lean_decoder.classifier_logits``).
+
+Times are this thread's CPU time (``time.thread_time``): on a shared machine, time spent waiting for a core
+would otherwise dominate the spread.
 
     .venv/bin/python benchmarks/rollout_levers.py [--repeats 9]
 """
@@ -34,9 +39,9 @@ TEMPERATURE = 0.7
 
 
 def timed(fn) -> float:
-    start = time.perf_counter()
+    start = time.thread_time()
     fn()
-    return (time.perf_counter() - start) * 1000
+    return (time.thread_time() - start) * 1000
 
 
 def main() -> None:
@@ -49,6 +54,7 @@ def main() -> None:
 
     from trainer import ppo_math
     from trainer.data import encode_for_reward
+    from trainer.lean_decoder import LeanDecoder, classifier_logits
     from trainer.rollout import left_pad, response_logits, sample
 
     hf_logging.set_verbosity_error()
@@ -72,6 +78,14 @@ def main() -> None:
         return sample(policy, query, query_mask, max_new_tokens=RESPONSE_TOKENS, temperature=TEMPERATURE,
                       top_k=None, stop_token_id=None, pad_token_id=tokenizer.pad_token_id)
 
+    def model_forward_loop():
+        of = LeanDecoder.of
+        LeanDecoder.of = classmethod(lambda cls, model: None)  # what sample does for a model the lean pass skips
+        try:
+            return lean()
+        finally:
+            LeanDecoder.of = of
+
     with torch.no_grad():
         responses = lean().tokens
         ids = torch.cat([query, responses], 1)
@@ -94,13 +108,19 @@ def main() -> None:
         def reward_forward():
             reward_model(input_ids=rm_ids, attention_mask=rm_mask)
 
+        def reward_lean():
+            classifier_logits(reward_model, rm_ids, rm_mask)
+
         pairs = {"generation": (("model.generate", generate), ("trainer.rollout.sample", lean)),
+                 "sampling loop": (("model's forward", model_forward_loop), ("lean pass", lean)),
                  "old-log-prob pass": (("policy forward", old_logprob_pass), ("skipped (fp32)", lambda: None)),
-                 "scoring": (("decode + re-tokenise", decode_and_retokenise), ("reward-model forward", reward_forward))}
-        for fn in (generate, lean, old_logprob_pass, decode_and_retokenise, reward_forward):
+                 "scoring": (("decode + re-tokenise", decode_and_retokenise), ("reward-model forward", reward_forward)),
+                 "reward model": (("model's forward", reward_forward), ("lean pass", reward_lean))}
+        for fn in (generate, lean, model_forward_loop, old_logprob_pass, decode_and_retokenise, reward_forward,
+                   reward_lean):
             fn()  # warm-up
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {BATCH}, "
-              f"{RESPONSE_TOKENS} response tokens, {args.repeats} alternating repeats; median ms per batch "
+              f"{RESPONSE_TOKENS} response tokens, {args.repeats} alternating repeats; median CPU ms per batch "
               "(min-max)", flush=True)
         for lever, ((name_a, a), (name_b, b)) in pairs.items():
             times_a, times_b = [], []

@@ -343,6 +343,8 @@ class PPOConfig(SamplingConfig):
     """Value-function clip around the old values."""
     vf_coef: float = Field(0.1, ge=0)
     """Weight of the value loss."""
+    value_model: Literal["separate", "head"] = "separate"
+    """Where the value estimates come from. separate: a second network, started from the reward model (else the policy), full or LoRA like the policy, trained on the value loss alone. head: a linear head on the policy's last hidden state; one pass gives logits and values, and policy loss + vfCoef x value loss train the shared backbone (a faster update and less memory, but the value loss then moves the policy too; see docs/ppo.md)."""
     gamma: float = Field(1.0, gt=0, le=1)
     """Discount factor."""
     lam: float = Field(0.95, ge=0, le=1)

@@ -171,8 +171,9 @@ def run(ctx: StageContext) -> Path:
         print(f"[grpo] {cfg.algorithm}, {cfg.group_size} responses per prompt, {which_reference}", flush=True)
     reward = build_reward(ctx, tokenizer, reward_source=reward_model_source(job.reward_model), cfg=cfg)
 
+    # foreach: bit for bit the per-tensor loop torch picks on the CPU, in fewer ops (as in PPO)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(
         s, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
     policy, optimizer = acc.prepare(policy, optimizer)

@@ -375,10 +375,12 @@ def checkpoint_trainable_weights_only(accelerator) -> None:
 MODEL_CARD_FILE = "README.md"
 
 
-def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, dict] | None = None) -> Path:
+def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, dict] | None = None,
+               extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write ``<outputDir>/final/``: merged weights (safetensors) in the training precision
     (``ctx.dtype``: bf16/fp16 weights when the stage trained in it, whatever the fp32 master
-    weights were), tokenizer (left-padding, except the reward model's), extra JSON files, the model card ``README.md``
+    weights were), tokenizer (left-padding, except the reward model's), extra JSON files, extra safetensors files
+    (``extra_tensors``: file name -> tensors, beside the model, not in it), the model card ``README.md``
     (``trainer.model_card``), ``fingerprint.json`` (what produced it, ``trainer.provenance``),
     marker last.
 
@@ -411,6 +413,10 @@ def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, di
             tokenizer.save_pretrained(temp)
         for name, content in (extra_files or {}).items():
             (temp / name).write_text(json.dumps(content, indent=2))
+        for name, tensors in (extra_tensors or {}).items():  # beside the model, e.g. PPO's value head
+            from safetensors.torch import save_file
+
+            save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(temp / name))
         (temp / FINGERPRINT_FILE).write_text(json.dumps(ctx.fingerprint, indent=2))
         publish_directory(temp, final, marker=COMPLETE_MARKER)
     accelerator.wait_for_everyone()

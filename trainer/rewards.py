@@ -285,6 +285,7 @@ class CompositeReward:
         text concatenated, no EOS appended, cut from the left), right-padded.
         """
         from trainer.data import encode_for_reward, pad_right
+        from trainer.lean_decoder import classifier_logits
 
         ids = [encode_for_reward(self.tokenizer, prompt=p, response=r, max_length=self.max_length)
                for p, r in zip(prompts, responses)]
@@ -292,7 +293,8 @@ class CompositeReward:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor(pad_right(ids, pad_value=pad), device=self.device)  # (b, s)
         attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long().to(self.device)
-        logits = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (b, 1)
+        # The same logits as the model's forward, without transformers' per-call Python (trainer.lean_decoder).
+        logits = classifier_logits(self.reward_model, input_ids, attention_mask).float()  # (b, 1)
         return ((logits[:, 0] - self.mean) / self.std).cpu()
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],

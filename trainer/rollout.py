@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from trainer import ppo_math
+from trainer.lean_decoder import KVCache, LeanDecoder
 from trainer.data import PromptRow, encode_text, load_prompt_rows, render_prompt
 from trainer.modeling import HUB_SCHEME, ModelSource, load_sequence_classifier, resolve_model_source
 from trainer.rewards import CompositeReward, RewardError, load_normalization
@@ -133,9 +134,14 @@ def response_logits(model, input_ids, attention_mask, *, response_length: int, t
     The logits at position p - 1 + i predict response token i; ``logits_to_keep`` avoids
     materialising the vocabulary-sized logits of the prompt.
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                logits_to_keep=response_length + 1)
-    return out.logits[:, :-1].float() / temperature
+    lean = LeanDecoder.of(model)
+    if lean is not None:
+        hidden = lean.forward_hidden(input_ids, attention_mask, positions(attention_mask))
+        logits = lean.logits(hidden[:, -(response_length + 1):])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                       logits_to_keep=response_length + 1).logits
+    return logits[:, :-1].float() / temperature
 
 
 def response_logprobs(model, batch: "SampledBatch", *, temperature: float) -> torch.Tensor:
@@ -224,29 +230,78 @@ def sample(model, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_toke
     ``logprobs`` and ``entropy`` are of the full tempered distribution (what the PPO and GRPO losses use),
     computed from the logits the draw came from.
     """
-    from transformers import DynamicCache
-
+    lean = LeanDecoder.of(model)
+    if lean is not None:
+        # Inference mode skips autograd's per-op bookkeeping (version counters, view tracking): about a tenth of
+        # the loop's CPU time here. Its tensors cannot enter autograd later, so the results leave as copies.
+        with torch.inference_mode():
+            first_logits, step = _lean_steps(lean, query, query_mask, max_new_tokens=max_new_tokens)
+            drawn = _sample_loop(first_logits, step, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, stop_token_id=stop_token_id, pad_token_id=pad_token_id)
+        return Samples(drawn.tokens.clone(), drawn.logprobs.clone(), drawn.entropy.clone())
     with warnings.catch_warnings():  # transformers 5 renames past_key_values to cache; 4.56 knows only the old name
         warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-        return _sample(model, query, query_mask, cache=DynamicCache(config=model.config),
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       stop_token_id=stop_token_id, pad_token_id=pad_token_id)
+        first_logits, step = _model_steps(model, query, query_mask, max_new_tokens=max_new_tokens)
+        return _sample_loop(first_logits, step, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, stop_token_id=stop_token_id, pad_token_id=pad_token_id)
 
 
-def _sample(model, query, query_mask, *, cache, max_new_tokens, temperature, top_k, stop_token_id,
-            pad_token_id) -> Samples:
+def _model_steps(model, query, query_mask, *, max_new_tokens):
+    """(logits after the prompt (b, v), step(token, i) -> logits after response token i) through the model's own
+    forward and a DynamicCache."""
+    from transformers import DynamicCache
+
     b, p = query.shape
     device = query.device
+    cache = DynamicCache(config=model.config)
     # Prompt mask, then ones for the response: tokens after a stop are pad but are attended like generate() does.
     mask = torch.cat([query_mask, query_mask.new_ones(b, max_new_tokens)], 1)  # (b, p + max_new_tokens)
     position = positions(query_mask)  # (b, p)
     logits = model(input_ids=query, attention_mask=query_mask, position_ids=position, past_key_values=cache,
                    use_cache=True, cache_position=torch.arange(p, device=device), logits_to_keep=1).logits[:, -1]
     next_position = position[:, -1:] + 1  # (b, 1)
+
+    def step(token, i):
+        return model(input_ids=token[:, None], attention_mask=mask[:, :p + i + 1], position_ids=next_position + i,
+                     past_key_values=cache, use_cache=True,
+                     cache_position=torch.tensor([p + i], device=device)).logits[:, -1]
+    return logits, step
+
+
+def _lean_steps(lean: LeanDecoder, query, query_mask, *, max_new_tokens):
+    """``_model_steps`` on the lean forward pass (trainer.lean_decoder): the same logits, with the per-step work
+    that does not depend on the drawn token (rotary table, attention mask) done once up front."""
+    b, p = query.shape
+    device = query.device
+    dtype = lean.base.embed_tokens.weight.dtype  # transformers casts the rotary table to the embeddings' dtype
+    position = positions(query_mask)  # (b, p)
+    cache = KVCache(len(lean.layers), p + max_new_tokens)
+    hidden = lean.hidden(query, position_ids=position, mask=lean.attention_mask(query_mask, p), cache=cache)
+    logits = lean.logits(hidden[:, -1:])[:, -1]  # (b, v)
+    step_positions = position[:, -1:] + 1 + torch.arange(max_new_tokens, device=device)  # (b, t)
+    cos, sin = lean.rotary(step_positions, dtype)  # (b, t, d) each
+    # One query per step: transformers passes no mask when nothing is padded, else the padding row.
+    step_mask = None
+    if not bool(query_mask.bool().all()):
+        step_mask = torch.cat([query_mask.bool(), query_mask.new_ones(b, max_new_tokens, dtype=torch.bool)], 1)
+        step_mask = step_mask[:, None, None, :]  # (b, 1, 1, p + t)
+
+    def step(token, i):
+        hidden = lean.hidden(token[:, None], position_ids=step_positions[:, i:i + 1],
+                             mask=None if step_mask is None else step_mask[..., :p + i + 1],
+                             rotary=(cos[:, i:i + 1], sin[:, i:i + 1]), cache=cache)
+        return lean.logits(hidden)[:, -1]
+    return logits, step
+
+
+def _sample_loop(logits, step, *, max_new_tokens, temperature, top_k, stop_token_id, pad_token_id) -> Samples:
+    """Draw from ``logits`` (b, v), feed the token to ``step`` for the next logits, until done."""
+    b, device = logits.shape[0], logits.device
     tokens = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
     entropy = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
     stopped = torch.zeros(b, dtype=torch.bool, device=device)
+    pad = torch.full((b,), pad_token_id, dtype=torch.long, device=device)
     length = max_new_tokens
     for i in range(max_new_tokens):
         scaled = logits.float() / temperature  # (b, v)
@@ -255,22 +310,19 @@ def _sample(model, query, query_mask, *, cache, max_new_tokens, temperature, top
         if top_k is not None and top_k < scaled.shape[-1]:
             kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # (b, 1)
             kept = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = torch.softmax(kept, dim=-1)
-        token = torch.multinomial(probs, 1).squeeze(1)  # (b,)
-        token = torch.where(stopped, torch.full_like(token, pad_token_id), token)
+        token = torch.multinomial(torch.softmax(kept, dim=-1), 1).squeeze(1)  # (b,)
+        token = torch.where(stopped, pad, token)
         tokens[:, i] = token
         logprobs[:, i] = logp.gather(1, token[:, None]).squeeze(1)
         entropy[:, i] = torch.logsumexp(scaled, dim=-1) - (logp.exp() * scaled).sum(-1)
-        if stop_token_id is not None:
+        if stop_token_id is not None:  # the one host sync per step, only when a stop token can end sampling early
             stopped |= token == stop_token_id
             if bool(stopped.all()):
                 length = i + 1
                 break
         if i + 1 == max_new_tokens:
             break
-        logits = model(input_ids=token[:, None], attention_mask=mask[:, :p + i + 1], position_ids=next_position + i,
-                       past_key_values=cache, use_cache=True,
-                       cache_position=torch.tensor([p + i], device=device)).logits[:, -1]
+        logits = step(token, i)
     return Samples(tokens[:, :length], logprobs[:, :length], entropy[:, :length])
 
 

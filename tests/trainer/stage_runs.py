@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -68,3 +69,54 @@ def load_state_dict(directory: Path) -> dict:
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def kill_and_resume(stage: str, config: Path, output_dir: Path) -> subprocess.CompletedProcess:
+    """Run ``config`` killed at step 2 (FINETUNE_FAIL_AT_STEP: exit 137 as after SIGKILL, no final/), then run it
+    again; assert that it resumed and succeeded, and return that second run."""
+    killed = run_cli(stage, config, env={"FINETUNE_FAIL_AT_STEP": "2"})
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    assert not (Path(output_dir) / "final").exists()
+    result = run_cli(stage, config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr + result.stdout
+    return result
+
+
+def final_weight_difference(straight: Path, resumed: Path) -> float:
+    """Largest absolute difference between two runs' final/ weights (printed, for the test log)."""
+    diff = max_abs_diff(load_state_dict(Path(straight) / "final"), load_state_dict(Path(resumed) / "final"))
+    print(f"max abs weight difference after resume: {diff:.3g}")
+    return diff
+
+
+def supervised_tiny_model(tiny_model_dir: Path, directory: Path, pairs: Callable[[int], list[tuple[str, str]]],
+                          *, steps: int = 40) -> Path:
+    """Train the tiny model on ``pairs(step)`` (prompt, completion) texts, the loss on the completion and </s>,
+    AdamW 3e-3, one batch a step; save model and tokenizer in ``directory``. The toy "SFT" models the PPO and
+    GRPO tests start from (about 2 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        encoded = [(tokenizer(prompt)["input_ids"],
+                    tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+                   for prompt, completion in pairs(step)]
+        width = max(len(p) + len(c) for p, c in encoded)
+        ids = torch.zeros(len(encoded), width, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for i, (p, c) in enumerate(encoded):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            labels[i, len(p):len(p) + len(c)] = torch.tensor(c)
+            mask[i, :len(p) + len(c)] = 1
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

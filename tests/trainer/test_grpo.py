@@ -8,13 +8,13 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from trainer import grpo
 from trainer.checkpoint import complete_checkpoints
 from trainer.rollout import SAMPLES_FILE
 
-from .stage_runs import load_state_dict, max_abs_diff, progress_events, run_cli, run_in_process, write_job, write_jsonl
+from .stage_runs import (final_weight_difference, kill_and_resume, progress_events, run_cli, run_in_process,
+                         supervised_tiny_model, write_job, write_jsonl)
 
 FILLERS = "good bad great happy sad yes no please hello world weather today tomorrow love hate kind nice".split()
 ANSWERS = {"cats": 3, "dogs": 7}
@@ -37,34 +37,9 @@ def digit_sft_dir(tiny_model_dir, tmp_path_factory) -> Path:
     Its answers are right one time in ten; GRPO and RLOO have to learn which digit each
     prompt's first word asks for. Forty supervised steps, about 2 s.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
     rng = random.Random(0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(40):
-        pairs = []
-        for row in task_rows(16, seed=1000 + step):
-            prompt = tokenizer(row["prompt"])["input_ids"]
-            completion = tokenizer(f" {rng.randrange(10)}", add_special_tokens=False)["input_ids"]
-            pairs.append((prompt, completion + [tokenizer.eos_token_id]))
-        width = max(len(p) + len(c) for p, c in pairs)
-        ids = torch.zeros(len(pairs), width, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        mask = torch.zeros_like(ids)
-        for i, (p, c) in enumerate(pairs):
-            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-            labels[i, len(p):len(p) + len(c)] = torch.tensor(c)
-            mask[i, :len(p) + len(c)] = 1
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    directory = tmp_path_factory.mktemp("digit-sft")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return supervised_tiny_model(tiny_model_dir, tmp_path_factory.mktemp("digit-sft"), lambda step: [
+        (row["prompt"], f" {rng.randrange(10)}") for row in task_rows(16, seed=1000 + step)])
 
 
 def grpo_job(tmp_path: Path, model: Path, *, output: str, **settings) -> dict:
@@ -155,15 +130,8 @@ def test_grpo_resumed_after_a_kill_ends_like_an_uninterrupted_run(tmp_path, digi
     straight = write_job(tmp_path / "straight.yaml", **grpo_job(tmp_path, digit_sft_dir, output="straight", **settings))
     assert run_cli("grpo", straight).returncode == 0
     resumed = write_job(tmp_path / "resumed.yaml", **grpo_job(tmp_path, digit_sft_dir, output="resumed", **settings))
-    killed = run_cli("grpo", resumed, env={"FINETUNE_FAIL_AT_STEP": "2"})
-    assert killed.returncode == 137, killed.stderr[-3000:]
-    result = run_cli("grpo", resumed)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stderr + result.stdout
-    diff = max_abs_diff(load_state_dict(tmp_path / "straight" / "final"),
-                        load_state_dict(tmp_path / "resumed" / "final"))
-    print(f"max abs weight difference after resume: {diff:.3g}")
-    assert diff < 1e-5
+    kill_and_resume("grpo", resumed, tmp_path / "resumed")
+    assert final_weight_difference(tmp_path / "straight", tmp_path / "resumed") < 1e-5
 
 
 def test_group_size_must_divide_the_batch():

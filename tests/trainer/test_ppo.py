@@ -8,14 +8,13 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from trainer import ppo
 from trainer.checkpoint import complete_checkpoints
 from trainer.runtime import StageFailed
 
-from .stage_runs import (load_state_dict, max_abs_diff, progress_events, run_cli, run_in_process, write_job,
-                         write_jsonl)
+from .stage_runs import (final_weight_difference, kill_and_resume, progress_events, run_cli, run_in_process,
+                         supervised_tiny_model, write_job, write_jsonl)
 
 WORDS = ("good bad great happy sad yes no please hello world cats dogs weather today tomorrow "
          "love hate kind nice sure").split()
@@ -35,34 +34,9 @@ def toy_sft_dir(tiny_model_dir, tmp_path_factory) -> Path:
     training (about 2 s) give it a clear vocabulary: each word about 1/20 per slot,
     which is what an SFT model hands to PPO in real life.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
     rng = random.Random(0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(40):
-        pairs = []
-        for row in word_prompts(16, seed=1000 + step):
-            prompt = tokenizer(row["prompt"])["input_ids"]
-            completion = tokenizer(f" {rng.choice(WORDS)} {rng.choice(WORDS)}", add_special_tokens=False)["input_ids"]
-            pairs.append((prompt, completion + [tokenizer.eos_token_id]))
-        width = max(len(p) + len(c) for p, c in pairs)
-        ids = torch.zeros(len(pairs), width, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        mask = torch.zeros_like(ids)
-        for i, (p, c) in enumerate(pairs):
-            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-            labels[i, len(p):len(p) + len(c)] = torch.tensor(c)
-            mask[i, :len(p) + len(c)] = 1
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    directory = tmp_path_factory.mktemp("toy-sft")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return supervised_tiny_model(tiny_model_dir, tmp_path_factory.mktemp("toy-sft"), lambda step: [
+        (row["prompt"], f" {rng.choice(WORDS)} {rng.choice(WORDS)}") for row in word_prompts(16, seed=1000 + step)])
 
 
 def ppo_job(tmp_path: Path, model: Path, *, output: str, functions=None, **ppo_settings) -> dict:
@@ -152,12 +126,7 @@ def test_ppo_resumed_after_a_kill_ends_like_an_uninterrupted_run(tmp_path, toy_s
     assert run_cli("ppo", straight).returncode == 0
 
     resumed = write_job(tmp_path / "resumed.yaml", **ppo_job(tmp_path, toy_sft_dir, output="resumed", **settings))
-    killed = run_cli("ppo", resumed, env={"FINETUNE_FAIL_AT_STEP": "2"})
-    assert killed.returncode == 137, killed.stderr[-3000:]
-    assert not (tmp_path / "resumed" / "final").exists()
-    result = run_cli("ppo", resumed)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stderr + result.stdout
+    kill_and_resume("ppo", resumed, tmp_path / "resumed")
 
     events = progress_events(tmp_path / "resumed")
     assert [e["step"] for e in events if e["kind"] == "progress" and not e.get("metrics")][-1] == 2
@@ -166,10 +135,7 @@ def test_ppo_resumed_after_a_kill_ends_like_an_uninterrupted_run(tmp_path, toy_s
     final_metrics = [e["metrics"] for e in events if e["kind"] == "progress" and e.get("metrics")][-1]
     straight_metrics = [e["metrics"] for e in straight_events if e["kind"] == "progress" and e.get("metrics")][-1]
     assert final_metrics["kl_coef"] == pytest.approx(straight_metrics["kl_coef"], rel=1e-9)  # KL controller restored
-    diff = max_abs_diff(load_state_dict(tmp_path / "straight" / "final"),
-                        load_state_dict(tmp_path / "resumed" / "final"))
-    print(f"max abs weight difference after resume: {diff:.3g}")
-    assert diff < 1e-5
+    assert final_weight_difference(tmp_path / "straight", tmp_path / "resumed") < 1e-5
 
 
 def test_ppo_stops_with_a_reason_naming_kl_when_the_policy_drifts(tmp_path, toy_sft_dir):
