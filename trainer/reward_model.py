@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from trainer.data import PreferenceRow, encode_for_reward, load_preference_rows, pad_right, split_for_eval
+from trainer.data import (
+    TOKENIZED_DIR, PreferenceRow, encode_for_reward, load_preference_rows, pad_right, split_for_eval, tokenized_once,
+)
 from trainer.modeling import load_sequence_classifier, load_tokenizer, model_options, prepare_model_source, save_final
 from trainer.runtime import PermanentStageFailure, StageContext
 from trainer.supervised import MicroBatch, prepare_supervised, train_supervised
@@ -50,6 +52,21 @@ def encode_pairs(rows: list[PreferenceRow], *, tokenizer, max_length: int) -> li
     return [(encode_for_reward(tokenizer, prompt=r.prompt, response=r.chosen, max_length=max_length),
              encode_for_reward(tokenizer, prompt=r.prompt, response=r.rejected, max_length=max_length),
              r.margin) for r in rows]
+
+
+def encoded_pairs(ctx: StageContext, tokenizer) -> list[tuple[list[int], list[int], float]]:
+    """Every preference row encoded (``encode_pairs``) once per stage: cached in outputDir/tokenized,
+    built on the main process only (``trainer.data.tokenized_once``)."""
+    path, max_length = ctx.job.data.preferences, ctx.job.reward.max_seq_length_tokens
+
+    def build() -> list:
+        rows = load_preference_rows(path, tokenizer=tokenizer)
+        return [list(pair) for pair in encode_pairs(rows, tokenizer=tokenizer, max_length=max_length)]
+
+    stored = tokenized_once("reward", path, tokenizer=tokenizer, settings={"max_length": max_length},
+                            cache_dir=ctx.output_dir / TOKENIZED_DIR, accelerator=ctx.accelerator, build=build,
+                            describe=lambda value: f"{len(value)} preference pairs")
+    return [(chosen, rejected, margin) for chosen, rejected, margin in stored]
 
 
 def score(model, sequences: list[list[int]], *, pad_token_id: int, device) -> torch.Tensor:
@@ -109,10 +126,7 @@ def run(ctx: StageContext) -> Path:
         raise PermanentStageFailure("reward stage needs data.preferences or reward.functions")
     source = prepare_model_source(ctx, job.model)
     tokenizer = load_tokenizer(source)
-    rows = load_preference_rows(job.data.preferences, tokenizer=tokenizer)
-    train_rows, eval_rows = split_for_eval(rows, fraction=cfg.eval_fraction, seed=cfg.seed)
-    train = encode_pairs(train_rows, tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens)
-    held_out = encode_pairs(eval_rows, tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens)
+    train, held_out = split_for_eval(encoded_pairs(ctx, tokenizer), fraction=cfg.eval_fraction, seed=cfg.seed)
     pad = tokenizer.pad_token_id
 
     set_seed(cfg.seed)  # identical score-head initialisation on every process
