@@ -13,6 +13,8 @@ train: ``final/`` then holds only ``reward_functions.json``.
 from __future__ import annotations
 
 import math
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +30,12 @@ from trainer.supervised import MicroBatch, prepare_supervised, train_supervised
 
 NORMALIZATION_FILE = "reward_normalization.json"
 FUNCTIONS_FILE = "reward_functions.json"
+
+
+def _log(ctx: StageContext, message: str) -> None:
+    """A timestamped line in the pod log, as the progress lines are (main process only)."""
+    if ctx.accelerator.is_main_process:
+        print(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} [reward] {message}", file=sys.stderr, flush=True)
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: torch.Tensor | None = None,
@@ -158,8 +166,13 @@ def run(ctx: StageContext) -> Path:
         total = setup.plan.total_steps
         ctx.report("progress", step=total, total_steps=total,
                    metrics=evaluate(ctx, unwrapped, held_out, pad_token_id=pad, batch_size=cfg.batch_size))
-    extra_files = {NORMALIZATION_FILE: normalization_stats(ctx, unwrapped, train, pad_token_id=pad,
-                                                           batch_size=cfg.batch_size)}
+    # Scoring every training response takes a fifth of a short stage: say so, or the log goes quiet.
+    started = time.perf_counter()
+    _log(ctx, f"scoring the {2 * len(train)} training responses for {NORMALIZATION_FILE}")
+    stats = normalization_stats(ctx, unwrapped, train, pad_token_id=pad, batch_size=cfg.batch_size)
+    _log(ctx, f"score mean {stats['mean']:.4g}, std {stats['std']:.4g} ({time.perf_counter() - started:.0f} s); "
+              "saving final/")
+    extra_files = {NORMALIZATION_FILE: stats}
     if cfg.functions:
         extra_files[FUNCTIONS_FILE] = {"functions": [
             f.model_dump(mode="json", by_alias=True, exclude_none=True) for f in cfg.functions]}
