@@ -185,17 +185,22 @@ def write_for_run(spec: dict, *, pvc_root: Path, log=print) -> None:
     """Create every input the FineTuneRun spec names (model and datasets) under pvc_root."""
     model_dir = pvc_path(spec["model"]["source"], pvc_root)
     log(f"model + tokenizer: {model_dir} ({'built' if write_model(model_dir) else 'reused'})")
+    write_datasets_for_run(spec, pvc_root=pvc_root, datasets=DATASETS, log=log)
+
+
+def write_datasets_for_run(spec: dict, *, pvc_root: Path, datasets: dict, log=print) -> None:
+    """Write each dataset the spec names (by role, from ``datasets``) and create the artifacts claim's folder."""
     for role, uri in (spec.get("data") or {}).items():
-        if role not in DATASETS:
-            raise ValueError(f"spec.data.{role}: unknown dataset role; expected one of {sorted(DATASETS)}")
+        if role not in datasets:
+            raise ValueError(f"spec.data.{role}: unknown dataset role; expected one of {sorted(datasets)}")
         path = pvc_path(uri, pvc_root)
-        log(f"{role} data: {path} ({'written' if write_jsonl(path, DATASETS[role]()) else 'reused'})")
-    claim = spec["artifacts"]["pvc"]
-    (pvc_root / claim).mkdir(parents=True, exist_ok=True)
+        log(f"{role} data: {path} ({'written' if write_jsonl(path, datasets[role]()) else 'reused'})")
+    (pvc_root / spec["artifacts"]["pvc"]).mkdir(parents=True, exist_ok=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cli(argv: list[str] | None, *, description: str, write_for_run, write_model, datasets: dict) -> int:
+    """The command line both asset writers share: --run FILE --pvc-root DIR, or --out DIR."""
+    parser = argparse.ArgumentParser(description=description)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--run", type=Path, help="FineTuneRun YAML whose pvc:// inputs to create")
     target.add_argument("--out", type=Path, help="write model/ and the three datasets into this directory")
@@ -208,10 +213,15 @@ def main(argv: list[str] | None = None) -> int:
         write_for_run(run["spec"], pvc_root=args.pvc_root)
         return 0
     write_model(args.out / "model")
-    for role, rows in DATASETS.items():
+    for role, rows in datasets.items():
         write_jsonl(args.out / f"{role}.jsonl", rows())
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(argv, description=__doc__.splitlines()[0], write_for_run=write_for_run, write_model=write_model,
+               datasets=DATASETS)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,14 @@ reads it dequantises it once (trainer/modeling.py).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import random
 import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_assets import pvc_path, write_jsonl  # noqa: E402
+from demo_assets import cli, pvc_path, write_datasets_for_run  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Training topics (SFT, preferences, PPO prompts) and held-out topics never trained on.
@@ -134,32 +131,12 @@ def write_for_run(spec: dict, *, pvc_root: Path, log=print) -> None:
     model = pvc_path(spec["model"]["source"], pvc_root)
     model_dir = model.parent if model.suffix == ".gguf" else model
     log(f"model: {model_dir / GGUF_FILE} ({'copied' if write_model(model_dir) else 'reused'})")
-    for role, uri in (spec.get("data") or {}).items():
-        if role not in DATASETS:
-            raise ValueError(f"spec.data.{role}: unknown dataset role; expected one of {sorted(DATASETS)}")
-        path = pvc_path(uri, pvc_root)
-        log(f"{role} data: {path} ({'written' if write_jsonl(path, DATASETS[role]()) else 'reused'})")
-    (pvc_root / spec["artifacts"]["pvc"]).mkdir(parents=True, exist_ok=True)
+    write_datasets_for_run(spec, pvc_root=pvc_root, datasets=DATASETS, log=log)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--run", type=Path, help="FineTuneRun YAML whose pvc:// inputs to create")
-    target.add_argument("--out", type=Path, help="write model/ and the three datasets into this directory")
-    parser.add_argument("--pvc-root", type=Path, help="with --run: directory holding one folder per claim")
-    args = parser.parse_args(argv)
-    if args.run:
-        if not args.pvc_root:
-            parser.error("--run needs --pvc-root")
-        (run,) = [d for d in yaml.safe_load_all(args.run.read_text()) if d and d.get("kind") == "FineTuneRun"]
-        write_for_run(run["spec"], pvc_root=args.pvc_root)
-        return 0
-    write_model(args.out / "model")
-    for role, rows in DATASETS.items():
-        write_jsonl(args.out / f"{role}.jsonl", rows())
-    print(f"wrote {args.out}")
-    return 0
+    return cli(argv, description=__doc__.splitlines()[0], write_for_run=write_for_run, write_model=write_model,
+               datasets=DATASETS)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,8 @@ class LoraConfig(ApiModel):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
                                       min_length=1)
     """Names (or ends of names) of the linear modules that get adapters, as PEFT matches them; ["all-linear"]: every linear layer except the output head."""
+    keep_adapter: bool = False
+    """Also save the trained adapter unmerged, as PEFT writes it (adapter_config.json, adapter_model.safetensors), in final/adapter/ beside the merged model; load it with peft.PeftModel.from_pretrained over the stage's input model."""
 
     @field_validator("target_modules")
     @classmethod
@@ -144,11 +146,13 @@ class OptimConfig(ApiModel):
     """Recompute activations during the backward pass instead of keeping them: much less activation memory for roughly a third more compute. Applies to the trained models (policy and value model in PPO)."""
     attention_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     """Attention kernel (transformers' attn_implementation) of every model the stage loads; None: transformers' default (sdpa where the model supports it). flash_attention_2 needs the flash-attn package and a supported GPU."""
+    report_to: list[Literal["mlflow", "wandb"]] = Field(default_factory=list, max_length=2)
+    """Also send the stage's metrics to MLflow (MLFLOW_TRACKING_URI) and/or Weights & Biases (WANDB_API_KEY, WANDB_PROJECT), configured by the pod's environment (podTemplate env). Off by default; the trainer image has neither package: use an image built FROM it with mlflow-skinny or wandb installed, else the stage fails at start saying so (trainer/tracking.py)."""
 
     # Not fields (no schema): which settings a resume may change. Every other setting shapes the
     # training trajectory, so a checkpoint written with another value is refused (docs/trainer.md).
     OPERATIONAL_SETTINGS: ClassVar[frozenset[str]] = frozenset(
-        {"checkpoint_every_steps", "keep_checkpoints", "log_every_steps"})
+        {"checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "report_to"})
     """Settings that never change the trained weights: ignored when a stage compares its outputs' fingerprint."""
     RESUME_APPLIES: ClassVar[frozenset[str]] = frozenset({"learning_rate", "weight_decay", "max_grad_norm"})
     """Settings a resume applies from the new config (the optimizer and schedule are updated after loading

@@ -573,37 +573,50 @@ def tokenizer_digest(tokenizer) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
-def sft_examples(path: str | Path, *, tokenizer, max_length: int, assistant_turns: str, cache_dir: Path,
-                 accelerator, log=None) -> list[TokenizedExample]:
-    """The SFT dataset read, checked and tokenised once per stage, on the main process only.
+def tokenized_once(kind: str, path: str | Path, *, tokenizer, settings: dict[str, Any], cache_dir: Path,
+                   accelerator, build, describe, log=None) -> Any:
+    """``build()`` (read, check and tokenise the dataset at ``path``) once per stage, on the main process only.
 
-    The result is cached in ``cache_dir`` (``<outputDir>/tokenized``) under a key made of the
-    data's digest (every shard), the tokenizer's digest and the settings that change the ids, so
-    a retry, a resume or another rank reads the file instead of tokenising again, and changed data,
-    tokenizer or settings tokenise anew. ``accelerator``: anything with ``is_main_process`` and
-    ``wait_for_everyone()``. Bad rows fail on the main process with ``FILE:LINE`` as before.
+    The JSON result is cached in ``cache_dir`` (``<outputDir>/tokenized``) under a key made of
+    ``kind``, the data's digest (every shard), the tokenizer's digest and the ``settings`` that
+    change the ids, so a retry, a resume or another rank reads the file instead of tokenising again,
+    and changed data, tokenizer or settings tokenise anew. ``accelerator``: anything with
+    ``is_main_process`` and ``wait_for_everyone()``. Bad rows fail on the main process with
+    ``FILE:LINE`` as before. ``describe(value)`` says what was tokenised, for the log line.
     """
     import hashlib
 
     from trainer.provenance import dataset_digest
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    key = {"kind": "sft", "data": dataset_digest(path), "tokenizer": tokenizer_digest(tokenizer),
-           "max_length": max_length, "assistant_turns": assistant_turns}
+    # "format" 2: {"key", "value"} files (the SFT-only cache of before wrote {"key", "examples"}).
+    key = {"kind": kind, "format": 2, "data": dataset_digest(path), "tokenizer": tokenizer_digest(tokenizer),
+           **settings}
     cache = Path(cache_dir) / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
-    examples = None
+    value, built = None, False
     if accelerator.is_main_process and not cache.exists():
-        rows = load_sft_rows(path, tokenizer=tokenizer, assistant_turns=assistant_turns)
-        examples = tokenize_sft_rows(rows, tokenizer=tokenizer, max_length=max_length)
+        value, built = build(), True
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_suffix(".partial")
-        partial.write_text(json.dumps({"key": key, "examples": [[e.input_ids, e.labels] for e in examples]}))
+        partial.write_text(json.dumps({"key": key, "value": value}))
         partial.replace(cache)  # atomic: a reader never sees half a file
-        log(f"{path}: tokenised {len(examples)} examples once, cached in {cache}")
+        log(f"{path}: tokenised {describe(value)} once, cached in {cache}")
     accelerator.wait_for_everyone()
-    if examples is None:
-        stored = json.loads(cache.read_text())
-        examples = [TokenizedExample(input_ids=ids, labels=labels) for ids, labels in stored["examples"]]
+    if not built:
+        value = json.loads(cache.read_text())["value"]
         if accelerator.is_main_process:
-            log(f"{path}: {len(examples)} tokenised examples reused from {cache}")
-    return examples
+            log(f"{path}: {describe(value)} tokenised earlier, reused from {cache}")
+    return value
+
+
+def sft_examples(path: str | Path, *, tokenizer, max_length: int, assistant_turns: str, cache_dir: Path,
+                 accelerator, log=None) -> list[TokenizedExample]:
+    """The SFT dataset read, checked and tokenised once per stage (``tokenized_once``)."""
+    def build() -> list[list[list[int]]]:
+        rows = load_sft_rows(path, tokenizer=tokenizer, assistant_turns=assistant_turns)
+        return [[e.input_ids, e.labels] for e in tokenize_sft_rows(rows, tokenizer=tokenizer, max_length=max_length)]
+
+    stored = tokenized_once("sft", path, tokenizer=tokenizer, cache_dir=cache_dir, accelerator=accelerator, log=log,
+                            settings={"max_length": max_length, "assistant_turns": assistant_turns}, build=build,
+                            describe=lambda value: f"{len(value)} examples")
+    return [TokenizedExample(input_ids=ids, labels=labels) for ids, labels in stored]

@@ -21,7 +21,7 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +30,10 @@ from pydantic.alias_generators import to_camel
 
 from trainer import dpo_math, provenance
 from trainer.config import DPOConfig
-from trainer.data import PreferenceRow, encode_text, load_preference_rows, pad_right, render_prompt, split_for_eval
+from trainer.data import (
+    TOKENIZED_DIR, PreferenceRow, encode_text, load_preference_rows, pad_right, render_prompt, split_for_eval,
+    tokenized_once,
+)
 from trainer.durable import publish_directory
 from trainer.modeling import (disable_dropout, load_causal_lm, load_tokenizer, model_options, prepare_model_source,
                               save_final)
@@ -361,9 +364,10 @@ def evaluate_held_out(ctx: StageContext, model, pairs: list[EncodedPair], refere
 
 @torch.no_grad()
 def held_out_samples(ctx: StageContext, model, pairs: list[EncodedPair], reference: torch.Tensor, *,
-                     rows: list[PreferenceRow], cfg: DPOConfig, tokenizer,
+                     texts: list[tuple[str, str]], cfg: DPOConfig, tokenizer,
                      shared_prompt_attention: str | None) -> list[dict]:
-    """The policy's greedy answer to each pair's prompt, beside the pair and its implicit rewards.
+    """The policy's greedy answer to each pair's prompt, beside the pair (``texts``: its chosen and
+    rejected replies as written) and its implicit rewards.
 
     Greedy decoding draws no random numbers, so samples never change the training that follows.
     ``model`` is the unwrapped policy in eval mode; run on the main process only.
@@ -375,7 +379,7 @@ def held_out_samples(ctx: StageContext, model, pairs: list[EncodedPair], referen
                               device=ctx.device, shared_prompt_attention=shared_prompt_attention)
     max_new = min(MAX_SAMPLE_TOKENS, max(max(len(p.chosen), len(p.rejected)) for p in pairs))
     samples = []
-    for k, (pair, row) in enumerate(zip(pairs, rows)):
+    for k, (pair, (chosen, rejected)) in enumerate(zip(pairs, texts)):
         prompt = torch.tensor([pair.prompt or [tokenizer.eos_token_id]], device=ctx.device)  # (1, p)
         with ctx.accelerator.autocast():
             output = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
@@ -384,10 +388,34 @@ def held_out_samples(ctx: StageContext, model, pairs: list[EncodedPair], referen
         samples.append({
             "prompt": tokenizer.decode(pair.prompt, skip_special_tokens=True),
             "response": tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True),
-            "chosen": row.chosen, "rejected": row.rejected,
+            "chosen": chosen, "rejected": rejected,
             "chosen_reward": float(terms.chosen_rewards[k]), "rejected_reward": float(terms.rejected_rewards[k]),
         })
     return samples
+
+
+def encoded_pairs(ctx: StageContext, tokenizer) -> tuple[list[EncodedPair], list[EncodedPair], list[tuple[str, str]]]:
+    """(training pairs, held-out pairs, the chosen and rejected texts of the first SAMPLE_PAIRS held-out
+    pairs), read, split and encoded (``encode_pair``) once per stage: cached in outputDir/tokenized,
+    built on the main process only (``trainer.data.tokenized_once``)."""
+    cfg, path = ctx.job.dpo, ctx.job.data.preferences
+    settings = {"max_length": cfg.max_seq_length_tokens, "chat_template": cfg.chat_template,
+                "eval_fraction": cfg.eval_fraction, "seed": cfg.seed}
+
+    def build() -> dict:
+        rows = load_preference_rows(path, tokenizer=tokenizer)
+        train_rows, eval_rows = split_for_eval(rows, fraction=cfg.eval_fraction, seed=cfg.seed)
+        encode = dict(tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens, chat_template=cfg.chat_template)
+        return {"train": [astuple(encode_pair(r, **encode)) for r in train_rows],
+                "held_out": [astuple(encode_pair(r, **encode)) for r in eval_rows],
+                "shown": [[r.chosen, r.rejected] for r in eval_rows[:SAMPLE_PAIRS]]}
+
+    stored = tokenized_once("dpo", path, tokenizer=tokenizer, settings=settings, build=build,
+                            cache_dir=ctx.output_dir / TOKENIZED_DIR, accelerator=ctx.accelerator,
+                            describe=lambda v: f"{len(v['train'])} + {len(v['held_out'])} held-out preference pairs")
+    return ([EncodedPair(*map(list, pair)) for pair in stored["train"]],
+            [EncodedPair(*map(list, pair)) for pair in stored["held_out"]],
+            [(chosen, rejected) for chosen, rejected in stored["shown"]])
 
 
 def run(ctx: StageContext) -> Path:
@@ -397,11 +425,7 @@ def run(ctx: StageContext) -> Path:
     source = prepare_model_source(ctx, job.model)
     tokenizer = load_tokenizer(source)
     pad = tokenizer.pad_token_id
-    rows = load_preference_rows(job.data.preferences, tokenizer=tokenizer)
-    train_rows, eval_rows = split_for_eval(rows, fraction=cfg.eval_fraction, seed=cfg.seed)
-    encode = dict(tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens, chat_template=cfg.chat_template)
-    train = [encode_pair(r, **encode) for r in train_rows]
-    held_out = [encode_pair(r, **encode) for r in eval_rows]
+    train, held_out, shown_texts = encoded_pairs(ctx, tokenizer)
 
     set_seed(cfg.seed)  # identical initialisation (LoRA adapters) on every process
     model = load_causal_lm(source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora,
@@ -430,7 +454,7 @@ def run(ctx: StageContext) -> Path:
         if ctx.is_main_process:
             shown = list(range(min(SAMPLE_PAIRS, len(held_out))))
             samples = held_out_samples(ctx, accelerator.unwrap_model(setup.model), [held_out[j] for j in shown],
-                                       reference_held_out[shown], rows=[eval_rows[j] for j in shown], cfg=cfg,
+                                       reference_held_out[shown], texts=shown_texts[:len(shown)], cfg=cfg,
                                        tokenizer=tokenizer, shared_prompt_attention=shared)
             ctx.report("samples", step=step, total_steps=setup.plan.total_steps, samples=samples)
 

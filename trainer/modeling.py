@@ -13,6 +13,7 @@ than loading safetensors (about 25 s against under 1 s for SmolLM2-135M).
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -108,8 +109,9 @@ def convert_gguf(source: ModelSource, into: Path) -> None:
 
     kwargs = {"gguf_file": source.gguf_file}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=torch.float32, **kwargs)
+        with _no_gguf_progress_bar():
+            tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, **kwargs)
+            loaded = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=torch.float32, **kwargs)
     except (ValueError, KeyError, OSError) as exc:  # an architecture or quantisation transformers cannot read
         raise PermanentStageFailure(f"model {source}: cannot load this GGUF file with transformers: "
                                     f"{type(exc).__name__}: {exc}") from exc
@@ -130,6 +132,26 @@ def convert_gguf(source: ModelSource, into: Path) -> None:
     tokenizer.save_pretrained(temp)
     (temp / GGUF_ORIGIN_FILE).write_text(json.dumps({"gguf": str(source), "identity": model_identity(str(source))}))
     publish_directory(temp, into, marker=COMPLETE_MARKER)
+
+
+@contextmanager
+def _no_gguf_progress_bar():
+    """transformers dequantises GGUF tensors under a plain ``tqdm`` bar that its own
+    ``disable_progress_bar`` (``quiet_libraries``) does not reach, and tqdm reads TQDM_DISABLE
+    only when it is first imported: swap the module's ``tqdm`` for a disabled one meanwhile."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support: nothing prints a bar
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
 
 
 def _converted_from(directory: Path) -> dict | None:
@@ -373,6 +395,8 @@ def checkpoint_trainable_weights_only(accelerator) -> None:
 
 
 MODEL_CARD_FILE = "README.md"
+ADAPTER_DIR = "adapter"
+"""In final/, with lora.keepAdapter: the unmerged PEFT adapter."""
 
 
 def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, dict] | None = None,
@@ -382,7 +406,7 @@ def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, di
     weights were), tokenizer (left-padding, except the reward model's), extra JSON files, extra safetensors files
     (``extra_tensors``: file name -> tensors, beside the model, not in it), the model card ``README.md``
     (``trainer.model_card``), ``fingerprint.json`` (what produced it, ``trainer.provenance``),
-    marker last.
+    with ``lora.keepAdapter`` the unmerged adapter in ``adapter/``, marker last.
 
     Called on every process; only the main process writes. The directory is
     built as ``final.tmp``, fsynced and renamed (``trainer.durable``), so ``final/``
@@ -397,6 +421,10 @@ def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, di
         temp.mkdir(parents=True)
         if model is not None:
             unwrapped = accelerator.unwrap_model(model)
+            lora = getattr(ctx.job, ctx.job.stage).lora
+            if hasattr(unwrapped, "merge_and_unload") and lora is not None and lora.keep_adapter:
+                # Before merging (which folds the adapter into the base in place): the adapter as PEFT saves it.
+                unwrapped.save_pretrained(temp / ADAPTER_DIR, safe_serialization=True)
             if hasattr(unwrapped, "merge_and_unload"):  # PEFT: ship plain weights, no adapter runtime needed
                 unwrapped = unwrapped.merge_and_unload()
             if ctx.dtype != torch.float32:  # training is over: the fp32 master copy is not needed any more

@@ -97,7 +97,11 @@ def model_identity(source: str | None) -> str | None:
 
 
 def stage_settings(job: StageJob) -> dict[str, Any]:
-    return getattr(job, job.stage).model_dump(mode="json", by_alias=True)
+    settings = getattr(job, job.stage).model_dump(mode="json", by_alias=True)
+    if isinstance(settings.get("lora"), dict):
+        # What final/ holds besides the merged weights, not how they are trained: never blocks a resume.
+        settings["lora"].pop("keepAdapter", None)
+    return settings
 
 
 def job_fingerprint(job: StageJob, *, processes: int) -> dict[str, Any]:

@@ -13,19 +13,29 @@ train: ``final/`` then holds only ``reward_functions.json``.
 from __future__ import annotations
 
 import math
+import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
-from trainer.data import PreferenceRow, encode_for_reward, load_preference_rows, pad_right, split_for_eval
+from trainer.data import (
+    TOKENIZED_DIR, PreferenceRow, encode_for_reward, load_preference_rows, pad_right, split_for_eval, tokenized_once,
+)
 from trainer.modeling import load_sequence_classifier, load_tokenizer, model_options, prepare_model_source, save_final
 from trainer.runtime import PermanentStageFailure, StageContext
 from trainer.supervised import MicroBatch, prepare_supervised, train_supervised
 
 NORMALIZATION_FILE = "reward_normalization.json"
 FUNCTIONS_FILE = "reward_functions.json"
+
+
+def _log(ctx: StageContext, message: str) -> None:
+    """A timestamped line in the pod log, as the progress lines are (main process only)."""
+    if ctx.accelerator.is_main_process:
+        print(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} [reward] {message}", file=sys.stderr, flush=True)
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: torch.Tensor | None = None,
@@ -50,6 +60,21 @@ def encode_pairs(rows: list[PreferenceRow], *, tokenizer, max_length: int) -> li
     return [(encode_for_reward(tokenizer, prompt=r.prompt, response=r.chosen, max_length=max_length),
              encode_for_reward(tokenizer, prompt=r.prompt, response=r.rejected, max_length=max_length),
              r.margin) for r in rows]
+
+
+def encoded_pairs(ctx: StageContext, tokenizer) -> list[tuple[list[int], list[int], float]]:
+    """Every preference row encoded (``encode_pairs``) once per stage: cached in outputDir/tokenized,
+    built on the main process only (``trainer.data.tokenized_once``)."""
+    path, max_length = ctx.job.data.preferences, ctx.job.reward.max_seq_length_tokens
+
+    def build() -> list:
+        rows = load_preference_rows(path, tokenizer=tokenizer)
+        return [list(pair) for pair in encode_pairs(rows, tokenizer=tokenizer, max_length=max_length)]
+
+    stored = tokenized_once("reward", path, tokenizer=tokenizer, settings={"max_length": max_length},
+                            cache_dir=ctx.output_dir / TOKENIZED_DIR, accelerator=ctx.accelerator, build=build,
+                            describe=lambda value: f"{len(value)} preference pairs")
+    return [(chosen, rejected, margin) for chosen, rejected, margin in stored]
 
 
 def score(model, sequences: list[list[int]], *, pad_token_id: int, device) -> torch.Tensor:
@@ -114,10 +139,7 @@ def run(ctx: StageContext) -> Path:
         raise PermanentStageFailure("reward stage needs data.preferences or reward.functions")
     source = prepare_model_source(ctx, job.model)
     tokenizer = load_tokenizer(source)
-    rows = load_preference_rows(job.data.preferences, tokenizer=tokenizer)
-    train_rows, eval_rows = split_for_eval(rows, fraction=cfg.eval_fraction, seed=cfg.seed)
-    train = encode_pairs(train_rows, tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens)
-    held_out = encode_pairs(eval_rows, tokenizer=tokenizer, max_length=cfg.max_seq_length_tokens)
+    train, held_out = split_for_eval(encoded_pairs(ctx, tokenizer), fraction=cfg.eval_fraction, seed=cfg.seed)
     pad = tokenizer.pad_token_id
 
     set_seed(cfg.seed)  # identical score-head initialisation on every process
@@ -149,8 +171,13 @@ def run(ctx: StageContext) -> Path:
         total = setup.plan.total_steps
         ctx.report("progress", step=total, total_steps=total,
                    metrics=evaluate(ctx, unwrapped, held_out, pad_token_id=pad, batch_size=cfg.batch_size))
-    extra_files = {NORMALIZATION_FILE: normalization_stats(ctx, unwrapped, train, pad_token_id=pad,
-                                                           batch_size=cfg.batch_size)}
+    # Scoring every training response takes a fifth of a short stage: say so, or the log goes quiet.
+    started = time.perf_counter()
+    _log(ctx, f"scoring the {2 * len(train)} training responses for {NORMALIZATION_FILE}")
+    stats = normalization_stats(ctx, unwrapped, train, pad_token_id=pad, batch_size=cfg.batch_size)
+    _log(ctx, f"score mean {stats['mean']:.4g}, std {stats['std']:.4g} ({time.perf_counter() - started:.0f} s); "
+              "saving final/")
+    extra_files = {NORMALIZATION_FILE: stats}
     if cfg.functions:
         extra_files[FUNCTIONS_FILE] = {"functions": [
             f.model_dump(mode="json", by_alias=True, exclude_none=True) for f in cfg.functions]}

@@ -293,8 +293,13 @@ def build_context(job: StageJob, *, stop: GracefulStop) -> StageContext:
     from trainer.multinode import EXPECTED_WORLD_SIZE_ENV, check_world_size, init_distributed
     from trainer.outputs import claim_output_dir  # imports trainer.checkpoint, which imports this module
     from trainer.provenance import job_fingerprint
+    from trainer.tracking import TrackingUnavailable, require_packages, tracking_reporters
 
     cfg = stage_config(job)
+    try:
+        require_packages(job)  # every process, before any rendezvous: all of them fail alike
+    except TrackingUnavailable as exc:
+        raise PermanentStageFailure(str(exc)) from None
     cuda = torch.cuda.is_available()
     check_cuda(expected_gpus=os.environ.get(EXPECTED_GPUS_ENV), cuda=cuda,
                visible_gpus=torch.cuda.device_count() if cuda else 0, cuda_build=torch.version.cuda,
@@ -320,6 +325,7 @@ def build_context(job: StageJob, *, stop: GracefulStop) -> StageContext:
         progress = job.reporting.progress_file or output_dir / "progress.jsonl"
         reporters.append(LocalReporter(jsonl_path=progress))
         reporters.append(TensorBoardReporter(output_dir / "tensorboard"))
+        reporters.extend(tracking_reporters(job, output_dir=output_dir))  # reportTo: MLflow, W&B; none by default
         if job.reporting.progress_config_map:
             # Imported lazily: the kubernetes client is only needed in a cluster.
             from trainer.kube_reporter import KubernetesReporter

@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import OptimConfig
+from trainer.modeling import checkpoint_trainable_weights_only
 from trainer.runtime import StageContext, check_finite, stage_config, step_health
 from trainer.schedule import StepPlan, apply_optimizer_settings, build_optimizer
 
@@ -53,6 +54,8 @@ def prepare_supervised(ctx: StageContext, model, *, cfg: OptimConfig, epochs: in
     model, optimizer = accelerator.prepare(model, optimizer)
     # Registered, not prepared: accelerate would step a prepared scheduler once per process.
     accelerator.register_for_checkpointing(scheduler)
+    if cfg.lora:  # checkpoints hold the adapters (and a reward model's score head), not the frozen base
+        checkpoint_trainable_weights_only(accelerator)
 
     set_seed(cfg.seed + accelerator.process_index)
     start, _ = resume_from_latest(ctx)

@@ -10,6 +10,8 @@ lost the optimizer state, scheduler or data position differs by ~1e-3 or more.
 
 from __future__ import annotations
 
+import pytest
+
 from trainer.checkpoint import COMPLETE_MARKER, complete_checkpoints, latest_checkpoint
 
 from .stage_runs import load_state_dict, max_abs_diff, progress_events, run_cli, run_in_process, write_job
@@ -77,3 +79,43 @@ def test_incomplete_checkpoints_are_never_resumed_from(tmp_path):
     (root / ".tmp-step-8" / COMPLETE_MARKER).write_text("")
     assert latest_checkpoint(tmp_path) == root / "step-4"
     assert latest_checkpoint(tmp_path / "elsewhere") is None
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_lora_checkpoints_of_supervised_stages_hold_the_adapters_not_the_base_and_resume_exactly(
+        tmp_path, tiny_model_dir, stage):
+    """A LoRA SFT or reward checkpoint holds the adapters (and the reward model's score head), not the
+    frozen base; a kill after it and a restart give the uninterrupted run's weights."""
+    from safetensors import safe_open
+
+    from .stage_runs import write_jsonl
+
+    lora = {"rank": 4, "alpha": 8, "dropout": 0.0}
+    if stage == "sft":
+        data = {"sft": str(write_jsonl(tmp_path / "sft.jsonl", [
+            {"prompt": f"Say {w}?", "completion": f" {w}!"} for w in ("yes", "no", "maybe", "hello") * 2]))}
+    else:
+        data = {"preferences": str(write_jsonl(tmp_path / "prefs.jsonl", [
+            {"prompt": f"Say {w}?", "chosen": " yes", "rejected": " no"} for w in ("a", "b", "c", "d") * 2]))}
+    settings = {"batchSize": 2, "maxSteps": 4, "learningRate": 1e-2, "checkpointEverySteps": 2, "lora": lora}
+
+    def job(output):
+        return write_job(tmp_path / f"{output}.yaml", stage=stage, model=str(tiny_model_dir), data=data,
+                         outputDir=str(tmp_path / output), **{stage: settings})
+
+    straight = run_cli(stage, job("straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    checkpoint = complete_checkpoints(tmp_path / "straight")[-1][1]
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all("lora_" in k or (stage == "reward" and ".score." in k) for k in keys), keys[:5]
+    base_bytes = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
+    assert (checkpoint / "model.safetensors").stat().st_size < base_bytes / 4
+
+    resumed = job("resumed")
+    killed = run_cli(stage, resumed, env={"FINETUNE_FAIL_AT_STEP": "2"})
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    result = run_cli(stage, resumed)
+    assert result.returncode == 0 and "resumed from" in result.stderr + result.stdout, result.stderr[-3000:]
+    assert max_abs_diff(load_state_dict(tmp_path / "straight" / "final"),
+                        load_state_dict(tmp_path / "resumed" / "final")) < 1e-6

@@ -93,6 +93,19 @@ def test_chat_row_trains_on_the_last_assistant_message_only(tokenizer):
     assert tokenizer.decode(untrained) == "<|user|>hello<|assistant|>"
 
 
+def test_an_end_of_turn_followed_by_a_newline_gets_no_second_eos(tokenizer):
+    """SmolLM2's and Qwen's templates end a turn with `<|im_end|>` then a newline: the EOS is trained once."""
+    import copy
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = tokenizer.chat_template.replace("</s>", "</s>\n")
+    messages = ({"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"})
+    example = tokenize_sft_row(SFTRow(where="t:1", messages=messages, trained=(1,)), tokenizer=chat, max_length=512)
+    trained = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert trained.count(chat.eos_token_id) == 1 and example.input_ids.count(chat.eos_token_id) == 1
+    assert chat.decode(trained) == "hello world</s>\n"
+
+
 def test_truncation_keeps_half_the_budget_for_the_completion(tokenizer):
     row = SFTRow(where="t:1", prompt="the " * 40, completion="yes " * 40)
     example = tokenize_sft_row(row, tokenizer=tokenizer, max_length=16)

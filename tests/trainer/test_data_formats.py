@@ -42,7 +42,8 @@ def write_csv(path, rows):
     return path
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "parquet", "json-array", "csv", "shards", "no-suffix-parquet"])
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "parquet", "json-array", "json-array.gz", "json-lines-in-.json",
+                                  "csv", "csv.gz", "shards", "no-suffix-parquet"])
 def test_every_file_format_gives_the_same_rows(tmp_path, tokenizer, kind):
     if kind == "jsonl":
         path = write_jsonl(tmp_path / "sft.jsonl", ROWS)
@@ -56,8 +57,16 @@ def test_every_file_format_gives_the_same_rows(tmp_path, tokenizer, kind):
     elif kind == "json-array":
         path = tmp_path / "sft.json"
         path.write_text(json.dumps(ROWS))
+    elif kind == "json-array.gz":
+        path = tmp_path / "sft.json.gz"
+        path.write_bytes(gzip.compress(json.dumps(ROWS, indent=1).encode()))
+    elif kind == "json-lines-in-.json":  # what `datasets`' json loader also accepts
+        path = write_jsonl(tmp_path / "sft.json", ROWS)
     elif kind == "csv":
         path = write_csv(tmp_path / "sft.csv", ROWS)
+    elif kind == "csv.gz":
+        path = tmp_path / "sft.csv.gz"
+        path.write_bytes(gzip.compress(write_csv(tmp_path / "plain.csv", ROWS).read_bytes()))
     else:  # shards in name order; other files (a README, Spark's _SUCCESS) are ignored
         path = tmp_path / "shards"
         path.mkdir()

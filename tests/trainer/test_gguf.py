@@ -69,8 +69,9 @@ def test_a_gguf_file_has_an_identity_that_changes_with_the_file(tmp_path):
     assert first.startswith("files:") and model_identity(str(gguf)) != first
 
 
-def test_sft_on_the_smollm2_gguf_trains_and_saves_a_plain_safetensors_model(tmp_path):
-    """Two LoRA steps on short chats: enough to prove load -> train -> plain final/, cheap on 2 cores."""
+def test_sft_on_the_smollm2_gguf_trains_and_saves_a_plain_safetensors_model(tmp_path, capfd):
+    """Two LoRA steps on short chats: enough to prove load -> train -> plain final/, cheap on 2 cores.
+    The pod log shows no progress bar from the dequantisation (transformers' own tqdm)."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,6 +88,9 @@ def test_sft_on_the_smollm2_gguf_trains_and_saves_a_plain_safetensors_model(tmp_
 
     events = progress_events(tmp_path / "out")
     assert events[-1]["kind"] == "succeeded" and events[-1]["step"] == 2
+    log = capfd.readouterr()
+    assert "dequantising it into" in log.out  # the stage's own line about the conversion
+    assert "de-quantizing" not in log.err + log.out and "\r" not in log.err + log.out, log.err[-2000:]
     final = tmp_path / "out" / "final"
     config = json.loads((final / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"

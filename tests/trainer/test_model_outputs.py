@@ -63,6 +63,36 @@ def test_lora_all_linear_adapts_every_linear_layer_but_the_head(tmp_path, tiny_m
     base, tuned = load_state_dict(tiny_model_dir), load_state_dict(tmp_path / "out" / "final")
     changed = {k.split(".")[-2] for k in base if not (base[k] == tuned[k]).all()}
     assert changed == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not (tmp_path / "out" / "final" / "adapter").exists()  # only with lora.keepAdapter
+
+
+def test_keep_adapter_saves_the_unmerged_peft_adapter_beside_the_merged_model(tmp_path, tiny_model_dir):
+    """final/adapter/ over the input model gives the merged final/ weights, loaded with plain PEFT."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sft(tmp_path, tiny_model_dir, output="out", lora={"rank": 4, "alpha": 8, "dropout": 0.0, "keepAdapter": True})
+    final = tmp_path / "out" / "final"
+    adapter = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 4
+    assert (final / "adapter" / "adapter_model.safetensors").is_file() and (final / "model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    merged_here = PeftModel.from_pretrained(base, final / "adapter").merge_and_unload().state_dict()
+    merged_there = load_state_dict(final)
+    assert max_abs_diff(merged_here, merged_there) < 1e-6
+    assert max_abs_diff(load_state_dict(tiny_model_dir), merged_there) > 1e-4  # the adapter did train
+
+
+def test_keep_adapter_does_not_block_a_resume():
+    from trainer.config import StageJob
+    from trainer.provenance import stage_settings
+
+    def settings(keep: bool) -> dict:
+        return stage_settings(StageJob.model_validate({"stage": "sft", "model": "m", "outputDir": "/o",
+                                                       "sft": {"lora": {"rank": 4, "keepAdapter": keep}}}))
+
+    assert settings(True) == settings(False) and settings(True)["lora"]["rank"] == 4
 
 
 def test_all_linear_cannot_be_combined_with_names():

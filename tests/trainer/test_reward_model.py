@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -45,11 +46,15 @@ def test_bradley_terry_loss_matches_definition():
     assert torch.isclose(bradley_terry_loss(torch.zeros(3), torch.zeros(3)), torch.log(torch.tensor(2.0)))
 
 
-def test_reward_model_learns_a_clear_preference(tmp_path, tiny_model_dir):
+def test_reward_model_learns_a_clear_preference(tmp_path, tiny_model_dir, capfd):
     from transformers import AutoModelForSequenceClassification
 
     config = write_job(tmp_path / "job.yaml", **reward_job(tmp_path, tiny_model_dir))
     assert run_in_process("reward", config) == 0
+    # The log is never silent between the last step and the end: the normalisation pass and the save say so.
+    log = capfd.readouterr().err
+    assert re.search(r"Z \[reward\] scoring the \d+ training responses for reward_normalization.json\n", log), log
+    assert re.search(r"Z \[reward\] score mean .*, std .* \(\d+ s\); saving final/\n", log), log
 
     events = progress_events(tmp_path / "out")
     accuracy = [e["metrics"]["reward_model_accuracy"] for e in events
