@@ -13,6 +13,9 @@ TRL is a benchmark-only dependency, installed into its own virtualenv beside the
 
     benchmarks/trl_venv.sh 1.12.0
     ~/.cache/finetune-bench/trl-1.12.0/bin/python benchmarks/ppo_vs_trl.py [--steps 10] [--repeats 5]
+
+``--value-model head`` runs our side with ``ppo.valueModel: head`` (a value head on the policy's backbone);
+TRL keeps its separate value model, so that comparison is not like for like (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -32,16 +35,18 @@ TEMPERATURE = 0.7
 LEARNING_RATE = 1e-5
 
 
-def ppo_ours(work: Path, sft: Path, rm: Path, prompt_file: Path, *, epochs: int, steps: int, rep: int) -> RunResult:
+def ppo_ours(work: Path, sft: Path, rm: Path, prompt_file: Path, *, epochs: int, steps: int, rep: int,
+             value_model: str = "separate") -> RunResult:
     job = {
         "model": str(sft), "rewardModel": str(rm), "data": {"prompts": str(prompt_file)},
         "ppo": {"steps": steps, "batchSize": BATCH, "ppoEpochs": epochs, "miniBatches": 1,
                 "responseLengthTokens": RESPONSE_TOKENS, "stopToken": None, "missingEosPenalty": None,
                 "temperature": TEMPERATURE, "learningRate": LEARNING_RATE, "precision": "fp32",
                 "chatTemplate": False, "healthChecks": "off",
-                "samplePrompts": 1, "sampleEverySteps": 10**6, "checkpointEverySteps": 10**6, "maxKl": None},
+                "samplePrompts": 1, "sampleEverySteps": 10**6, "checkpointEverySteps": 10**6, "maxKl": None,
+                "valueModel": value_model},
     }
-    return run_ours(work, stage="ppo", job=job, name=f"ours-e{epochs}-r{rep}")
+    return run_ours(work, stage="ppo", job=job, name=f"ours-{value_model}-e{epochs}-r{rep}")
 
 
 def ppo_trl(work: Path, sft: Path, rm: Path, texts: list[str], *, epochs: int, steps: int, rep: int) -> RunResult:
@@ -72,15 +77,19 @@ def ppo_trl(work: Path, sft: Path, rm: Path, texts: list[str], *, epochs: int, s
 def main() -> None:
     cli = parser(__doc__, steps=10, steps_help="PPO updates per run (the first is a warm-up)")
     cli.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
+    cli.add_argument("--value-model", choices=["separate", "head"], default="separate",
+                     help="our ppo.valueModel; TRL always uses a separate value model")
     args = cli.parse_args()
     results = []
     with workload(args, trl_version="1.12.0", unit="updates") as w:
         for epochs in args.epochs:
             mine, theirs = alternate(
-                lambda rep: ppo_ours(w.work, w.sft, w.rm, w.prompt_file, epochs=epochs, steps=args.steps, rep=rep),
+                lambda rep: ppo_ours(w.work, w.sft, w.rm, w.prompt_file, epochs=epochs, steps=args.steps, rep=rep,
+                                     value_model=args.value_model),
                 lambda rep: ppo_trl(w.work, w.sft, w.rm, w.texts, epochs=epochs, steps=args.steps, rep=rep),
                 repeats=args.repeats)
-            results.append(summarise(f"PPO, {epochs} epoch(s), batch {BATCH}, {RESPONSE_TOKENS} response tokens",
+            results.append(summarise(f"PPO, {epochs} epoch(s), batch {BATCH}, {RESPONSE_TOKENS} response tokens, "
+                                     f"our value model: {args.value_model}",
                                      mine, theirs))
     write_json(args, results)
 

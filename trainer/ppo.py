@@ -43,8 +43,8 @@ from trainer.run_health import RunHealth
 from trainer.runtime import PermanentStageFailure, StageContext
 from trainer.schedule import StepPlan, apply_optimizer_settings, linear_warmup_decay
 
-__all__ = ["SAMPLES_FILE", "VALUE_HEAD_FILE", "ValueHead", "ValueModel", "check_finite", "check_kl", "reward_model_source", "run", "score_responses",
-           "split_prompts", "step_seed"]
+__all__ = ["SAMPLES_FILE", "VALUE_HEAD_FILE", "ValueHead", "ValueModel", "check_finite", "check_kl", "policy_pass",
+           "reward_model_source", "run", "score_responses", "split_prompts", "step_seed"]
 """Re-exported from trainer.rollout, where the code shared with GRPO/RLOO lives."""
 
 
@@ -126,7 +126,7 @@ def policy_pass(policy, input_ids, attention_mask, *, response_length: int,
         logits = lean.logits(hidden[:, -(response_length + 1):]) if temperature is not None else None
     else:  # PEFT, DDP, gradient checkpointing, other architectures: the model's own forward
         out = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                     logits_to_keep=response_length + 1, output_hidden_states=True)
+                     logits_to_keep=response_length + 1 if temperature is not None else 1, output_hidden_states=True)
         hidden, logits = out.hidden_states[-1], (out.logits if temperature is not None else None)
     if logits is not None:
         logits = logits[:, :-1].float() / temperature
@@ -227,13 +227,15 @@ def ppo_update(ctx: StageContext, ro: Rollouts, *, advantages, returns, policy, 
                                                      response_length=t, temperature=cfg.temperature)
                         new_values = value_model(hidden[:, ro.prompt_length - 1:-1]).float()  # (m, t)
                         del hidden
+                        new_logprobs = ppo_math.logprobs_from_logits(logits, ro.responses[idx])  # (m, t)
+                        del logits
                     else:
                         logits = response_logits(policy, ro.input_ids[idx], ro.attention_mask[idx],
                                                  response_length=t, temperature=cfg.temperature)
+                        new_logprobs = ppo_math.logprobs_from_logits(logits, ro.responses[idx])  # (m, t)
+                        del logits
                         new_values = response_values(value_model, ro.input_ids[idx], ro.attention_mask[idx],
                                                      prompt_length=ro.prompt_length)
-                    new_logprobs = ppo_math.logprobs_from_logits(logits, ro.responses[idx])  # (m, t)
-                    del logits
                 pl = ppo_math.clipped_policy_loss(new_logprobs, ro.logprobs[idx], mb_adv[local], ro.mask[idx],
                                                   clip_range=cfg.clip_range)
                 vf_loss, vf_clip = ppo_math.clipped_value_loss(new_values, ro.values[idx], returns[idx],
