@@ -182,15 +182,29 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.chat_template = chat_template
+        # Each prompt is rendered and tokenised once per stage process, not on every step that
+        # draws it again (epochs over a prompt file revisit every row). Prompts are short, so an
+        # in-memory table is the whole cost; unlike SFT/reward/DPO data, a disk cache shared by
+        # ranks and retries would save milliseconds, not minutes.
+        self._texts: dict[str, str] = {}
+        self._ids: dict[str, list[int]] = {}
 
     def text(self, prompt) -> str:
         """The text the policy continues for a row's ``prompt`` (a string or a message list)."""
-        return render_prompt(self.tokenizer, prompt, chat_template=self.chat_template)
+        key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+        if key not in self._texts:
+            self._texts[key] = render_prompt(self.tokenizer, prompt, chat_template=self.chat_template)
+        return self._texts[key]
+
+    def ids(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt text, cut to the last ``max_prompt_tokens``."""
+        if text not in self._ids:
+            self._ids[text] = encode_text(self.tokenizer, text)[-self.max_prompt_tokens:]
+        return self._ids[text]
 
     def __call__(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (b, p) ids and mask of already rendered prompt texts."""
-        lists = [encode_text(self.tokenizer, p)[-self.max_prompt_tokens:] for p in prompts]
-        return left_pad(lists, pad_id=self.tokenizer.pad_token_id, device=device)
+        return left_pad([self.ids(p) for p in prompts], pad_id=self.tokenizer.pad_token_id, device=device)
 
 
 # ---------------------------------------------------------------------------

@@ -85,3 +85,28 @@ def test_the_samplers_log_probs_and_entropy_agree_with_a_whole_sequence_forward_
                                  temperature=0.7)
     assert torch.allclose(drawn.logprobs, ppo_math.logprobs_from_logits(logits, drawn.tokens), atol=1e-5)
     assert torch.allclose(drawn.entropy, ppo_math.entropy_from_logits(logits), atol=1e-5)
+
+
+class CountingTokenizer:
+    """Splits on spaces into ids; counts how often text is tokenised."""
+
+    pad_token_id, bos_token_id, chat_template = 0, None, None
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        self.calls += 1
+        return {"input_ids": [len(word) for word in text.split()]}
+
+
+def test_the_prompt_encoder_tokenises_each_prompt_once_per_stage():
+    from trainer.rollout import PromptEncoder
+
+    tokenizer = CountingTokenizer()
+    encoder = PromptEncoder(tokenizer, max_prompt_tokens=2)
+    batches = [["a bb ccc", "dddd"], ["dddd", "a bb ccc"], ["a bb ccc", "ee"]]
+    outputs = [encoder([encoder.text(p) for p in batch], "cpu") for batch in batches]
+    assert tokenizer.calls == 3  # three distinct prompts over three steps
+    ids, mask = outputs[1]
+    assert ids.tolist() == [[0, 4], [2, 3]] and mask.tolist() == [[0, 1], [1, 1]]  # left-padded, last 2 tokens
