@@ -113,6 +113,13 @@ class LoraConfig(ApiModel):
         return targets
 
 
+class FsdpConfig(ApiModel):
+    """Fully sharded data parallel training (torch FSDP2 ``fully_shard``): each process holds only its share of the weights, gradients and optimizer state; each transformer decoder layer is gathered just while it computes. SFT, reward and DPO only; docs/multinode.md says what is built."""
+
+    cpu_offload: bool = False
+    """Keep each process's share of the weights, gradients and optimizer state in CPU memory and move a layer to the GPU only while it computes: far less GPU memory, much slower steps."""
+
+
 class OptimConfig(ApiModel):
     """Settings shared by every trained stage."""
 
@@ -148,6 +155,18 @@ class OptimConfig(ApiModel):
     """Attention kernel (transformers' attn_implementation) of every model the stage loads; None: transformers' default (sdpa where the model supports it). flash_attention_2 needs the flash-attn package and a supported GPU."""
     report_to: list[Literal["mlflow", "wandb"]] = Field(default_factory=list, max_length=2)
     """Also send the stage's metrics to MLflow (MLFLOW_TRACKING_URI) and/or Weights & Biases (WANDB_API_KEY, WANDB_PROJECT), configured by the pod's environment (podTemplate env). Off by default; the trainer image has neither package: use an image built FROM it with mlflow-skinny or wandb installed, else the stage fails at start saying so (trainer/tracking.py)."""
+    fsdp: FsdpConfig | None = None
+    """Shard the trained model across the stage's processes (full shard, one unit per transformer decoder layer) instead of replicating it (DDP) when set; {} shards with the defaults. SFT, reward and DPO only; not with lora yet. One process: nothing to shard, trains as without it."""
+
+    @model_validator(mode="after")
+    def _fsdp_combinations(self):
+        if self.fsdp is not None and self.lora is not None:
+            raise ValueError("fsdp cannot be combined with lora yet: remove fsdp (LoRA adapters are small and "
+                             "train replicated) or lora")
+        if self.fsdp is not None and self.precision == "fp16":
+            raise ValueError("fsdp cannot be combined with precision fp16 (a sharded model gets no loss scaling): "
+                             "use precision bf16 or fp32")
+        return self
 
     # Not fields (no schema): which settings a resume may change. Every other setting shapes the
     # training trajectory, so a checkpoint written with another value is refused (docs/trainer.md).
@@ -287,6 +306,14 @@ MIN_PROMPT_TOKENS = 8
 
 class SamplingConfig(OptimConfig):
     """Settings shared by the stages that sample responses to prompts and score them (PPO, GRPO, RLOO)."""
+
+    @field_validator("fsdp")
+    @classmethod
+    def _online_stages_do_not_shard(cls, fsdp):
+        if fsdp is not None:
+            raise ValueError("fsdp: PPO and GRPO/RLOO do not shard yet (only sft, reward and dpo do); remove it "
+                             "and use several processes (DDP) or a smaller policy")
+        return fsdp
 
     response_length_tokens: int = Field(128, ge=1, le=32768)
     """Maximum tokens generated per response."""

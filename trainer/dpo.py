@@ -28,7 +28,7 @@ import torch
 from accelerate.utils import set_seed
 from pydantic.alias_generators import to_camel
 
-from trainer import dpo_math, provenance
+from trainer import dpo_math, provenance, sharding
 from trainer.config import DPOConfig
 from trainer.data import (
     TOKENIZED_DIR, PreferenceRow, encode_text, load_preference_rows, pad_right, render_prompt, split_for_eval,
@@ -370,7 +370,8 @@ def held_out_samples(ctx: StageContext, model, pairs: list[EncodedPair], referen
     rejected replies as written) and its implicit rewards.
 
     Greedy decoding draws no random numbers, so samples never change the training that follows.
-    ``model`` is the unwrapped policy in eval mode; run on the main process only.
+    ``model`` is the unwrapped policy in eval mode; run on the main process only (on every process when it is
+    sharded: its forward is a collective).
     """
     if not pairs:
         return []
@@ -451,12 +452,14 @@ def run(ctx: StageContext) -> Path:
                           sums=_statistics(terms, ctx.device))
 
     def report_samples(step: int) -> None:
-        if ctx.is_main_process:
+        # A sharded policy's forward is a collective: every process decodes (the same greedy answers).
+        if ctx.is_main_process or sharding.is_sharded(setup.model):
             shown = list(range(min(SAMPLE_PAIRS, len(held_out))))
             samples = held_out_samples(ctx, accelerator.unwrap_model(setup.model), [held_out[j] for j in shown],
                                        reference_held_out[shown], texts=shown_texts[:len(shown)], cfg=cfg,
                                        tokenizer=tokenizer, shared_prompt_attention=shared)
-            ctx.report("samples", step=step, total_steps=setup.plan.total_steps, samples=samples)
+            if ctx.is_main_process:
+                ctx.report("samples", step=step, total_steps=setup.plan.total_steps, samples=samples)
 
     def evaluate(step: int) -> dict[str, float]:
         report_samples(step)

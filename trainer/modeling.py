@@ -415,6 +415,10 @@ def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, di
     accelerator = ctx.accelerator
     final = ctx.output_dir / "final"
     accelerator.wait_for_everyone()
+    from trainer import sharding
+
+    # A sharded model is gathered (a collective: every process) into one full state dict on the main process.
+    full_weights = sharding.full_state_dict(model) if model is not None and sharding.is_sharded(model) else None
     if accelerator.is_main_process:
         temp = ctx.output_dir / "final.tmp"
         shutil.rmtree(temp, ignore_errors=True)
@@ -427,9 +431,13 @@ def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, di
                 unwrapped.save_pretrained(temp / ADAPTER_DIR, safe_serialization=True)
             if hasattr(unwrapped, "merge_and_unload"):  # PEFT: ship plain weights, no adapter runtime needed
                 unwrapped = unwrapped.merge_and_unload()
-            if ctx.dtype != torch.float32:  # training is over: the fp32 master copy is not needed any more
+            if ctx.dtype != torch.float32 and full_weights is None:  # training is over: the fp32 master copy is not needed any more
                 unwrapped = unwrapped.to(ctx.dtype)
-            unwrapped.save_pretrained(temp, safe_serialization=True)
+            if full_weights is not None:
+                unwrapped.save_pretrained(temp, safe_serialization=True,
+                                          state_dict={k: v.to(ctx.dtype) for k, v in full_weights.items()})
+            else:
+                unwrapped.save_pretrained(temp, safe_serialization=True)
             (temp / MODEL_CARD_FILE).write_text(render_model_card(
                 job=ctx.job, fingerprint=ctx.fingerprint, metrics=ctx.latest_metrics,
                 dtype=str(ctx.dtype).removeprefix("torch.")))

@@ -1,7 +1,8 @@
 """The loop shared by the stages that train on a fixed list of examples: SFT, reward model, DPO.
 
 ``prepare_supervised`` sets up, in the order resume exactness depends on: the step plan,
-AdamW with its warm-up/decay schedule, accelerate's wrapping, per-rank seeding, then the
+AdamW with its warm-up/decay schedule, accelerate's wrapping (or, with ``fsdp`` on several
+processes, FSDP sharding instead: trainer.sharding), per-rank seeding, then the
 restore of the latest checkpoint. ``train_supervised`` runs the steps: for each optimizer
 step it accumulates the loss of the step's micro-batches (a stage's ``forward`` computes one),
 clips, checks for non-finite values, steps, reports window statistics every
@@ -12,6 +13,7 @@ what the lost one would have.
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any, Callable
 import torch
 from accelerate.utils import set_seed
 
+from trainer import sharding
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import OptimConfig
 from trainer.modeling import checkpoint_trainable_weights_only
@@ -49,9 +52,18 @@ def prepare_supervised(ctx: StageContext, model, *, cfg: OptimConfig, epochs: in
     plan = StepPlan(num_examples=num_examples, batch_size=cfg.batch_size,
                     accumulation=cfg.gradient_accumulation_steps, world_size=accelerator.num_processes,
                     epochs=epochs, seed=cfg.seed, max_steps=max_steps)
+    sharded = cfg.fsdp is not None and accelerator.num_processes > 1
+    if sharded:  # before the optimizer, which must hold the sharded parameters
+        _say_memory(ctx, model, "unsharded")
+        sharding.shard(model, cfg.fsdp, device=ctx.device)
+        sharding.autocast_forward(model, accelerator)
+        _say_memory(ctx, model, "sharded")
     optimizer, scheduler = build_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                            warmup_steps=cfg.warmup_steps, total_steps=plan.total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:  # not prepared: accelerate's DDP wrapper would replicate the model again (trainer.sharding)
+        sharding.register_checkpointing(accelerator, model, optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     # Registered, not prepared: accelerate would step a prepared scheduler once per process.
     accelerator.register_for_checkpointing(scheduler)
     if cfg.lora:  # checkpoints hold the adapters (and a reward model's score head), not the frozen base
@@ -63,6 +75,11 @@ def prepare_supervised(ctx: StageContext, model, *, cfg: OptimConfig, epochs: in
         apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ctx.report("progress", step=start, total_steps=plan.total_steps)
     return SupervisedSetup(model=model, optimizer=optimizer, scheduler=scheduler, plan=plan, start_step=start)
+
+
+def _say_memory(ctx: StageContext, model, what: str) -> None:
+    print(f"[{ctx.job.stage}] rank {ctx.accelerator.process_index}: {what} parameters "
+          f"{sharding.local_parameter_bytes(model) / 2**20:.2f} MiB", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -124,7 +141,10 @@ def train_supervised(ctx: StageContext, setup: SupervisedSetup, *, forward: Call
                 window_sums[name] = window_sums.get(name, 0.0) + value.detach().float()
         step_value = float(step_loss)  # waits for the forward and backward passes (a device sync)
         stepping = time.perf_counter()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if sharding.is_sharded(model):
+            grad_norm = sharding.clip_grad_norm(model, cfg.max_grad_norm)
+        else:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         check_finite(step_health(accelerator, loss=step_loss, grad_norm=grad_norm), stage=ctx.job.stage,
                      step=step + 1, advice=non_finite_advice)
         optimizer.step()
