@@ -120,3 +120,14 @@ def supervised_tiny_model(tiny_model_dir: Path, directory: Path, pairs: Callable
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def checkpoint_tensor_names(path: Path) -> dict[str, list[str]]:
+    """Tensor names in each model*.safetensors of a checkpoint directory (what a checkpoint holds)."""
+    from safetensors import safe_open
+
+    names = {}
+    for file in sorted(path.glob("model*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            names[file.name] = list(handle.keys())
+    return names

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from trainer.checkpoint import complete_checkpoints
 from trainer.config import LoraConfig
 from trainer.modeling import AdapterDisabled, load_causal_lm, load_reference
 from trainer.ppo import ValueModel
 
-from .stage_runs import (final_weight_difference, kill_and_resume, load_state_dict, max_abs_diff, progress_events,
-                         run_cli, write_job)
+from .stage_runs import (checkpoint_tensor_names, final_weight_difference, kill_and_resume, load_state_dict,
+                         max_abs_diff, progress_events, run_cli, write_job)
 from .test_ppo import ppo_job, toy_sft_dir  # noqa: F401  (fixture)
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
@@ -70,14 +69,6 @@ def test_a_lora_value_model_trains_only_adapters_and_its_fp32_head(tiny_model_di
     assert out.shape == (1, 3) and out.dtype == torch.float32
 
 
-def _checkpoint_keys(path) -> dict[str, list[str]]:
-    keys = {}
-    for file in sorted(path.glob("model*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            keys[file.name] = list(handle.keys())
-    return keys
-
-
 def test_lora_ppo_checkpoints_hold_adapters_not_the_base_and_resume_bit_identically(tmp_path, toy_sft_dir):  # noqa: F811
     """Subprocesses with one thread, as in test_ppo's resume test; asserted < 1e-5 (observed 0)."""
     settings = dict(steps=4, checkpointEverySteps=2, lora=LORA, learningRate=1e-2)
@@ -90,7 +81,7 @@ def test_lora_ppo_checkpoints_hold_adapters_not_the_base_and_resume_bit_identica
     assert abs(metrics[0]["kl"]) < 1e-4  # policy == its own base before the first update
 
     checkpoint = complete_checkpoints(tmp_path / "straight")[-1][1]
-    keys = _checkpoint_keys(checkpoint)
+    keys = checkpoint_tensor_names(checkpoint)
     assert set(keys) == {"model.safetensors", "model_1.safetensors"}  # policy, value model
     assert keys["model.safetensors"] and all("lora_" in k for k in keys["model.safetensors"])
     assert all("lora_" in k or k.startswith("head.") for k in keys["model_1.safetensors"])

@@ -6,27 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from trainer import ppo
 from trainer.checkpoint import complete_checkpoints
 from trainer.config import ConfigError, load_stage_job
 
-from .stage_runs import (final_weight_difference, kill_and_resume, load_state_dict, max_abs_diff, progress_events,
-                         run_cli, run_in_process, write_job)
+from .stage_runs import (checkpoint_tensor_names, final_weight_difference, kill_and_resume, load_state_dict,
+                         max_abs_diff, progress_events, run_cli, run_in_process, write_job)
 from .test_ppo import ppo_job, samples_by_step, toy_sft_dir  # noqa: F401  (fixture)
 from .test_ppo_distributed import _job as two_process_job
 from .test_ppo_distributed import run_two_processes
 from .test_ppo_lora import LORA
-
-
-def _checkpoint_keys(path) -> dict[str, list[str]]:
-    keys = {}
-    for file in sorted(path.glob("model*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            keys[file.name] = list(handle.keys())
-    return keys
 
 
 def test_a_value_head_policy_learns_to_say_the_rewarded_word_while_kl_stays_bounded(tmp_path, toy_sft_dir):  # noqa: F811
@@ -65,7 +56,7 @@ def test_the_final_policy_is_a_plain_causal_lm_and_the_trained_head_lies_beside_
 
     # The checkpoint: the policy (model), the head alone (model_1: no second transformer), the optimizer.
     checkpoint = complete_checkpoints(tmp_path / "out")[-1][1]
-    keys = _checkpoint_keys(checkpoint)
+    keys = checkpoint_tensor_names(checkpoint)
     assert sorted(keys["model_1.safetensors"]) == ["head.bias", "head.weight"]
     assert (checkpoint / "optimizer.bin").exists()
 
@@ -80,7 +71,7 @@ def test_a_value_head_run_resumed_after_a_kill_ends_like_an_uninterrupted_one(tm
     result = run_cli("ppo", straight)
     assert result.returncode == 0, result.stderr[-3000:]
     if lora:  # the head trains beside the adapters; checkpoints hold neither base
-        keys = _checkpoint_keys(complete_checkpoints(tmp_path / "straight")[-1][1])
+        keys = checkpoint_tensor_names(complete_checkpoints(tmp_path / "straight")[-1][1])
         assert keys["model.safetensors"] and all("lora_" in k for k in keys["model.safetensors"])
         assert sorted(keys["model_1.safetensors"]) == ["head.bias", "head.weight"]
         assert max_abs_diff(load_state_dict(toy_sft_dir),
