@@ -207,9 +207,9 @@ def retrain_reward(ctx: StageContext, round_: int, *, labels: list | None = None
     ``human_accuracy_before`` and ``human_accuracy_after`` (held-out human labels) with ``feedback_round``."""
     from trainer.data import load_preference_rows
     from trainer.modeling import load_sequence_classifier, load_tokenizer, model_options, save_final
-    from trainer.reward_model import (FUNCTIONS_FILE, NORMALIZATION_FILE, bradley_terry_loss, encode_pairs,
-                                      evaluate, normalization_stats, score)
-    from trainer.supervised import MicroBatch, prepare_supervised, train_supervised
+    from trainer.reward_model import (FUNCTIONS_FILE, NORMALIZATION_FILE, encode_pairs, evaluate,
+                                      normalization_stats, train_pairs)
+    from trainer.supervised import prepare_supervised
 
     job, cfg, accelerator = ctx.job, ctx.job.reward, ctx.accelerator
     feedback = job.human_feedback
@@ -248,19 +248,7 @@ def retrain_reward(ctx: StageContext, round_: int, *, labels: list | None = None
                                num_examples=len(train))
     model = setup.model
 
-    def forward(indices: list[int]) -> MicroBatch:
-        chunk = [train[j] for j in indices]
-        scores = score(model, [c for c, _, _ in chunk] + [r for _, r, _ in chunk], pad_token_id=pad,
-                       device=ctx.device)  # (2b,) chosen first
-        chosen, rejected = scores[:len(chunk)], scores[len(chunk):]
-        loss = bradley_terry_loss(chosen, rejected, center_coefficient=cfg.center_rewards_coefficient)
-        return MicroBatch(loss=loss, tokens=sum(len(c) + len(r) for c, r, _ in chunk), samples=len(chunk),
-                          sums={"correct": (chosen > rejected).float().sum(),
-                                "pairs": torch.tensor(float(len(chunk)), device=ctx.device)})
-
-    train_supervised(work, setup, forward=forward,
-                     summarise=lambda sums: {"train_accuracy": sums["correct"] / max(sums["pairs"], 1.0)},
-                     non_finite_advice="lower reward.learningRate, or check the labels")
+    train_pairs(work, setup, train, pad_token_id=pad, non_finite_advice="lower reward.learningRate, or check the labels")
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     after = evaluate(ctx, unwrapped, held, pad_token_id=pad, batch_size=cfg.batch_size)["reward_model_accuracy"] \

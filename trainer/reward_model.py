@@ -77,6 +77,29 @@ def encoded_pairs(ctx: StageContext, tokenizer) -> list[tuple[list[int], list[in
     return [(chosen, rejected, margin) for chosen, rejected, margin in stored]
 
 
+def train_pairs(ctx: StageContext, setup, pairs: list[tuple[list[int], list[int], float]], *, pad_token_id: int,
+                non_finite_advice: str) -> None:
+    """The Bradley-Terry training loop on encoded pairs (``encode_pairs``), shared by the reward stage and a
+    human-feedback round's retraining; ``setup`` comes from ``prepare_supervised``."""
+    cfg, model = ctx.job.reward, setup.model
+
+    def forward(indices: list[int]) -> MicroBatch:
+        chunk = [pairs[j] for j in indices]
+        # Chosen and rejected in one forward pass: (2b,) scores, chosen first.
+        scores = score(model, [c for c, _, _ in chunk] + [r for _, r, _ in chunk], pad_token_id=pad_token_id,
+                       device=ctx.device)
+        chosen, rejected = scores[:len(chunk)], scores[len(chunk):]
+        margin = torch.tensor([m for _, _, m in chunk], device=ctx.device) if cfg.margin_loss else None
+        loss = bradley_terry_loss(chosen, rejected, margin=margin, center_coefficient=cfg.center_rewards_coefficient)
+        return MicroBatch(loss=loss, tokens=sum(len(c) + len(r) for c, r, _ in chunk), samples=len(chunk),
+                          sums={"correct": (chosen > rejected).float().sum(),
+                                "pairs": torch.tensor(float(len(chunk)), device=ctx.device)})
+
+    train_supervised(ctx, setup, forward=forward,
+                     summarise=lambda sums: {"train_accuracy": sums["correct"] / max(sums["pairs"], 1.0)},
+                     non_finite_advice=non_finite_advice)
+
+
 def score(model, sequences: list[list[int]], *, pad_token_id: int, device) -> torch.Tensor:
     """Scalar score per sequence, (n,); right padding, read at the last non-pad token by transformers."""
     ids = torch.tensor(pad_right(sequences, pad_value=pad_token_id), device=device)  # (n, t)
@@ -149,22 +172,9 @@ def run(ctx: StageContext) -> Path:
                                num_examples=len(train))
     model = setup.model
 
-    def forward(indices: list[int]) -> MicroBatch:
-        chunk = [train[j] for j in indices]
-        # Chosen and rejected in one forward pass: (2b,) scores, chosen first.
-        scores = score(model, [c for c, _, _ in chunk] + [r for _, r, _ in chunk], pad_token_id=pad,
-                       device=ctx.device)
-        chosen, rejected = scores[:len(chunk)], scores[len(chunk):]
-        margin = torch.tensor([m for _, _, m in chunk], device=ctx.device) if cfg.margin_loss else None
-        loss = bradley_terry_loss(chosen, rejected, margin=margin, center_coefficient=cfg.center_rewards_coefficient)
-        return MicroBatch(loss=loss, tokens=sum(len(c) + len(r) for c, r, _ in chunk), samples=len(chunk),
-                          sums={"correct": (chosen > rejected).float().sum(),
-                                "pairs": torch.tensor(float(len(chunk)), device=ctx.device)})
-
-    train_supervised(ctx, setup, forward=forward,
-                     summarise=lambda sums: {"train_accuracy": sums["correct"] / max(sums["pairs"], 1.0)},
-                     non_finite_advice="lower reward.learningRate or maxGradNorm, check the preference data, "
-                                       "or use precision fp32")
+    train_pairs(ctx, setup, train, pad_token_id=pad,
+                non_finite_advice="lower reward.learningRate or maxGradNorm, check the preference data, "
+                                  "or use precision fp32")
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     if held_out:

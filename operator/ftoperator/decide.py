@@ -474,25 +474,10 @@ class _Pass:
 
         current.waiting_since = None
         if pod.phase == "Running":
-            current.state, current.reason, current.message = "Running", "PodRunning", f"pod {pod.name} is running"
-            if current.running_time is None:
-                current.running_time = self.stamp
-                latency = _seconds(self.now, current.attempt_start_time)
-                if latency is not None:
-                    self.decision.pod_start_seconds.append((stage, latency))
-            return "waiting"
+            return self.stage_running(stage, "PodRunning", f"pod {pod.name} is running")
 
         if pod.phase == "Succeeded":
-            current.state, current.reason = "Succeeded", "PodSucceeded"
-            current.completion_time = self.stamp
-            current.retry_after = None
-            current.artifact = builders.stage_artifact_uri(spec, self.run, stage)
-            current.message = f"final model at {current.artifact}"
-            duration = _seconds(self.now, current.start_time)
-            if duration is not None:
-                self.decision.stage_durations.append((stage, "Succeeded", duration))
-            self.event("Normal", "StageSucceeded", f"stage {stage} succeeded; final model at {current.artifact}")
-            return "succeeded"
+            return self.stage_succeeded(spec, stage, "PodSucceeded", "")
 
         if pod.phase == "Failed":
             return self.attempt_ended(spec, stage, Termination(
@@ -500,6 +485,31 @@ class _Pass:
                 message=pod.message, permanent=pod.permanent, time=self.stamp),
                 disrupted=pod.disrupted, memory_limit=pod.memory_limit)
         return "waiting"  # Unknown: the node is not reporting; wait for it or for the pod to vanish
+
+    def stage_running(self, stage: str, reason: str, message: str) -> Literal["waiting"]:
+        """The attempt's pod (or whole gang) runs; the first time, record how long it took to start."""
+        current = self.status.stage(stage)
+        current.state, current.reason, current.message = "Running", reason, message
+        if current.running_time is None:
+            current.running_time = self.stamp
+            latency = _seconds(self.now, current.attempt_start_time)
+            if latency is not None:
+                self.decision.pod_start_seconds.append((stage, latency))
+        return "waiting"
+
+    def stage_succeeded(self, spec: FineTuneRunSpec, stage: str, reason: str, detail: str) -> Literal["succeeded"]:
+        """The stage's final model is written: point the status at it and record the stage's duration."""
+        current = self.status.stage(stage)
+        current.state, current.reason = "Succeeded", reason
+        current.completion_time = self.stamp
+        current.retry_after = None
+        current.artifact = builders.stage_artifact_uri(spec, self.run, stage)
+        current.message = f"{detail + '; ' if detail else ''}final model at {current.artifact}"
+        duration = _seconds(self.now, current.start_time)
+        if duration is not None:
+            self.decision.stage_durations.append((stage, "Succeeded", duration))
+        self.event("Normal", "StageSucceeded", f"stage {stage} succeeded; final model at {current.artifact}")
+        return "succeeded"
 
     def stuck_terminating(self, pod: ObservedPod) -> bool:
         """Deleted, its grace period long over, and its node not reporting: no kubelet will finish it."""

@@ -111,7 +111,7 @@ def _refused_here(work: _Pass, run: RunRef, stage: str, attempt: int, nodes: int
 
 def step(work: _Pass, spec: FineTuneRunSpec, stage: str) -> Literal["succeeded", "waiting", "failed"]:
     """Apply ``decide_gang`` to the stage's current attempt (``status.stages.<stage>.attempts``)."""
-    from ftoperator.decide import CreateObject, DeletePod, _seconds
+    from ftoperator.decide import CreateObject, DeletePod
 
     run, current = work.run, work.status.stage(stage)
     settings = gang_settings(spec, stage, work.config)
@@ -168,24 +168,9 @@ def step(work: _Pass, spec: FineTuneRunSpec, stage: str) -> Literal["succeeded",
 
     current.waiting_since = None
     if decision.state == "Succeeded":
-        current.state, current.reason = "Succeeded", "PodsSucceeded"
-        current.completion_time = work.stamp
-        current.retry_after = None
-        current.artifact = builders.stage_artifact_uri(spec, run, stage)
-        current.message = f"{decision.message}; final model at {current.artifact}"
-        duration = _seconds(work.now, current.start_time)
-        if duration is not None:
-            work.decision.stage_durations.append((stage, "Succeeded", duration))
-        work.event("Normal", "StageSucceeded", f"stage {stage} succeeded; final model at {current.artifact}")
-        return "succeeded"
+        return work.stage_succeeded(spec, stage, "PodsSucceeded", decision.message)
     if decision.state == "Running":
-        current.state, current.reason, current.message = "Running", "PodsRunning", decision.message
-        if current.running_time is None:
-            current.running_time = work.stamp
-            latency = _seconds(work.now, current.attempt_start_time)
-            if latency is not None:
-                work.decision.pod_start_seconds.append((stage, latency))
-        return "waiting"
+        return work.stage_running(stage, "PodsRunning", decision.message)
     if decision.state == "WaitingForPlacement" and any(m.pod.unschedulable for m in members):
         if current.state != "WaitingForResources":
             work.event("Warning", "WaitingForResources", f"stage {stage}: {decision.message}")
