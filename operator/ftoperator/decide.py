@@ -55,6 +55,7 @@ from ftoperator.conditions import (
     set_condition, timestamp,
 )
 from ftoperator.config import OperatorConfig
+from ftoperator.gang import gang_pod_name
 from ftoperator.observe import IMAGE_PULL_REASONS, ObservedChild, ObservedPod, leftover_reason
 from ftoperator.stageplan import STAGE_ORDER
 from ftoperator.validation import (
@@ -196,7 +197,9 @@ class _Pass:
 
     def delete_active_pods(self, reason: str, stage: str | None = None) -> list[str]:
         names = [p.name for p in self.pods if p.active and (stage is None or p.stage == stage)]
-        self.decision.actions.extend(DeletePod(name, reason) for name in names)
+        # A gang's end may already have asked for some of them in this pass: one delete per pod.
+        asked = {a.name for a in self.decision.actions if isinstance(a, DeletePod)}
+        self.decision.actions.extend(DeletePod(name, reason) for name in names if name not in asked)
         return names
 
     # ------------------------------------------------------------------ the pass
@@ -405,6 +408,8 @@ class _Pass:
         current = self.status.stage(stage)
         mine = [p for p in self.pods if p.stage == stage]
         attempt = max([current.attempts, *(p.attempt for p in mine)])
+        if any(p.rank is not None for p in mine) or current.pod == gang_pod_name(self.run.name, stage, attempt, 0):
+            return self.leave_gang(spec, stage, [p for p in mine if p.rank is not None], attempt)
         for stale in mine:
             if stale.attempt < attempt and stale.active:
                 self.decision.actions.append(DeletePod(stale.name, f"superseded by attempt {attempt}"))
@@ -510,6 +515,25 @@ class _Pass:
             self.decision.stage_durations.append((stage, "Succeeded", duration))
         self.event("Normal", "StageSucceeded", f"stage {stage} succeeded; final model at {current.artifact}")
         return "succeeded"
+
+    def leave_gang(self, spec: FineTuneRunSpec, stage: str, members: list[ObservedPod],
+                   attempt: int) -> Literal["waiting"]:
+        """``resources.nodes`` went from N > 1 back to 1 while the stage ran as a gang: stop the gang (its
+        pods checkpoint on SIGTERM), and once every member is gone start one pod that resumes from the
+        checkpoint. A change the user asked for: counted neither as a failure nor as a disruption."""
+        current = self.status.stage(stage)
+        if members:
+            for member in members:
+                if member.active and not member.deleting:
+                    self.decision.actions.append(DeletePod(member.name, "the stage now runs as one pod "
+                                                           "(resources.nodes is 1)"))
+            current.message = (f"stopping the {len(members)} pods of attempt {attempt}: the stage now runs as one "
+                               "pod and resumes from the latest checkpoint")
+            return "waiting"
+        if self.start_attempt(spec, stage, attempt + 1):
+            self.event("Normal", "StageStarted", f"stage {stage} attempt {attempt + 1}: one pod {current.pod} "
+                       "(resources.nodes changed to 1) resumes from the latest checkpoint")
+        return "waiting"
 
     def stuck_terminating(self, pod: ObservedPod) -> bool:
         """Deleted, its grace period long over, and its node not reporting: no kubelet will finish it."""

@@ -353,8 +353,9 @@ def decide_gang(*, attempt: int, pods: Sequence[GangPod], settings: GangSettings
         # A lost member is deleted gracefully first and forced only once stuck terminating: a pod on a
         # partitioned node may still be running and writing the checkpoint.
         return GangDecision(state="Restarting", deletes=deletes, attempt_over=True, failed=first, placed=placed,
-                            message=f"{reason}; all {n} pods are replaced and the next attempt resumes from "
-                                    "the latest checkpoint")
+                            # Only the cause and the gang's end: whether a next attempt follows (and resumes)
+                            # is the stage's decision, said by its retry message or its failure.
+                            message=f"{reason}; all {n} pods of attempt {attempt} are stopped")
 
     if members and len(members) == n and all(m.pod.phase == "Succeeded" for m in members.values()):
         return GangDecision(state="Succeeded", placed=placed, message=f"all {n} pods succeeded")

@@ -350,12 +350,20 @@ def _user_set(model: Any, **kwargs: Any) -> Any:
     return model.model_dump(mode="json", by_alias=True, exclude_defaults=True, **kwargs)
 
 
+def world_size(spec: FineTuneRunSpec, stage: str) -> int:
+    """Trainer processes of the stage across all its pods."""
+    from ftoperator.gangstage import stage_nodes
+
+    return trainer_processes(effective_resources(spec, stage).gpus) * stage_nodes(spec, stage)
+
+
 def field_digest(spec: FineTuneRunSpec, field: str) -> str:
     """Digest of one frozen field, defaults left out.
 
     Fields: ``spec.model``, ``spec.data``, ``spec.artifacts``, ``spec.image``,
     ``spec.stages.<stage>`` (without its resources), and three derived ones:
-    ``spec.stages.<stage>.processes`` (trainer processes, from the effective GPU count),
+    ``spec.stages.<stage>.processes`` (trainer processes of all its pods: the effective GPU count times
+    ``resources.nodes``; for one pod the same digest as before nodes existed),
     ``spec.stages.<stage>.enabled`` (whether the stage has a pod) and
     ``spec.stages.reward.functions``.
     """
@@ -367,7 +375,7 @@ def field_digest(spec: FineTuneRunSpec, field: str) -> str:
     settings = getattr(spec.stages, stage)
     detail = parts[3] if len(parts) > 3 else None
     if detail == "processes":
-        return _digest_of(trainer_processes(effective_resources(spec, stage).gpus))
+        return _digest_of(world_size(spec, stage))
     if detail == "enabled":
         return _digest_of(stageplan.plan(spec).runs(stage))
     if detail == "functions":
@@ -419,13 +427,13 @@ def _immutable_error(field: str, old: FineTuneRunSpec | None = None) -> FieldErr
     parts = field.split(".")
     if parts[-1] == "processes":
         stage = parts[2]
-        before = "" if old is None else (
-            f" (it runs {trainer_processes(effective_resources(old, stage).gpus)} trainer process(es))")
+        before = "" if old is None else f" (it runs {world_size(old, stage)} trainer process(es))"
         return FieldError(
             f"spec.stages.{stage}.resources.gpus",
-            f"the GPU count of stage {stage} (spec.resources.gpus or spec.stages.{stage}.resources.gpus) cannot "
-            f"change the number of trainer processes while the stage is in progress{before}: its checkpoints "
-            "are per process. Keep the GPU count until the stage finishes, or create a new FineTuneRun")
+            f"the GPU or node count of stage {stage} (resources.gpus and resources.nodes, of spec or of "
+            f"spec.stages.{stage}) cannot change the number of trainer processes while the stage is in "
+            f"progress{before}: its checkpoints are per process. Keep them until the stage finishes, or create "
+            "a new FineTuneRun")
     if parts[-1] == "enabled":
         return FieldError(
             f"spec.stages.{parts[2]}",

@@ -142,9 +142,23 @@ def test_helm_installed_operator_runs_the_tiny_cpu_example_to_succeeded(kube_clu
             final = demo_assets.pvc_path(stage_status["artifact"], pvc_root)
             assert (final / "config.json").exists(), f"{stage} artifact {final} has no model"
 
-    # The operator's metrics and liveness endpoints answer on the pod's own IP at the chart's ports.
-    pod_ip = operator_pod(kube_cluster)["status"]["podIP"]
-    with urllib.request.urlopen(f"http://{pod_ip}:{ports['metrics']}/metrics", timeout=5) as response:
-        assert response.status == 200
-    with urllib.request.urlopen(f"http://{pod_ip}:{ports['liveness']}/healthz", timeout=5) as response:
-        assert response.status == 200
+    # The operator's metrics and liveness endpoints answer on the pod's own IP at the chart's ports. Polled:
+    # on a loaded node the liveness probe may have restarted the container (the operator is built to be
+    # restarted), and a fresh container needs a moment before it listens; the diagnosis shows the restarts.
+    def answers(port: int, path: str) -> bool:
+        pod = operator_pod(kube_cluster)
+        if pod is None or not pod["status"].get("podIP"):
+            return False
+        try:
+            with urllib.request.urlopen(f"http://{pod['status']['podIP']}:{port}{path}", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def container_history() -> str:
+        pod = operator_pod(kube_cluster) or {}
+        return json.dumps((pod.get("status") or {}).get("containerStatuses"), indent=1) + operator_log(kube_cluster)
+
+    for port, path in ((ports["metrics"], "/metrics"), (ports["liveness"], "/healthz")):
+        wait_for(f"the operator to answer {path} on port {port}", lambda: answers(port, path),
+                 timeout_seconds=90, diagnose=container_history)

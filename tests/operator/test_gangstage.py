@@ -172,6 +172,45 @@ def test_a_rank_deleted_from_outside_is_a_disruption_and_both_are_replaced(spec,
     assert [p["metadata"]["name"] for p in creates(decision, "Pod")] == ["demo-sft-2-0", "demo-sft-2-1"]
 
 
+def test_a_rank_failure_past_backoff_limit_fails_the_run_without_promising_a_resume(spec, run, config, now):
+    spec = two_pod_spec(spec)
+    spec["backoffLimit"] = 0
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    pods = [raw_pod(spec, run, config, "sft", 1, 0, "Failed", exit_code=1, message="boom: CUDA error"),
+            raw_pod(spec, run, config, "sft", 1, 1)]
+    decision, status = reconcile(spec, status, pods, run=run, config=config, at=now(60))
+    assert status["state"] == "Failed" and status["stages"]["sft"]["reason"] == "BackoffLimitExceeded"
+    assert "boom: CUDA error" in status["message"] and "spec.backoffLimit 0" in status["message"]
+    assert "all 2 pods of attempt 1 are stopped" in status["message"]
+    assert "resume" not in status["message"] and "next attempt" not in status["message"]
+    assert deletes(decision) == ["demo-sft-1-0", "demo-sft-1-1"]
+
+
+def test_nodes_back_to_1_mid_stage_stops_the_gang_then_one_pod_resumes(spec, run, config, now):
+    spec = two_pod_spec(spec)
+    _, status = reconcile(spec, None, [], run=run, config=config, at=now())
+    pods = [raw_pod(spec, run, config, "sft", 1, rank) for rank in (0, 1)]
+    _, status = reconcile(spec, status, pods, run=run, config=config, at=now(30))
+    assert status["stages"]["sft"]["state"] == "Running"
+
+    single = copy.deepcopy(spec)
+    single["resources"]["nodes"] = 1
+    decision, status = reconcile(single, status, pods, run=run, config=config, at=now(60))
+    assert deletes(decision) == ["demo-sft-1-0", "demo-sft-1-1"] and creates(decision, "Pod") == []
+    assert "now runs as one pod" in status["stages"]["sft"]["message"]
+
+    # Still terminating (checkpointing on SIGTERM): nothing new yet, and no second delete.
+    terminating = [raw_pod(spec, run, config, "sft", 1, rank, deleting="2025-01-01T12:01:00Z") for rank in (0, 1)]
+    decision, status = reconcile(single, status, terminating, run=run, config=config, at=now(70))
+    assert deletes(decision) == [] and creates(decision, "Pod") == []
+
+    decision, status = reconcile(single, status, [], run=run, config=config, at=now(80))
+    sft = status["stages"]["sft"]
+    assert [p["metadata"]["name"] for p in creates(decision, "Pod")] == ["demo-sft-2"]
+    assert sft["attempts"] == 2 and sft["failures"] == 0 and sft["disruptions"] == 0
+    assert sft.get("lastFailure") is None
+
+
 def test_permanent_error_of_a_rank_fails_the_run_and_deletes_the_other(spec, run, config, now):
     spec = two_pod_spec(spec)
     _, status = reconcile(spec, None, [], run=run, config=config, at=now())

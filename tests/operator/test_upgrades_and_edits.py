@@ -73,6 +73,18 @@ def test_a_gpu_change_that_changes_the_process_count_of_a_running_stage_is_refus
     assert admit(spec, new, RAN) == []
 
 
+def test_a_node_count_change_of_a_running_stage_is_refused_but_allowed_before_its_pods_ran(spec):
+    new = copy.deepcopy(spec)
+    new["resources"]["nodes"] = 2
+    errors = admit(spec, new, RAN)
+    assert [e.field for e in errors] == ["spec.stages.sft.resources.gpus"]
+    assert "resources.nodes" in errors[0].message and "runs 1 trainer process" in errors[0].message
+    # A gang that never ran (waiting for placement, say) may shrink to one pod.
+    waiting = copy.deepcopy(RAN)
+    waiting["stages"]["sft"] = {"state": "WaitingForResources", "attempts": 1}
+    assert admit(new, spec, waiting) == []
+
+
 def test_enabling_a_skipped_stage_after_a_later_stage_started_is_refused(spec):
     spec["stages"]["sft"]["enabled"] = False
     status = {"startTime": "2025-01-01T00:00:00Z", "state": "Running",
