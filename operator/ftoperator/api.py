@@ -143,7 +143,7 @@ class DistributedSpec(ApiModel):
     port: int = Field(29500, ge=1024, le=65535)
     """TCP port of the rendezvous on rank 0."""
     gang_scheduler: Literal["none", "kueue", "coscheduling", "volcano"] = "none"
-    """Labels the pods for a gang scheduler: kueue (pod group labels; set the queue label in podTemplate.labels), coscheduling or volcano (pod group; set podTemplate.schedulerName and create the PodGroup). none: the operator's own gang rules only."""
+    """Makes a gang scheduler treat each attempt's pods as one group: kueue (pod group labels; set the queue label in podTemplate.labels), coscheduling or volcano (the operator creates the attempt's PodGroup with minMember = nodes; set podTemplate.schedulerName; the PodGroup CRD must be installed). none: the operator's own gang rules only."""
 
 
 class FineTuneRunSpec(ApiModel):

@@ -220,6 +220,35 @@ def gang_scheduler_metadata(*, scheduler: Literal["kueue", "coscheduling", "volc
     raise ValueError(f"unknown gang scheduler {scheduler!r}: kueue, coscheduling or volcano")
 
 
+POD_GROUP_API_VERSIONS = {"coscheduling": "scheduling.x-k8s.io/v1alpha1", "volcano": "scheduling.volcano.sh/v1beta1"}
+"""The PodGroup each pod-group scheduler reads (scheduler-plugins' coscheduling, Volcano)."""
+
+
+def pod_group(run: RunRef, *, scheduler: Literal["coscheduling", "volcano"], stage: str, attempt: int, nodes: int,
+              placement_timeout_seconds: int) -> dict[str, Any]:
+    """The attempt's PodGroup, named like its rendezvous Service: bind all ``nodes`` pods or none.
+
+    coscheduling's ``scheduleTimeoutSeconds`` is the placement timeout, so both give up together (our
+    gang rules release the pods then). Volcano's queue is its ``default`` one; owned by the run, so the
+    garbage collector deletes it with the run.
+    """
+    spec: dict[str, Any] = {"minMember": nodes}
+    if scheduler == "coscheduling":
+        spec["scheduleTimeoutSeconds"] = placement_timeout_seconds
+    return {
+        "apiVersion": POD_GROUP_API_VERSIONS[scheduler],
+        "kind": "PodGroup",
+        "metadata": {
+            "name": rendezvous_service_name(run.name, stage, attempt),
+            "namespace": run.namespace,
+            "labels": {**naming.run_labels(run.name), naming.LABEL_STAGE: stage,
+                       naming.LABEL_ATTEMPT: str(attempt)},
+            "ownerReferences": [owner_reference(run)],
+        },
+        "spec": spec,
+    }
+
+
 # ----------------------------------------------------------------------------- the decision
 
 

@@ -23,8 +23,9 @@ from ftoperator.api import FineTuneRunSpec, Termination, effective_resources, tr
 from ftoperator.builders import RunRef
 from ftoperator.config import OperatorConfig
 from ftoperator.gang import (
-    LABEL_GANG_SIZE, LABEL_RANK, RENDEZVOUS_PORT_NAME, SIGTERM_EXIT_CODE, GangPod, GangSettings, decide_gang, gang_pod_labels,
-    gang_pod_name, gang_scheduler_metadata, rendezvous_env, rendezvous_service, rendezvous_service_name,
+    LABEL_GANG_SIZE, LABEL_RANK, POD_GROUP_API_VERSIONS, RENDEZVOUS_PORT_NAME, SIGTERM_EXIT_CODE, GangPod,
+    GangSettings, decide_gang, gang_pod_labels, gang_pod_name, gang_scheduler_metadata, pod_group, rendezvous_env,
+    rendezvous_service, rendezvous_service_name,
 )
 from ftoperator.observe import ObservedPod
 from trainer.multinode import PROGRESS_TIMEOUT_ENV
@@ -133,6 +134,11 @@ def step(work: _Pass, spec: FineTuneRunSpec, stage: str) -> Literal["succeeded",
             return "waiting"
         work.ensure_stage_config(spec, stage)
         if 0 in decision.create_ranks:
+            scheduler = spec.distributed.gang_scheduler
+            if scheduler in POD_GROUP_API_VERSIONS:  # the scheduler must see the group before any member
+                work.decision.actions.append(CreateObject(pod_group(
+                    run, scheduler=scheduler, stage=stage, attempt=attempt, nodes=settings.nodes,
+                    placement_timeout_seconds=spec.distributed.placement_timeout_seconds)))
             work.decision.actions.append(CreateObject(rendezvous_service(run, stage=stage, attempt=attempt,
                                                                          port=spec.distributed.port)))
         work.decision.actions.extend(

@@ -32,7 +32,16 @@ _KIND_PATHS = {
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
     KIND: (f"/apis/{GROUP}/{VERSION}", PLURAL),
     "PreferenceLabel": (f"/apis/{GROUP}/{VERSION}", "preferencelabels"),
+    # A kind served by more than one API group is keyed "<apiVersion>/<kind>" (``type_key``).
+    "scheduling.x-k8s.io/v1alpha1/PodGroup": ("/apis/scheduling.x-k8s.io/v1alpha1", "podgroups"),
+    "scheduling.volcano.sh/v1beta1/PodGroup": ("/apis/scheduling.volcano.sh/v1beta1", "podgroups"),
 }
+
+
+def type_key(obj: dict[str, Any]) -> str:
+    """How ``_path`` finds an object's resource: its kind, or "<apiVersion>/<kind>" for PodGroups."""
+    kind = obj["kind"]
+    return kind if kind in _KIND_PATHS else f"{obj['apiVersion']}/{kind}"
 
 
 class ApiError(Exception):
@@ -172,7 +181,7 @@ class KubeApi:
         """
         meta = obj["metadata"]
         try:
-            self.request("POST", _path(obj["kind"], meta["namespace"]), body=obj)
+            self.request("POST", _path(type_key(obj), meta["namespace"]), body=obj)
             return True
         except ApiError as exc:
             if exc.status == 409:

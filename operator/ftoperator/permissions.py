@@ -35,6 +35,12 @@ NAMESPACED: dict[Permission, str] = {
     ("", "configmaps", "update"): "granted to the run's Role: RBAC lets you grant only what you hold",
     ("", "services", "get"): "kubeapi.get_object after a 409 (the rendezvous Service of a multi-node stage)",
     ("", "services", "create"): "the headless rendezvous Service of each attempt of a multi-node stage",
+    ("scheduling.x-k8s.io", "podgroups", "get"): "kubeapi.get_object after a 409 (gangScheduler coscheduling)",
+    ("scheduling.x-k8s.io", "podgroups", "create"): "the PodGroup of each attempt of a multi-node stage with "
+                                                    "gangScheduler coscheduling",
+    ("scheduling.volcano.sh", "podgroups", "get"): "kubeapi.get_object after a 409 (gangScheduler volcano)",
+    ("scheduling.volcano.sh", "podgroups", "create"): "the PodGroup of each attempt of a multi-node stage with "
+                                                      "gangScheduler volcano",
     ("", "serviceaccounts", "get"): "kubeapi.get_object, each pass",
     ("", "serviceaccounts", "create"): "the run's ServiceAccount",
     ("rbac.authorization.k8s.io", "roles", "get"): "kubeapi.get_object, each pass",

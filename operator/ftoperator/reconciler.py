@@ -39,7 +39,7 @@ from ftoperator.api import dump, keep_unknown_fields
 from ftoperator.builders import RunRef
 from ftoperator.config import OperatorConfig
 from ftoperator.decide import CreateObject, Decision, DeletePod, RefusedCreate, decide
-from ftoperator.kubeapi import ApiError, KubeApi
+from ftoperator.kubeapi import ApiError, KubeApi, type_key
 from ftoperator.mergepatch import diff
 from ftoperator.metrics import OperatorMetrics
 from ftoperator.observe import ObservedChild, controller_uid, leftover_reason, observe_child, observe_pod
@@ -115,7 +115,11 @@ class RunReconciler:
                 try:
                     created = self.api.create(action.obj)
                 except ApiError as exc:
-                    return RefusedCreate(kind=action.kind, name=action.name, code=exc.status, message=exc.message)
+                    message = exc.message.strip()
+                    if exc.status == 404 and action.kind == "PodGroup":
+                        message += (f" (the {action.obj['apiVersion']} PodGroup CRD is not installed: "
+                                    "spec.distributed.gangScheduler needs its scheduler)")
+                    return RefusedCreate(kind=action.kind, name=action.name, code=exc.status, message=message)
                 if not created:
                     self._check_existing_is_ours(run, action)
             elif isinstance(action, DeletePod):
@@ -151,7 +155,7 @@ class RunReconciler:
 
     def _check_existing_is_ours(self, run: RunRef, action: CreateObject) -> None:
         """After a 409: fine if the existing object is the run's own, else raise ``ChildConflict``."""
-        existing = self.api.get_object(action.kind, run.namespace, action.name)
+        existing = self.api.get_object(type_key(action.obj), run.namespace, action.name)
         reason = (f"{action.kind} {action.name} was deleted right after the create answered 409"
                   if existing is None else leftover_reason(observe_child(existing), run.uid))
         if reason is not None:

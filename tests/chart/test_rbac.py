@@ -57,7 +57,7 @@ class RecordingClient:
             if permission_of(method, url)[2] == "list":
                 return Response(200, {"items": self.pods if url.endswith("/pods") else []})
             return Response(404, {"message": "not found"})  # named objects: none exist yet
-        if method == "POST" and self.conflicts and url.endswith(("/pods", "/services")):
+        if method == "POST" and self.conflicts and url.endswith(("/pods", "/services", "/podgroups")):
             return Response(409, {"message": "already exists"})
         return Response(201 if method == "POST" else 200, body or {})
 
@@ -93,6 +93,12 @@ def recorded_permissions():
     client.run = {**run, "spec": {**SPEC, "resources": {"nodes": 2}}}
     with pytest.raises(ChildConflict):
         reconciler.reconcile("ns", "demo")
+    # With a pod-group scheduler its PodGroup comes first; a 409 makes the operator read it.
+    for scheduler in ("coscheduling", "volcano"):
+        client.run = {**run, "spec": {**SPEC, "resources": {"nodes": 2}, "podTemplate": {"schedulerName": "x"},
+                                      "distributed": {"gangScheduler": scheduler}}}
+        with pytest.raises(ChildConflict):
+            reconciler.reconcile("ns", "demo")
     elector = LeaderElector(api, namespace=NAMESPACE, identity="a")
     elector.try_once()
     client.requests.append(("PUT", f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/finetune-operator"))

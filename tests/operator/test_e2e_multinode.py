@@ -143,3 +143,51 @@ def test_a_rank_that_cannot_reach_rank_0_ends_the_attempt_within_the_rendezvous_
     started = status["stages"]["sft"]["runningTime"] if "runningTime" in status["stages"]["sft"] else None
     # Pod start plus the timeout plus the operator's pass, far below torch's 600 s default.
     assert ended < timeout + 120, (ended, started)
+
+
+# scheduler-plugins' PodGroup, reduced to what the API server needs to serve it (the real CRD has a schema).
+POD_GROUP_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "podgroups.scheduling.x-k8s.io"},
+    "spec": {"group": "scheduling.x-k8s.io", "scope": "Namespaced",
+             "names": {"plural": "podgroups", "singular": "podgroup", "kind": "PodGroup"},
+             "versions": [{"name": "v1alpha1", "served": True, "storage": True,
+                           "schema": {"openAPIV3Schema": {"type": "object",
+                                                          "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
+
+
+def test_coscheduling_gets_its_pod_group_and_a_missing_pod_group_crd_is_named(kube_cluster, api, namespace):
+    import yaml
+
+    run = two_pod(example("cosched"), gangScheduler="coscheduling")
+    run["spec"]["stages"] = {"sft": run["spec"]["stages"]["sft"]}
+    # No scheduler of that name runs here: the pods stay unbound, which is all this test needs.
+    run["spec"]["podTemplate"] = {"schedulerName": "scheduler-plugins-scheduler"}
+    apply(kube_cluster, namespace, run)
+    try:
+        # The CRD is not installed yet: the create is refused and the run says what is missing.
+        refused = wait_for("the run to name the missing PodGroup CRD", lambda: (lambda s: s if "PodGroup CRD is not "
+                           "installed" in (s.get("message") or "") else None)(status_of(api, namespace, "cosched")),
+                           timeout=120)
+        print(f"without the CRD: {refused['message']}")
+        assert pod_names(api, namespace, "cosched") == []  # no member before its group
+
+        kube_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(POD_GROUP_CRD))
+        group = wait_for("the PodGroup once its CRD exists (the operator's create retry)", lambda: api.get_object(
+            "scheduling.x-k8s.io/v1alpha1/PodGroup", namespace, "cosched-sft-1"), timeout=180)
+        assert group["spec"] == {"minMember": 2, "scheduleTimeoutSeconds": DISTRIBUTED["placementTimeoutSeconds"]}
+        assert group["metadata"]["ownerReferences"][0]["name"] == "cosched"
+        wait_for("both pods", lambda: pod_names(api, namespace, "cosched") == ["cosched-sft-1-0", "cosched-sft-1-1"],
+                 timeout=120)
+        for pod in api.list_pods(namespace, label_selector="finetune.dev/run=cosched"):
+            assert pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == "cosched-sft-1"
+            assert pod["spec"]["schedulerName"] == "scheduler-plugins-scheduler"
+        def stage_message() -> str:
+            return ((status_of(api, namespace, "cosched").get("stages") or {}).get("sft") or {}).get("message") or ""
+
+        assert "0 of 2 pods placed" in wait_for("the placement message", lambda: "placed" in stage_message()
+                                                and stage_message())
+    finally:
+        kube_cluster.kubectl("delete", "-n", namespace, "finetunerun", "cosched", "--ignore-not-found", check=False)
+        kube_cluster.kubectl("delete", "crd", POD_GROUP_CRD["metadata"]["name"], "--ignore-not-found", check=False)

@@ -265,6 +265,26 @@ def test_gang_scheduler_labels_and_progress_watchdog_env(spec, run, config):
     assert env_of(pod)["FINETUNE_PROGRESS_TIMEOUT_SECONDS"] == "120"
 
 
+def test_a_pod_group_scheduler_gets_the_attempts_pod_group_before_any_pod(spec, run, config, now):
+    for scheduler, api_version in (("coscheduling", "scheduling.x-k8s.io/v1alpha1"),
+                                   ("volcano", "scheduling.volcano.sh/v1beta1")):
+        raw = two_pod_spec(spec, gangScheduler=scheduler)
+        raw["podTemplate"] = {"schedulerName": "gang-scheduler"}
+        decision, _ = reconcile(raw, None, [], run=run, config=config, at=now())
+        kinds = [a.kind for a in decision.actions if isinstance(a, CreateObject) and a.kind in ("PodGroup", "Pod")]
+        assert kinds == ["PodGroup", "Pod", "Pod"], kinds  # the scheduler must know the group first
+        (group,) = creates(decision, "PodGroup")
+        assert group["apiVersion"] == api_version and group["metadata"]["name"] == "demo-sft-1"
+        assert group["spec"]["minMember"] == 2
+        assert group["metadata"]["ownerReferences"][0]["uid"] == run.uid  # deleted with the run
+        # coscheduling gives up binding when our placement timeout releases the pods; Volcano has no such field.
+        assert group["spec"].get("scheduleTimeoutSeconds") == (60 if scheduler == "coscheduling" else None)
+        for pod in creates(decision, "Pod"):
+            assert pod["spec"]["schedulerName"] == "gang-scheduler"
+    decision, _ = reconcile(two_pod_spec(spec, gangScheduler="kueue"), None, [], run=run, config=config, at=now())
+    assert creates(decision, "PodGroup") == []  # Kueue groups plain pods by their labels
+
+
 def test_the_stage_command_override_is_kept_for_gang_pods(spec, run):
     parsed, _ = parse_spec(two_pod_spec(spec))
     config = OperatorConfig(trainer_image="t", stage_command_override="echo hi")

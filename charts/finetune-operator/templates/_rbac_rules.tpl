@@ -35,6 +35,11 @@ Shared by the ClusterRole (rbac.scope=cluster) and the per-namespace Roles
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "create"]
+# spec.distributed.gangScheduler coscheduling or volcano: a PodGroup per attempt of a
+# multi-node stage, so that scheduler binds all its pods or none.
+- apiGroups: ["scheduling.x-k8s.io", "scheduling.volcano.sh"]
+  resources: ["podgroups"]
+  verbs: ["get", "create"]
 # A ServiceAccount, Role and RoleBinding per run, letting its pods write only their
 # progress ConfigMap (deleted with the run by the garbage collector).
 - apiGroups: [""]
