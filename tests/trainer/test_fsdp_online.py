@@ -113,6 +113,22 @@ def test_sharded_ppo_with_a_value_head_saves_the_gathered_head(tmp_path, tiny_mo
     assert float(head["weight"].abs().max()) > 0  # trained from its zero start
 
 
+def test_sharded_ppo_with_gradient_checkpointing_eager_attention_and_bf16_trains(tmp_path, tiny_model_dir):
+    """The settings that turn the lean forward off: the gathered rollout then runs the model's own forward
+    (layers kept gathered, so no collective per token) and the update recomputes activations."""
+    import torch
+
+    config = write_job(tmp_path / "job.yaml", **ppo_job(tmp_path, tiny_model_dir, output="out", steps=2, fsdp={},
+                                                        gradientCheckpointing=True, attentionImplementation="eager",
+                                                        precision="bf16"))
+    result = run_two_processes(tmp_path, config, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _assert_half_per_process(result.stderr, ["policy", "value model"])
+    metrics = _update_metrics(tmp_path / "out")
+    assert len(metrics) == 2 and all(math.isfinite(m[k]) for m in metrics for k in ("loss", "kl", "value_loss"))
+    assert {v.dtype for v in load_state_dict(tmp_path / "out" / "final").values()} == {torch.bfloat16}
+
+
 def test_sharded_grpo_trains_like_replicated_grpo_and_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
