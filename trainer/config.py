@@ -114,7 +114,7 @@ class LoraConfig(ApiModel):
 
 
 class FsdpConfig(ApiModel):
-    """Fully sharded data parallel training (torch FSDP2 ``fully_shard``): each process holds only its share of the weights, gradients and optimizer state; each transformer decoder layer is gathered just while it computes. SFT, reward and DPO only; docs/multinode.md says what is built."""
+    """Fully sharded data parallel training (torch FSDP2 ``fully_shard``): each process holds only its share of the weights, gradients and optimizer state; each transformer decoder layer is gathered just while it computes. Every trained stage; in PPO and GRPO/RLOO the trained models (policy, value model) are sharded and gathered whole while sampling, the frozen reference and reward model stay whole on each process. docs/multinode.md says what is built."""
 
     cpu_offload: bool = False
     """Keep each process's share of the weights, gradients and optimizer state in CPU memory and move a layer to the GPU only while it computes: far less GPU memory, much slower steps."""
@@ -156,7 +156,7 @@ class OptimConfig(ApiModel):
     report_to: list[Literal["mlflow", "wandb"]] = Field(default_factory=list, max_length=2)
     """Also send the stage's metrics to MLflow (MLFLOW_TRACKING_URI) and/or Weights & Biases (WANDB_API_KEY, WANDB_PROJECT), configured by the pod's environment (podTemplate env). Off by default; the trainer image has neither package: use an image built FROM it with mlflow-skinny or wandb installed, else the stage fails at start saying so (trainer/tracking.py)."""
     fsdp: FsdpConfig | None = None
-    """Shard the trained model across the stage's processes (full shard, one unit per transformer decoder layer) instead of replicating it (DDP) when set; {} shards with the defaults. SFT, reward and DPO only; not with lora yet. One process: nothing to shard, trains as without it."""
+    """Shard the trained model across the stage's processes (full shard, one unit per transformer decoder layer) instead of replicating it (DDP) when set; {} shards with the defaults. PPO shards its policy and value model, GRPO/RLOO its policy; not with lora yet. One process: nothing to shard, trains as without it."""
 
     @model_validator(mode="after")
     def _fsdp_combinations(self):
@@ -306,14 +306,6 @@ MIN_PROMPT_TOKENS = 8
 
 class SamplingConfig(OptimConfig):
     """Settings shared by the stages that sample responses to prompts and score them (PPO, GRPO, RLOO)."""
-
-    @field_validator("fsdp")
-    @classmethod
-    def _online_stages_do_not_shard(cls, fsdp):
-        if fsdp is not None:
-            raise ValueError("fsdp: PPO and GRPO/RLOO do not shard yet (only sft, reward and dpo do); remove it "
-                             "and use several processes (DDP) or a smaller policy")
-        return fsdp
 
     response_length_tokens: int = Field(128, ge=1, le=32768)
     """Maximum tokens generated per response."""

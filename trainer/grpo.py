@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from trainer import feedback, group_math, ppo_math, runtime
+from trainer import feedback, group_math, ppo_math, runtime, sharding
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import GRPOConfig
 from trainer.modeling import (AdapterDisabled, checkpoint_trainable_weights_only, disable_dropout, load_causal_lm,
-                              load_reference, load_tokenizer, prepare_model_source, save_final)
+                              load_reference, load_tokenizer, model_options, prepare_model_source, save_final)
 from trainer.rewards import CompositeReward
 from trainer.rollout import (PromptEncoder, PromptRow, SampledBatch, build_reward, load_prompts, now, old_logprobs,
                              reduce_mean,
@@ -119,7 +119,7 @@ def group_update(ctx: StageContext, ro: GroupRollouts, *, advantages: torch.Tens
                 for name, value in (("policy_clip_fraction", out.clip_fraction), ("ratio_mean", out.ratio_mean)):
                     sums[name] = sums.get(name, 0.0) + float(value) / cfg.gradient_accumulation_steps
                 updates += 1
-            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            sharding.clip_gradients(acc, params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     steps = updates // cfg.gradient_accumulation_steps
@@ -160,23 +160,32 @@ def run(ctx: StageContext) -> Path:
 
     torch.manual_seed(cfg.seed)
     # fp32 master weights; a LoRA base is frozen and loads in the compute dtype.
-    policy = load_causal_lm(model_source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora)
+    policy = load_causal_lm(model_source, dtype=ctx.dtype if cfg.lora else torch.float32, lora=cfg.lora,
+                            **model_options(cfg, trained=True))
     disable_dropout(policy)
     reference, which_reference = None, "no reference model (klCoef 0)"
     if cfg.kl_coef > 0:  # without a KL term the reference is never needed: do not spend its memory
-        reference, which_reference = load_reference(model_source, policy=policy, lora=cfg.lora, dtype=ctx.dtype)
+        reference, which_reference = load_reference(model_source, policy=policy, lora=cfg.lora, dtype=ctx.dtype,
+                                                    attention=cfg.attention_implementation)
         if not isinstance(reference, AdapterDisabled):
             reference.to(ctx.device)
     if acc.is_main_process:
         print(f"[grpo] {cfg.algorithm}, {cfg.group_size} responses per prompt, {which_reference}", flush=True)
     reward = build_reward(ctx, tokenizer, reward_source=reward_model_source(job.reward_model), cfg=cfg)
+    # grpo.fsdp: the policy is sharded (before the optimizer); reference and reward model stay whole (docs/sizing.md).
+    sharded = cfg.fsdp is not None and acc.num_processes > 1
+    if sharded:
+        sharding.shard_trained(ctx, {"policy": policy}, cfg.fsdp)
 
     # foreach: bit for bit the per-tensor loop torch picks on the CPU, in fewer ops (as in PPO)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(
         s, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
-    policy, optimizer = acc.prepare(policy, optimizer)
+    if sharded:  # not prepared: accelerate's DDP wrapper would replicate it again (trainer.sharding)
+        sharding.register_checkpointing(acc, policy, optimizer)
+    else:
+        policy, optimizer = acc.prepare(policy, optimizer)
     acc.register_for_checkpointing(scheduler)  # stepped once per iteration, as in PPO
     if cfg.lora:  # checkpoints hold the adapters and the optimizer state, not the frozen base
         checkpoint_trainable_weights_only(acc)
@@ -192,7 +201,7 @@ def run(ctx: StageContext) -> Path:
     if start:
         apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ctx.report("progress", step=start, total_steps=cfg.steps)
-    if start == 0 and acc.is_main_process:  # the SFT model's samples: the baseline to compare with
+    if start == 0:  # the SFT model's samples: the baseline to compare with
         _samples(ctx, step=0, held_out=held_out, policy=policy, reference=reference, reward=reward, encoder=encoder)
 
     health = RunHealth(mode=cfg.health_checks, stage="grpo", stop_token=cfg.stop_token is not None)
@@ -201,8 +210,9 @@ def run(ctx: StageContext) -> Path:
         torch.manual_seed(step_seed(cfg.seed, rank=rank, step=step))
         indices = plan.step_micro_batches(step - 1, rank=rank)[0]
         timings: dict[str, float] = {}
-        ro = collect_groups(ctx, prompts=[train_prompts[i] for i in indices], policy=policy, reference=reference,
-                            reward=reward, encoder=encoder, timings=timings)
+        with sharding.gathered(policy):  # sharded: whole while sampling (trainer.sharding.gathered)
+            ro = collect_groups(ctx, prompts=[train_prompts[i] for i in indices], policy=policy,
+                                reference=reference, reward=reward, encoder=encoder, timings=timings)
 
         tick = now(ctx.device)
         batch = ro.batch
@@ -242,7 +252,7 @@ def run(ctx: StageContext) -> Path:
                 "scoring_seconds": timings["scoring"],
                 "optimisation_seconds": timings["optimisation"],
             })
-        if acc.is_main_process and (step % cfg.sample_every_steps == 0 or step == cfg.steps):
+        if step % cfg.sample_every_steps == 0 or step == cfg.steps:
             _samples(ctx, step=step, held_out=held_out, policy=policy, reference=reference, reward=reward,
                      encoder=encoder)
         stopping = ctx.stop.requested()
@@ -253,14 +263,18 @@ def run(ctx: StageContext) -> Path:
         if stopping:
             raise ctx.stop.interrupted(step=step, checkpoint=path)
         if feedback_round:  # exits the process; the next attempt resumes after this step
-            feedback.open_round(ctx, cfg=cfg, round_=feedback_round, step=step, prompts=train_prompts, policy=policy,
-                                reference=reference, reward=reward, encoder=encoder)
+            with sharding.gathered(policy):
+                feedback.open_round(ctx, cfg=cfg, round_=feedback_round, step=step, prompts=train_prompts,
+                                    policy=policy, reference=reference, reward=reward, encoder=encoder)
 
     ctx.stop.armed = False
     return save_final(ctx, policy, tokenizer)
 
 
 def _samples(ctx: StageContext, *, step: int, held_out, policy, reference, reward, encoder) -> None:
-    samples = sample_held_out(ctx, cfg=ctx.job.grpo, step=step, prompts=held_out, policy=policy, reference=reference,
-                              reward=reward, encoder=encoder, kl_estimator="k3")
-    report_samples(ctx, samples, step=step, total=ctx.job.grpo.steps)
+    """Held-out samples on the main process; called on every process (a sharded policy is gathered by all)."""
+    with sharding.gathered(policy):
+        if ctx.accelerator.is_main_process:
+            samples = sample_held_out(ctx, cfg=ctx.job.grpo, step=step, prompts=held_out, policy=policy,
+                                      reference=reference, reward=reward, encoder=encoder, kl_estimator="k3")
+            report_samples(ctx, samples, step=step, total=ctx.job.grpo.steps)

@@ -11,7 +11,9 @@ models) and gradients flow as usual.
 
 ``LeanDecoder.of(model)`` returns None for anything it does not cover, and callers then use the
 model's own forward: other architectures, attention other than SDPA, dynamic RoPE variants,
-sliding windows, gradient checkpointing, PEFT/LoRA-wrapped or distributed-wrapped models.
+sliding windows, gradient checkpointing, PEFT/LoRA-wrapped or distributed-wrapped models, and
+FSDP-sharded models while their weights are shards (gathered by ``trainer.sharding.gathered`` they are
+whole again and the lean pass applies).
 
 Shapes: b = sequences, s = positions in this call, k = positions attended (cache + this call),
 h = attention heads, g = key/value heads, d = head dimension.
@@ -63,6 +65,9 @@ class LeanDecoder:
         if getattr(base, "gradient_checkpointing", False) or getattr(config, "pretraining_tp", 1) > 1:
             return None
         layer = base.layers[0]
+        if _is_shard(base.embed_tokens.weight) or _is_shard(getattr(getattr(layer.self_attn, "q_proj", None),
+                                                                    "weight", None)):
+            return None  # FSDP shards outside trainer.sharding.gathered: only the model's forward gathers them
         if not all(hasattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
                 not all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return None
@@ -168,6 +173,14 @@ class LeanDecoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+def _is_shard(tensor) -> bool:
+    if tensor is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

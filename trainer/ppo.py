@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import feedback, ppo_math, runtime
+from trainer import feedback, ppo_math, runtime, sharding
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import LoraConfig
 from trainer.lean_decoder import LeanDecoder
@@ -247,7 +247,7 @@ def ppo_update(ctx: StageContext, ro: Rollouts, *, advantages, returns, policy, 
                                     ("ratio_mean", pl.ratio_mean), ("value_clip_fraction", vf_clip)):
                     sums[name] = sums.get(name, 0.0) + float(value.detach())
                 updates += 1
-            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            sharding.clip_gradients(acc, params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return {name: total / updates for name, total in sums.items()}
@@ -311,6 +311,11 @@ def run(ctx: StageContext) -> Path:
     if not isinstance(reference, AdapterDisabled):
         reference.to(ctx.device)
     reward = build_reward(ctx, tokenizer, reward_source=reward_source, cfg=cfg)
+    # ppo.fsdp: the trained models are sharded (before the optimizer, which holds their shards); the frozen
+    # reference and reward model stay whole on every process (docs/sizing.md says why).
+    sharded = cfg.fsdp is not None and acc.num_processes > 1
+    if sharded:
+        sharding.shard_trained(ctx, {"policy": policy, "value model": value_model}, cfg.fsdp)
 
     params = [p for p in policy.parameters() if p.requires_grad] + \
         [p for p in value_model.parameters() if p.requires_grad]
@@ -319,7 +324,11 @@ def run(ctx: StageContext) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(
         s, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
-    policy, value_model, optimizer = acc.prepare(policy, value_model, optimizer)
+    if sharded:  # not prepared: accelerate's DDP wrapper would replicate them again (trainer.sharding)
+        sharding.register_checkpointing(acc, torch.nn.ModuleDict({"policy": policy, "value_model": value_model}),
+                                        optimizer)
+    else:
+        policy, value_model, optimizer = acc.prepare(policy, value_model, optimizer)
     # Not prepared: accelerate's scheduler wrapper steps once per process; ours steps once per PPO iteration.
     acc.register_for_checkpointing(scheduler)
     if cfg.lora:  # checkpoints hold the adapters, the value head and the optimizer state, not the frozen bases
@@ -343,10 +352,12 @@ def run(ctx: StageContext) -> Path:
         kl_ctl.load_state_dict(state["kl_controller"])
         apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     ctx.report("progress", step=start, total_steps=cfg.steps)
-    if start == 0 and acc.is_main_process:  # the SFT model's samples: the baseline to compare with
-        samples = sample_held_out(ctx, cfg=cfg, step=0, prompts=held_out, policy=policy, reference=reference,
-                                  reward=reward, encoder=encoder, kl_estimator=cfg.kl_estimator)
-        report_samples(ctx, samples, step=0, total=cfg.steps)
+    if start == 0:  # the SFT model's samples: the baseline to compare with
+        with sharding.gathered(policy):  # every process gathers a sharded policy; the main one samples
+            if acc.is_main_process:
+                samples = sample_held_out(ctx, cfg=cfg, step=0, prompts=held_out, policy=policy, reference=reference,
+                                          reward=reward, encoder=encoder, kl_estimator=cfg.kl_estimator)
+                report_samples(ctx, samples, step=0, total=cfg.steps)
 
     health = RunHealth(mode=cfg.health_checks, stage="ppo", stop_token=cfg.stop_token is not None)
     ctx.stop.armed = True
@@ -354,9 +365,10 @@ def run(ctx: StageContext) -> Path:
         torch.manual_seed(step_seed(cfg.seed, rank=rank, step=step))
         indices = plan.step_micro_batches(step - 1, rank=rank)[0]
         timings: dict[str, float] = {}
-        ro = collect_rollouts(ctx, prompts=[train_prompts[i] for i in indices], policy=policy,
-                              reference=reference, value_model=value_model, reward=reward, encoder=encoder,
-                              timings=timings)
+        with sharding.gathered(policy, value_model):  # sharded: whole while sampling (trainer.sharding.gathered)
+            ro = collect_rollouts(ctx, prompts=[train_prompts[i] for i in indices], policy=policy,
+                                  reference=reference, value_model=value_model, reward=reward, encoder=encoder,
+                                  timings=timings)
 
         tick = now(ctx.device)
         kl = ppo_math.kl_per_token(ro.logprobs, ro.ref_logprobs, estimator=cfg.kl_estimator) * ro.mask  # (b, t)
@@ -398,11 +410,13 @@ def run(ctx: StageContext) -> Path:
                 "scoring_seconds": timings["scoring"],
                 "optimisation_seconds": timings["optimisation"],
             })
-        if acc.is_main_process and (step % cfg.sample_every_steps == 0 or step == cfg.steps):
-            samples = sample_held_out(ctx, cfg=cfg, step=step, prompts=held_out, policy=policy,
-                                      reference=reference, reward=reward, encoder=encoder,
-                                      kl_estimator=cfg.kl_estimator)
-            report_samples(ctx, samples, step=step, total=cfg.steps)
+        if step % cfg.sample_every_steps == 0 or step == cfg.steps:
+            with sharding.gathered(policy):
+                if acc.is_main_process:
+                    samples = sample_held_out(ctx, cfg=cfg, step=step, prompts=held_out, policy=policy,
+                                              reference=reference, reward=reward, encoder=encoder,
+                                              kl_estimator=cfg.kl_estimator)
+                    report_samples(ctx, samples, step=step, total=cfg.steps)
         # The last step too: a crash while writing final/ then costs no rollouts.
         stopping = ctx.stop.requested()
         feedback_round = feedback.round_due(job, step=step, total_steps=cfg.steps)  # human-feedback round boundary
@@ -414,11 +428,13 @@ def run(ctx: StageContext) -> Path:
         if stopping:
             raise ctx.stop.interrupted(step=step, checkpoint=path)
         if feedback_round:  # exits the process; the next attempt resumes after this step
-            feedback.open_round(ctx, cfg=cfg, round_=feedback_round, step=step, prompts=train_prompts, policy=policy,
-                                reference=reference, reward=reward, encoder=encoder)
+            with sharding.gathered(policy):
+                feedback.open_round(ctx, cfg=cfg, round_=feedback_round, step=step, prompts=train_prompts,
+                                    policy=policy, reference=reference, reward=reward, encoder=encoder)
 
     ctx.stop.armed = False
     head = acc.unwrap_model(value_model)
-    beside = {VALUE_HEAD_FILE: {"weight": head.head.weight, "bias": head.head.bias}} \
+    beside = {VALUE_HEAD_FILE: {"weight": sharding.full_tensor(head.head.weight),  # gathered when sharded
+                                "bias": sharding.full_tensor(head.head.bias)}} \
         if cfg.value_model == "head" else None
     return save_final(ctx, policy, tokenizer, extra_tensors=beside)

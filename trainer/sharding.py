@@ -16,7 +16,9 @@ one full state dict on the main process and written by ``save_pretrained``.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -29,18 +31,21 @@ SHARDED_DIR = "sharded"
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer decoder layers: modules of a class transformers lists in ``_no_split_modules``
-    (the unit it never splits across devices, e.g. LlamaDecoderLayer)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
+    (the unit it never splits across devices, e.g. LlamaDecoderLayer) of the model or of a transformers
+    model inside it (PPO's ValueModel holds one as its backbone)."""
+    names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard(model: torch.nn.Module, fsdp: FsdpConfig, *, device: torch.device) -> torch.nn.Module:
+def shard(model: torch.nn.Module, fsdp: FsdpConfig, *, device: torch.device,
+          layers_required: bool = True) -> torch.nn.Module:
     """Shard ``model`` in place over the default process group: one FSDP unit per decoder layer, then
-    the root (embeddings, final norm, head). Needs torch.distributed initialised (several processes)."""
+    the root (embeddings, final norm, head). Needs torch.distributed initialised (several processes).
+    ``layers_required=False`` shards a module without decoder layers (PPO's value head) as one unit."""
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     layers = decoder_layers(model)
-    if not layers:
+    if not layers and layers_required:
         raise PermanentStageFailure(
             f"fsdp: {type(model).__name__} names no transformer decoder layer class (_no_split_modules), so "
             "it cannot be wrapped per layer; remove fsdp for this model")
@@ -55,6 +60,23 @@ def shard(model: torch.nn.Module, fsdp: FsdpConfig, *, device: torch.device) -> 
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def shard_trained(ctx, models: dict[str, torch.nn.Module], fsdp: FsdpConfig) -> None:
+    """The online stages' (PPO, GRPO/RLOO) sharding: each trained model in place, one unit per decoder layer
+    (a module without layers, PPO's value head, as one unit); logs each process's parameter memory before
+    and after. The frozen reference and reward model are left alone: whole on every process."""
+    for name, model in models.items():
+        say_memory(ctx, model, "unsharded", name=name)
+        shard(model, fsdp, device=ctx.device, layers_required=name == "policy")
+        say_memory(ctx, model, "sharded", name=name)
+
+
+def say_memory(ctx, model: torch.nn.Module, what: str, *, name: str | None = None) -> None:
+    """Log this process's parameter memory: "[stage] rank R: <what> parameters X MiB (name)"."""
+    print(f"[{ctx.job.stage}] rank {ctx.accelerator.process_index}: {what} parameters "
+          f"{local_parameter_bytes(model) / 2**20:.2f} MiB" + (f" ({name})" if name else ""),
+          file=sys.stderr, flush=True)
 
 
 def autocast_forward(model: torch.nn.Module, accelerator) -> None:
@@ -87,10 +109,66 @@ def local_parameter_bytes(model: torch.nn.Module) -> int:
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Clip to the global L2 norm over every process's gradient shards; return that norm as a plain tensor."""
+    return clip_parameters(list(model.parameters()), max_norm)
+
+
+def clip_parameters(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm`` over a list of parameters (several sharded models on one optimizer, as PPO's
+    policy and value model)."""
     from torch.distributed.tensor import DTensor
 
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """What the online stages call after the backward passes of an optimizer step: accelerate's clipping for
+    replicated (DDP) models, the global norm over shards (``clip_parameters``) for sharded ones."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in params):
+        return clip_parameters(params, max_norm)
+    return accelerator.clip_grad_norm_(params, max_norm)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded parameter (a collective: every process calls it); a plain one as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@contextmanager
+def gathered(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Inside: every sharded one of ``models`` holds its whole weights on every process (one all-gather per
+    FSDP unit on entering, a collective: every process enters together), so each process samples on its own.
+
+    Why gather for the whole rollout instead of letting each forward gather its layers (FSDP's normal
+    forward): sampling runs one forward per token, and with per-forward gathering every process would
+    have to run the same number of forwards (the gathers are collectives) and pay L all-gathers per token.
+    Gathered, the rollout costs one all-gather of the policy, processes stop sampling independently,
+    and the lean decoder (trainer.lean_decoder), which reads weights directly and cannot read shards,
+    applies. The price is the whole policy's weights on each process while sampling (no gradients or
+    optimizer state then); docs/sizing.md has the arithmetic. Layers are kept gathered after a forward
+    too, so the model's own forward (gradient checkpointing, other architectures) gathers nothing either.
+    Models that are not sharded (None, one process, no fsdp) pass through untouched.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    roots = [m for m in models if m is not None and is_sharded(m)]
+    units = [u for root in roots for u in root.modules() if isinstance(u, FSDPModule)]
+    inner = [u for u in units if not any(u is root for root in roots)]
+    for unit in inner:  # roots already keep their weights after a forward (FSDP's default for a root)
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        for unit in inner:
+            unit.set_reshard_after_forward(True, recurse=False)
 
 
 def register_checkpointing(accelerator, model: torch.nn.Module, optimizer) -> None:

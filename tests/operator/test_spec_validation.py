@@ -348,3 +348,11 @@ def test_the_policy_stage_cannot_be_switched_once_it_started(spec):
                               "grpo": spec["stages"]["ppo"]}}
     fields = [e.field for e in admit(spec, new, status)]
     assert "spec.stages.ppo" in fields
+
+
+def test_sharded_ppo_and_grpo_are_admitted_and_sharding_with_lora_is_refused_naming_the_stage(spec):
+    spec["stages"]["ppo"]["fsdp"] = {}
+    assert errors_of(spec) == {}
+    spec["stages"]["ppo"]["lora"] = {}
+    assert "fsdp cannot be combined with lora yet" in errors_of(spec)["spec.stages.ppo"]
+    assert errors_of(grpo_spec(spec, fsdp={"cpuOffload": True})) == {}

@@ -3,7 +3,7 @@
 One uninterrupted sharded SFT run against one killed after a checkpoint and resumed: the same final
 weights (tolerance below); loss goes down; the gathered final model loads with plain transformers and
 equals the checkpoint's weights; each process held about half the parameters. A reward run checks the
-sequence-classifier path. The config refusals are unit tests.
+sequence-classifier path. The config refusals are unit tests. PPO and GRPO: test_fsdp_online.py.
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def test_sharded_dpo_on_two_processes_lowers_its_loss_and_saves_a_loadable_model
 
 
 @pytest.mark.parametrize(("stage", "extra", "message"), [
-    ("ppo", {}, "ppo.fsdp: Value error, fsdp: PPO and GRPO/RLOO do not shard yet"),
-    ("grpo", {}, "grpo.fsdp: Value error, fsdp: PPO and GRPO/RLOO do not shard yet"),
+    ("ppo", {"lora": {}}, "ppo: Value error, fsdp cannot be combined with lora yet"),
+    ("grpo", {"precision": "fp16"}, "grpo: Value error, fsdp cannot be combined with precision fp16"),
     ("sft", {"lora": {}}, "sft: Value error, fsdp cannot be combined with lora yet"),
     ("dpo", {"precision": "fp16"}, "dpo: Value error, fsdp cannot be combined with precision fp16"),
 ])
@@ -141,3 +141,10 @@ def test_a_sharded_model_computes_under_the_stage_autocast():
     plain = torch.nn.Linear(4, 4)
     autocast_forward(plain, SimpleNamespace(mixed_precision="no"))
     assert plain(torch.ones(2, 4)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_online_stages_accept_fsdp(tmp_path, stage):
+    config = write_job(tmp_path / "job.yaml", stage=stage, model="m", outputDir=str(tmp_path / "o"),
+                       **{stage: {"fsdp": {"cpuOffload": True}}})
+    assert getattr(load_stage_job(config), stage).fsdp.cpu_offload is True
