@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from trainer import feedback, ppo_math, runtime
+from trainer.adamw import follow_checkpoint, implementation, new_adamw
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import LoraConfig
 from trainer.lean_decoder import LeanDecoder
@@ -314,9 +315,8 @@ def run(ctx: StageContext) -> Path:
 
     params = [p for p in policy.parameters() if p.requires_grad] + \
         [p for p in value_model.parameters() if p.requires_grad]
-    # foreach: the same arithmetic as the per-tensor loop torch picks on the CPU (bit for bit), in a few ops
-    # over all tensors instead of ~10 per tensor (benchmarks/README.md).
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
+    # Fused AdamW (a resumed run keeps the implementation its checkpoint was written with: trainer/adamw.py).
+    optimizer = new_adamw(params, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(
         s, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
     policy, value_model, optimizer = acc.prepare(policy, value_model, optimizer)
@@ -342,6 +342,8 @@ def run(ctx: StageContext) -> Path:
     if start:
         kl_ctl.load_state_dict(state["kl_controller"])
         apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        if follow_checkpoint(optimizer) != "fused" and acc.is_main_process:
+            print(f"[ppo] AdamW {implementation(optimizer)}, as the checkpoint was written", flush=True)
     ctx.report("progress", step=start, total_steps=cfg.steps)
     if start == 0 and acc.is_main_process:  # the SFT model's samples: the baseline to compare with
         samples = sample_held_out(ctx, cfg=cfg, step=0, prompts=held_out, policy=policy, reference=reference,
