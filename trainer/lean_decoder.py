@@ -71,6 +71,14 @@ class LeanDecoder:
         if not all(hasattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
                 not all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return None
+        # The pass hands each projection's weight and bias to F.linear: only plain Linear modules compute exactly
+        # that (a quantised or hooked replacement would not).
+        for layer in base.layers[: config.num_hidden_layers]:
+            projections = [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+                [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+            if any(type(p) is not torch.nn.Linear or p._forward_hooks or p._forward_pre_hooks or hasattr(p, "_hf_hook")
+                   for p in projections):  # _hf_hook: accelerate's offloading wraps forward itself
+                return None
         return cls(model, base)
 
     # ------------------------------------------------------------------ pieces

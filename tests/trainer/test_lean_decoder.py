@@ -106,6 +106,15 @@ def test_what_the_lean_pass_does_not_cover_uses_the_models_own_forward():
     assert LeanDecoder.of(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))) is None
     assert LeanDecoder.of(torch.nn.parallel.DistributedDataParallel.__new__(
         torch.nn.parallel.DistributedDataParallel)) is None
+    # The pass calls F.linear on each projection's weight: a hooked or replaced projection keeps the model's forward.
+    hooked = _llama()
+    hooked.model.layers[1].mlp.down_proj.register_forward_hook(lambda module, args, out: out * 2)
+    assert LeanDecoder.of(hooked) is None
+    replaced = _llama()
+    replaced.model.layers[0].self_attn.q_proj = torch.nn.Sequential(replaced.model.layers[0].self_attn.q_proj)
+    replaced.model.layers[0].self_attn.q_proj.weight = replaced.model.layers[0].self_attn.q_proj[0].weight
+    assert LeanDecoder.of(replaced) is None
+    assert LeanDecoder.of(_llama()) is not None
 
 
 def test_a_lora_model_uses_its_own_forward():
