@@ -43,6 +43,11 @@ class LeanDecoder:
         self.groups = attn.num_key_value_groups
         self.scaling = attn.scaling
         self.lm_head = getattr(model, "lm_head", None)
+        # Each layer's tensors and norms read once here, not through nn.Module's attribute lookup and call
+        # machinery on every layer of every pass (about a tenth of a sampling step on a small model). Reading them
+        # per LeanDecoder (one per pass) keeps them the model's current parameters.
+        self._layer_weights = [_LayerWeights(layer) for layer in self.layers]
+        self._final_norm = (base.norm.weight, base.norm.variance_epsilon)
 
     @classmethod
     def of(cls, model) -> "LeanDecoder | None":
@@ -71,32 +76,46 @@ class LeanDecoder:
         if not all(hasattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
                 not all(hasattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             return None
+        # The pass hands each projection's weight and bias to F.linear: only plain Linear modules compute exactly
+        # that (a quantised or hooked replacement would not).
+        for layer in base.layers[: config.num_hidden_layers]:
+            projections = [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+                [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+            if any(type(p) is not torch.nn.Linear or p._forward_hooks or p._forward_pre_hooks or hasattr(p, "_hf_hook")
+                   for p in projections):  # _hf_hook: accelerate's offloading wraps forward itself
+                return None
         return cls(model, base)
 
     # ------------------------------------------------------------------ pieces
 
     @staticmethod
-    def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    def _rms_norm(norm: tuple[torch.Tensor, float], x: torch.Tensor) -> torch.Tensor:
+        """transformers' RMSNorm; ``norm`` is (weight, epsilon)."""
+        weight, epsilon = norm
         dtype = x.dtype
         x = x.to(torch.float32)
         variance = x.pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + norm.variance_epsilon)
-        return norm.weight * x.to(dtype)
+        x = x * torch.rsqrt(variance + epsilon)
+        return weight * x.to(dtype)
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (b, s, d), for ``position_ids`` (b, s): transformers' rotary embedding."""
+        """(cos, signed sin), each (b, s, d), for ``position_ids`` (b, s): transformers' rotary embedding, with
+        the first half of sin negated for ``_rotate``."""
         rotary = self.base.rotary_emb
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
             freqs = position_ids[..., None].float() * rotary.inv_freq.to(device=position_ids.device, dtype=torch.float)
             emb = torch.cat((freqs, freqs), dim=-1)
             cos = emb.cos() * rotary.attention_scaling
             sin = emb.sin() * rotary.attention_scaling
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return cos.to(dtype=dtype), sin.to(dtype=dtype)
 
     @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """transformers' ``x * cos + rotate_half(x) * sin``, rotate_half(x) = (-x2, x1): the same numbers as
+        (x2, x1) * (-sin1, sin2), since negation is exact, one operation fewer per call (forward and backward)."""
+        return (x * cos) + (torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin)
 
     @staticmethod
     def attention_mask(attention_mask: torch.Tensor, q_length: int) -> torch.Tensor | None:
@@ -129,25 +148,23 @@ class LeanDecoder:
         b, s = input_ids.shape
         shape = (b, s, -1, self.head_dim)
         training = self.base.training
-        for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = self._rms_norm(layer.input_layernorm, x)
-            q = attn.q_proj(h).view(shape).transpose(1, 2)
-            k = attn.k_proj(h).view(shape).transpose(1, 2)
-            v = attn.v_proj(h).view(shape).transpose(1, 2)
+        for index, w in enumerate(self._layer_weights):
+            h = self._rms_norm(w.input_norm, x)
+            q = F.linear(h, *w.q).view(shape).transpose(1, 2)
+            k = F.linear(h, *w.k).view(shape).transpose(1, 2)
+            v = F.linear(h, *w.v).view(shape).transpose(1, 2)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(index, k, v)
-            out = self._attend(attn, q, k, v, mask, dropout=attn.attention_dropout if training else 0.0)
-            x = x + attn.o_proj(out.reshape(b, s, -1).contiguous())
-            h = self._rms_norm(layer.post_attention_layernorm, x)
-            mlp = layer.mlp
-            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+            out = self._attend(q, k, v, mask, dropout=w.attention_dropout if training else 0.0)
+            x = x + F.linear(out.reshape(b, s, -1).contiguous(), *w.o)
+            h = self._rms_norm(w.post_norm, x)
+            x = x + F.linear(w.act_fn(F.linear(h, *w.gate)) * F.linear(h, *w.up), *w.down)
         if cache is not None:
             cache.filled += s
-        return self._rms_norm(self.base.norm, x)
+        return self._rms_norm(self._final_norm, x)
 
-    def _attend(self, attn, q, k, v, mask, *, dropout: float) -> torch.Tensor:
+    def _attend(self, q, k, v, mask, *, dropout: float) -> torch.Tensor:
         """transformers' sdpa_attention_forward for these shapes: (b, s, h, d)."""
         s = q.shape[2]
         if self.groups > 1:
@@ -181,6 +198,34 @@ def _is_shard(tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
+
+
+class _LayerWeights:
+    """One decoder layer's tensors as ``F.linear`` takes them ((weight, bias) per projection) and its norms as
+    (weight, epsilon): what its modules' forwards would read."""
+
+    __slots__ = ("input_norm", "q", "k", "v", "o", "attention_dropout", "post_norm", "gate", "up", "down", "act_fn")
+
+    def __init__(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.input_norm = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.q, self.k, self.v, self.o = (_linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj),
+                                          _linear(attn.o_proj))
+        self.attention_dropout = attn.attention_dropout
+        self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        self.gate, self.up, self.down = _linear(mlp.gate_proj), _linear(mlp.up_proj), _linear(mlp.down_proj)
+        self.act_fn = F.silu if type(mlp.act_fn) in (torch.nn.SiLU, _silu_activation()) else mlp.act_fn
+
+
+def _linear(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return module.weight, module.bias
+
+
+def _silu_activation() -> type:
+    """transformers' own SiLU module class where it has one (its forward is F.silu), else nn.SiLU."""
+    from transformers import activations
+
+    return getattr(activations, "SiLUActivation", torch.nn.SiLU)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

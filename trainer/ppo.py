@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from trainer import feedback, ppo_math, runtime, sharding
+from trainer.adamw import follow_checkpoint, implementation, new_adamw
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import LoraConfig
 from trainer.lean_decoder import LeanDecoder
@@ -43,7 +44,8 @@ from trainer.run_health import RunHealth
 from trainer.runtime import PermanentStageFailure, StageContext
 from trainer.schedule import StepPlan, apply_optimizer_settings, linear_warmup_decay
 
-__all__ = ["SAMPLES_FILE", "VALUE_HEAD_FILE", "ValueHead", "ValueModel", "check_finite", "check_kl", "policy_pass",
+__all__ = ["SAMPLES_FILE", "VALUE_HEAD_FILE", "ValueHead", "ValueModel", "check_finite", "check_kl",
+           "head_rollout_passes", "policy_pass",
            "reward_model_source", "run", "score_responses", "split_prompts", "step_seed"]
 """Re-exported from trainer.rollout, where the code shared with GRPO/RLOO lives."""
 
@@ -162,6 +164,26 @@ def response_values(value_model, input_ids, attention_mask, *, prompt_length: in
     return values[:, prompt_length - 1:-1].float()
 
 
+def head_rollout_passes(policy, head: ValueHead, batch: SampledBatch, *, temperature: float,
+                        with_logprobs: bool) -> dict[str, torch.Tensor]:
+    """valueModel: head. ``values`` (b, t) from one pass of the policy and, ``with_logprobs``, the old
+    ``logprobs`` and ``entropy`` (b, t) from the same pass's logits.
+
+    In bf16/fp16 the old log-probs need a policy pass (``old_logprobs``: the sampler's are not used there) and
+    the head needs the policy's hidden states: both are outputs of the same forward (``policy_pass``), which
+    computes exactly what the two separate passes computed, so one pass replaces two. In fp32 the old
+    log-probs are the sampler's and only the values are computed here.
+    """
+    hidden, logits = policy_pass(policy, batch.input_ids, batch.attention_mask,
+                                 response_length=batch.responses.shape[1],
+                                 temperature=temperature if with_logprobs else None)
+    out = {"values": head(hidden[:, batch.prompt_length - 1:-1]).float()}  # (b, t)
+    if with_logprobs:
+        out["logprobs"] = ppo_math.logprobs_from_logits(logits, batch.responses)  # (b, t)
+        out["entropy"] = ppo_math.entropy_from_logits(logits)  # (b, t)
+    return out
+
+
 @torch.no_grad()
 def collect_rollouts(ctx: StageContext, *, prompts: list[PromptRow], policy, reference, value_model,
                      reward: CompositeReward, encoder: PromptEncoder, timings: dict[str, float]) -> Rollouts:
@@ -172,14 +194,16 @@ def collect_rollouts(ctx: StageContext, *, prompts: list[PromptRow], policy, ref
     passes: dict[str, torch.Tensor] = {}
 
     def forward_passes(batch: SampledBatch) -> None:
-        passes["logprobs"], passes["entropy"] = old_logprobs(ctx, policy_module, batch, temperature=cfg.temperature)
+        # With the head in bf16/fp16 the old log-probs come from the policy pass that gives the values.
+        one_pass = cfg.value_model == "head" and ctx.dtype != torch.float32
+        if not one_pass:
+            passes["logprobs"], passes["entropy"] = old_logprobs(ctx, policy_module, batch,
+                                                                 temperature=cfg.temperature)
         with acc.autocast():
             passes["ref_logprobs"] = response_logprobs(reference, batch, temperature=cfg.temperature)
             if cfg.value_model == "head":
-                hidden, _ = policy_pass(policy_module, batch.input_ids, batch.attention_mask,
-                                        response_length=batch.responses.shape[1], temperature=None)
-                head = acc.unwrap_model(value_model)
-                passes["values"] = head(hidden[:, batch.prompt_length - 1:-1]).float()  # (b, t)
+                passes.update(head_rollout_passes(policy_module, acc.unwrap_model(value_model), batch,
+                                                  temperature=cfg.temperature, with_logprobs=one_pass))
             else:
                 passes["values"] = response_values(acc.unwrap_model(value_model), batch.input_ids,
                                                    batch.attention_mask, prompt_length=batch.prompt_length)
@@ -319,9 +343,8 @@ def run(ctx: StageContext) -> Path:
 
     params = [p for p in policy.parameters() if p.requires_grad] + \
         [p for p in value_model.parameters() if p.requires_grad]
-    # foreach: the same arithmetic as the per-tensor loop torch picks on the CPU (bit for bit), in a few ops
-    # over all tensors instead of ~10 per tensor (benchmarks/README.md).
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
+    # Fused AdamW (a resumed run keeps the implementation its checkpoint was written with: trainer/adamw.py).
+    optimizer = new_adamw(params, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(
         s, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
     if sharded:  # not prepared: accelerate's DDP wrapper would replicate them again (trainer.sharding)
@@ -351,6 +374,8 @@ def run(ctx: StageContext) -> Path:
     if start:
         kl_ctl.load_state_dict(state["kl_controller"])
         apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        if follow_checkpoint(optimizer) != "fused" and acc.is_main_process:
+            print(f"[ppo] AdamW {implementation(optimizer)}, as the checkpoint was written", flush=True)
     ctx.report("progress", step=start, total_steps=cfg.steps)
     if start == 0:  # the SFT model's samples: the baseline to compare with
         with sharding.gathered(policy):  # every process gathers a sharded policy; the main one samples

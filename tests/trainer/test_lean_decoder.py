@@ -106,6 +106,15 @@ def test_what_the_lean_pass_does_not_cover_uses_the_models_own_forward():
     assert LeanDecoder.of(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))) is None
     assert LeanDecoder.of(torch.nn.parallel.DistributedDataParallel.__new__(
         torch.nn.parallel.DistributedDataParallel)) is None
+    # The pass calls F.linear on each projection's weight: a hooked or replaced projection keeps the model's forward.
+    hooked = _llama()
+    hooked.model.layers[1].mlp.down_proj.register_forward_hook(lambda module, args, out: out * 2)
+    assert LeanDecoder.of(hooked) is None
+    replaced = _llama()
+    replaced.model.layers[0].self_attn.q_proj = torch.nn.Sequential(replaced.model.layers[0].self_attn.q_proj)
+    replaced.model.layers[0].self_attn.q_proj.weight = replaced.model.layers[0].self_attn.q_proj[0].weight
+    assert LeanDecoder.of(replaced) is None
+    assert LeanDecoder.of(_llama()) is not None
 
 
 def test_a_lora_model_uses_its_own_forward():
@@ -146,3 +155,28 @@ def test_the_lean_pass_equals_the_models_forward_under_bf16_autocast(weights):
         lean = LeanDecoder.of(model)
         got = lean.logits(lean.forward_hidden(ids, mask, positions(mask)))
     assert torch.equal(got, expected)
+
+
+def test_the_lean_pass_reads_projection_biases_qwen2_has():
+    """Qwen2's q/k/v projections carry a bias; the lean pass hands each projection's weight and bias to F.linear."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from trainer.lean_decoder import LeanDecoder
+    from trainer.rollout import positions
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False)).eval()
+    with torch.no_grad():  # a bias of 0 (the initial value) would not show whether it is read
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_()
+            layer.self_attn.k_proj.bias.normal_()
+            layer.self_attn.v_proj.bias.normal_()
+    lean = LeanDecoder.of(model)
+    assert lean is not None
+    ids, mask, _, _ = _batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+        assert torch.equal(lean.logits(lean.forward_hidden(ids, mask, positions(mask))), expected)

@@ -154,3 +154,52 @@ def test_the_value_loss_moves_the_policy_only_through_a_shared_head(tmp_path, to
     difference = max_abs_diff(*finals)
     print(f"{value_model}: policy weight difference between vfCoef 0 and 1: {difference:.3g}")
     assert (difference > 1e-6) == (value_model == "head")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_in_low_precision_one_policy_pass_gives_the_old_logprobs_and_the_values_of_two(tiny_model_dir, dtype):
+    """The rollout's head pass (bf16/fp16) returns bit for bit the old log-probs and entropies of old_logprobs's
+    own policy pass and the values of a hidden-state pass, so dropping one of the two passes changes nothing."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.rollout import SampledBatch, response_logits
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    head = ppo.ValueHead(policy.config.hidden_size)
+    with torch.no_grad():  # a zero head would give zero values whatever it read
+        head.head.weight.normal_()
+        head.head.bias.fill_(0.5)
+    query = torch.tensor([[0, 0, 5, 6], [3, 4, 5, 6]])
+    responses = torch.tensor([[7, 8, 9], [10, 11, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    batch = SampledBatch(prompts=["a", "b"], responses_text=[], input_ids=torch.cat([query, responses], 1),
+                         attention_mask=torch.cat([(query != 0).long(), mask], 1), prompt_length=4,
+                         responses=responses, mask=mask.float(), has_stop=torch.ones(2, dtype=torch.bool),
+                         scores=torch.zeros(2), sampling_logprobs=torch.zeros(2, 3), sampling_entropy=torch.zeros(2, 3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        got = ppo.head_rollout_passes(policy, head, batch, temperature=0.7, with_logprobs=True)
+        logits = response_logits(policy, batch.input_ids, batch.attention_mask, response_length=3, temperature=0.7)
+        hidden, _ = ppo.policy_pass(policy, batch.input_ids, batch.attention_mask, response_length=3,
+                                    temperature=None)
+        values = head(hidden[:, 3:-1]).float()
+        assert torch.equal(got["logprobs"], ppo.ppo_math.logprobs_from_logits(logits, responses))
+        assert torch.equal(got["entropy"], ppo.ppo_math.entropy_from_logits(logits))
+    assert torch.equal(got["values"], values)
+    assert float(values.abs().sum()) > 0
+    assert set(ppo.head_rollout_passes(policy, head, batch, temperature=0.7, with_logprobs=False)) == {"values"}
+
+
+def test_a_bf16_value_head_run_takes_its_old_logprobs_from_the_pass_the_update_repeats(tmp_path, toy_sft_dir):  # noqa: F811
+    """bf16, one epoch of one minibatch: the update's first (and only) pass sees the policy the rollout's head pass
+    ran, so with the old log-probs taken from that pass the ratio is exactly 1 and approx_kl exactly 0 at every
+    step (the sampler's own log-probs, a cached token-by-token pass, would differ in bf16)."""
+    job = ppo_job(tmp_path, toy_sft_dir, output="out", steps=2, ppoEpochs=1, miniBatches=1, precision="bf16",
+                  valueModel="head", checkpointEverySteps=1000)
+    # Its own process: accelerate's mixed precision is fixed for a process once an fp32 stage ran in it.
+    result = run_cli("ppo", write_job(tmp_path / "ppo.yaml", **job))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [e["metrics"] for e in progress_events(tmp_path / "out") if e.get("metrics") and "ratio_mean" in e["metrics"]]
+    assert len(metrics) == 2
+    for m in metrics:
+        assert m["ratio_mean"] == 1.0 and m["approx_kl"] == 0.0, m
+        assert m["value_loss"] > 0
