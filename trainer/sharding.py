@@ -198,3 +198,39 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded_peft_copy(peft_model: torch.nn.Module, full_weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A whole CPU copy of the sharded PEFT model ``peft_model`` holding ``full_weights`` (its gathered
+    ``full_state_dict``), for ``final/`` on the main process: PEFT's ``save_pretrained`` (the adapter) and
+    ``merge_and_unload`` read the modules' own weights, which FSDP2 leaves sharded even while gathered.
+
+    Built on the meta device from the model's class and config and the same PEFT config, then given the
+    gathered tensors (``assign``: no second copy of the weights); the buffers that are not in a state dict
+    (rotary frequencies) come from ``peft_model``, which holds them whole on every process.
+    """
+    import copy
+
+    from peft import get_peft_model
+    from torch.distributed.fsdp import FSDPModule
+
+    base = peft_model.get_base_model()
+    # fully_shard swaps a module's class for an FSDP subclass of it: the class to rebuild is the original.
+    plain_class = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
+    adapter = peft_model.active_adapter
+    with torch.device("meta"):
+        clone = get_peft_model(plain_class(copy.deepcopy(base.config)), copy.deepcopy(peft_model.peft_config[adapter]),
+                               adapter_name=adapter)
+    clone.get_base_model().generation_config = copy.deepcopy(base.generation_config)
+    _, unexpected = clone.load_state_dict(full_weights, strict=False, assign=True)
+    clone.get_base_model().tie_weights()  # a tied head may appear once in the gathered dict
+    sources = dict(peft_model.named_buffers())
+    for name, buffer in list(clone.named_buffers()):
+        if buffer.is_meta and name in sources:
+            module_name, _, attribute = name.rpartition(".")
+            clone.get_submodule(module_name)._buffers[attribute] = sources[name].detach().to("cpu", copy=True)
+    missing = [name for name, tensor in clone.state_dict().items() if tensor.is_meta]
+    if missing or unexpected:  # the copy must be exactly the trained model, or final/ would be wrong
+        raise RuntimeError(f"rebuilding the sharded LoRA model: weights missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    return clone.eval()
