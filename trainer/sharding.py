@@ -221,7 +221,8 @@ def unsharded_peft_copy(peft_model: torch.nn.Module, full_weights: dict[str, tor
     with torch.device("meta"):
         clone = get_peft_model(plain_class(copy.deepcopy(base.config)), copy.deepcopy(peft_model.peft_config[adapter]),
                                adapter_name=adapter)
-    clone.get_base_model().generation_config = copy.deepcopy(base.generation_config)
+    if getattr(base, "generation_config", None) is not None:  # causal LMs have one, classifiers not
+        clone.get_base_model().generation_config = copy.deepcopy(base.generation_config)
     _, unexpected = clone.load_state_dict(full_weights, strict=False, assign=True)
     clone.get_base_model().tie_weights()  # a tied head may appear once in the gathered dict
     sources = dict(peft_model.named_buffers())
