@@ -171,22 +171,33 @@ def gathered(*models: torch.nn.Module | None) -> Iterator[None]:
             unit.set_reshard_after_forward(True, recurse=False)
 
 
-def register_checkpointing(accelerator, model: torch.nn.Module, optimizer) -> None:
+def register_checkpointing(accelerator, model: torch.nn.Module, optimizer, *, trainable_only: bool = False) -> None:
     """Make ``accelerator.save_state`` / ``load_state`` (called on every process) also write and
     read the sharded model and optimizer with torch.distributed.checkpoint. A checkpoint without
-    them fails to load, as a damaged one does (trainer.checkpoint falls back to the previous one)."""
+    them fails to load, as a damaged one does (trainer.checkpoint falls back to the previous one).
+
+    ``trainable_only`` (LoRA): the model's frozen weights are left out (``ignore_frozen_params``), as in
+    unsharded LoRA checkpoints: a resume loads the frozen base from the model source (the same bytes, as
+    the fingerprint check guarantees) and the adapters, a score head and the optimizer from the checkpoint.
+    A checkpoint lacking one of those fails to load (torch.distributed.checkpoint asks for each key)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    # Loading leaves the frozen weights as they are: not strict about their absence (dcp.load has already
+    # checked that every trainable weight was in the checkpoint).
+    load_options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
     def save(models, weights, output_dir) -> None:
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(Path(output_dir) / SHARDED_DIR))
 
     def load(models, input_dir) -> None:
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=str(Path(input_dir) / SHARDED_DIR))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=load_options)
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)

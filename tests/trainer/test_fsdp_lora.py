@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from .stage_runs import load_state_dict, max_abs_diff, write_job
 from .test_dpo import dpo_job
@@ -48,7 +49,11 @@ def test_sharded_lora_sft_merges_like_replicated_lora_and_resumes_to_the_same_we
     assert sorted(_parameter_mib(result.stderr, "sharded")) == [0, 1], result.stderr[-3000:]
     losses = _losses(tmp_path / "sharded")
     assert len(losses) == 9 and sum(losses[-3:]) < sum(losses[:3]), losses
-    assert len(list((tmp_path / "sharded" / "checkpoints" / "step-9" / "sharded").glob("*.distcp"))) == 2
+    # Checkpoints hold the adapters and their optimizer state, not the frozen base (as unsharded LoRA's).
+    checkpoint = tmp_path / "sharded" / "checkpoints" / "step-9" / "sharded"
+    assert len(list(checkpoint.glob("*.distcp"))) == 2
+    saved = list(FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    assert any("lora_A" in k for k in saved) and not any("base_layer" in k or "embed_tokens" in k for k in saved), saved
 
     replicated = write_job(tmp_path / "replicated.yaml", **sft_job(tmp_path, tiny_model_dir, output="replicated",
                                                                    **settings))
