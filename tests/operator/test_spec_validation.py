@@ -354,5 +354,10 @@ def test_sharded_ppo_and_grpo_are_admitted_and_sharding_with_lora_is_refused_nam
     spec["stages"]["ppo"]["fsdp"] = {}
     assert errors_of(spec) == {}
     spec["stages"]["ppo"]["lora"] = {}
-    assert "fsdp cannot be combined with lora yet" in errors_of(spec)["spec.stages.ppo"]
+    assert "fsdp cannot be combined with lora yet in this stage" in errors_of(spec)["spec.stages.ppo"]
+    # The supervised stages shard LoRA models.
+    spec["stages"]["ppo"].pop("lora")
+    spec["stages"]["sft"].update(fsdp={}, lora={"rank": 8})
+    spec["stages"]["reward"].update(fsdp={"cpuOffload": True}, lora={})
+    assert errors_of(spec) == {}
     assert errors_of(grpo_spec(spec, fsdp={"cpuOffload": True})) == {}
