@@ -136,9 +136,15 @@ def test_a_sharded_model_computes_under_the_stage_autocast():
 
     # accelerate's Accelerator is a process-wide singleton: stand-ins with its two attributes used here.
     bf16 = SimpleNamespace(mixed_precision="bf16", autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    layer = torch.nn.Linear(4, 4)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 4)
+    x = torch.randn(2, 64)
+    in_fp32 = layer(x)
+    in_bf16 = torch.nn.functional.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16()).float()
     autocast_forward(layer, bf16)
-    assert layer(torch.ones(2, 4)).dtype == torch.bfloat16
+    # Computed in bf16, returned in fp32 (as accelerate's prepare does: the losses read fp32 logits).
+    out = layer(x)
+    assert out.dtype == torch.float32 and torch.equal(out, in_bf16) and not torch.equal(out, in_fp32)
     plain = torch.nn.Linear(4, 4)
     autocast_forward(plain, SimpleNamespace(mixed_precision="no"))
     assert plain(torch.ones(2, 4)).dtype == torch.float32

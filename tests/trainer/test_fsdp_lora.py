@@ -110,10 +110,11 @@ def test_sharded_lora_reward_model_merges_like_replicated_lora(tmp_path, tiny_mo
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "sharded" / "final", num_labels=1)
 
 
-def test_sharded_lora_dpo_merges_like_replicated_lora(tmp_path, tiny_model_dir):
+def test_sharded_lora_dpo_in_bf16_merges_like_replicated_lora(tmp_path, tiny_model_dir):
+    """bf16: each FSDP unit holds the bf16 frozen base and the fp32 adapters together."""
     from transformers import AutoModelForCausalLM
 
-    settings = dict(batchSize=2, epochs=2, logEverySteps=1, lora=LORA)
+    settings = dict(batchSize=2, epochs=2, logEverySteps=1, precision="bf16", lora=LORA)
     sharded = write_job(tmp_path / "sharded.yaml", **dpo_job(tmp_path, tiny_model_dir, output="sharded",
                                                              fsdp={}, **settings))
     result = _run_two("dpo", sharded)
@@ -125,6 +126,7 @@ def test_sharded_lora_dpo_merges_like_replicated_lora(tmp_path, tiny_model_dir):
     assert (ddp := _run_two("dpo", replicated)).returncode == 0, ddp.stderr[-4000:]
     final = load_state_dict(tmp_path / "sharded" / "final")
     difference = max_abs_diff(final, load_state_dict(tmp_path / "replicated" / "final"))
-    print(f"sharded LoRA DPO: vs replicated {difference:.3g}")
+    print(f"sharded LoRA DPO (bf16): vs replicated {difference:.3g}")
     assert difference <= SHARDED_LIKE_REPLICATED
     AutoModelForCausalLM.from_pretrained(tmp_path / "sharded" / "final")
+    assert {v.dtype for v in final.values()} == {torch.bfloat16}  # merged, saved in the training precision
