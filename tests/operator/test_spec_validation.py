@@ -355,9 +355,9 @@ def test_sharded_ppo_and_grpo_are_admitted_and_sharding_with_lora_is_refused_nam
     assert errors_of(spec) == {}
     spec["stages"]["ppo"]["lora"] = {}
     assert "fsdp cannot be combined with lora yet in this stage" in errors_of(spec)["spec.stages.ppo"]
-    # The supervised stages shard LoRA models.
+    # The other stages shard LoRA models.
     spec["stages"]["ppo"].pop("lora")
     spec["stages"]["sft"].update(fsdp={}, lora={"rank": 8})
     spec["stages"]["reward"].update(fsdp={"cpuOffload": True}, lora={})
     assert errors_of(spec) == {}
-    assert errors_of(grpo_spec(spec, fsdp={"cpuOffload": True})) == {}
+    assert errors_of(grpo_spec(spec, fsdp={"cpuOffload": True}, lora={})) == {}

@@ -1,10 +1,11 @@
-"""Sharded LoRA (fsdp with lora) in SFT, reward and DPO: two CPU processes over gloo with torch FSDP2.
+"""Sharded LoRA (fsdp with lora) in SFT, reward, DPO and GRPO: two CPU processes over gloo with torch FSDP2.
 
 The frozen base is sharded with its adapters (one FSDP unit per decoder layer); final/ is merged from the
 gathered weights on the main process (trainer.sharding.unsharded_peft_copy). The check is against the
 replicated (DDP) LoRA run of the same job: the same seeds and the same gradient average over two
 processes, so the merged final/ must match up to the order of the gradient reductions. A sharded LoRA
-run killed after a checkpoint and resumed ends like the uninterrupted one.
+run killed after a checkpoint and resumed ends like the uninterrupted one. PPO with lora stays refused
+(test_fsdp.py).
 """
 
 from __future__ import annotations
@@ -130,3 +131,43 @@ def test_sharded_lora_dpo_in_bf16_merges_like_replicated_lora(tmp_path, tiny_mod
     assert difference <= SHARDED_LIKE_REPLICATED
     AutoModelForCausalLM.from_pretrained(tmp_path / "sharded" / "final")
     assert {v.dtype for v in final.values()} == {torch.bfloat16}  # merged, saved in the training precision
+
+
+def test_sharded_lora_grpo_trains_like_replicated_lora_grpo_and_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
+    """GRPO with a KL term: the reference is the gathered policy with its adapters disabled."""
+    from .test_fsdp_online import _update_metrics
+    from .test_grpo_distributed import _job as grpo_job
+    from .test_ppo_distributed import run_two_processes
+
+    def job(output: str, **extra):
+        spec = grpo_job(tmp_path, tiny_model_dir, output=output)
+        spec["grpo"].update(steps=4, klCoef=0.05, logEverySteps=1, lora=LORA, **extra)
+        return write_job(tmp_path / f"{output}.yaml", **spec)
+
+    result = run_two_processes(tmp_path, job("sharded", fsdp={}), stage="grpo", timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "adapters disabled" in result.stdout + result.stderr  # the reference is the policy's own base
+    metrics = _update_metrics(tmp_path / "sharded")
+    assert len(metrics) == 4 and all(m["kl"] == m["kl"] for m in metrics)
+    assert metrics[-1]["kl"] > 0  # the adapters moved the policy away from its base, the reference
+    replicated = run_two_processes(tmp_path, job("replicated"), stage="grpo", timeout=600)
+    assert replicated.returncode == 0, replicated.stderr[-4000:]
+    final = load_state_dict(tmp_path / "sharded" / "final")
+    versus_replicated = max_abs_diff(final, load_state_dict(tmp_path / "replicated" / "final"))
+
+    resumed = job("resumed", fsdp={})
+    killed = run_two_processes(tmp_path, resumed, stage="grpo", env={"FINETUNE_FAIL_AT_STEP": "2"}, timeout=600)
+    assert killed.returncode != 0, killed.stderr[-4000:]
+    again = run_two_processes(tmp_path, resumed, stage="grpo", timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed from" in again.stderr and "at step 2" in again.stderr
+    versus_resumed = max_abs_diff(final, load_state_dict(tmp_path / "resumed" / "final"))
+    from transformers import AutoModelForCausalLM
+
+    moved = _moved(final, AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict())
+    print(f"sharded LoRA GRPO: moved {moved:.3g}; vs replicated {versus_replicated:.3g}; "
+          f"resumed vs uninterrupted {versus_resumed:.3g}")
+    assert moved > 100 * SHARDED_LIKE_REPLICATED
+    assert versus_replicated <= SHARDED_LIKE_REPLICATED
+    assert versus_resumed <= RESUME_TOLERANCE
+    assert (tmp_path / "sharded" / "final" / "adapter" / "adapter_model.safetensors").is_file()
