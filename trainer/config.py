@@ -156,17 +156,10 @@ class OptimConfig(ApiModel):
     report_to: list[Literal["mlflow", "wandb"]] = Field(default_factory=list, max_length=2)
     """Also send the stage's metrics to MLflow (MLFLOW_TRACKING_URI) and/or Weights & Biases (WANDB_API_KEY, WANDB_PROJECT), configured by the pod's environment (podTemplate env). Off by default; the trainer image has neither package: use an image built FROM it with mlflow-skinny or wandb installed, else the stage fails at start saying so (trainer/tracking.py)."""
     fsdp: FsdpConfig | None = None
-    """Shard the trained model across the stage's processes (full shard, one unit per transformer decoder layer) instead of replicating it (DDP) when set; {} shards with the defaults. PPO shards its policy and value model, GRPO/RLOO its policy. With lora (SFT, reward, DPO, GRPO/RLOO; not PPO yet) the frozen base is sharded with its adapters and final/ is merged from the gathered weights. One process: nothing to shard, trains as without it."""
-
-    FSDP_WITH_LORA: ClassVar[bool] = True
-    """Whether the stage shards a LoRA model (not a field): PPO does not yet."""
+    """Shard the trained model across the stage's processes (full shard, one unit per transformer decoder layer) instead of replicating it (DDP) when set; {} shards with the defaults. PPO shards its policy and value model, GRPO/RLOO its policy. With lora the frozen base is sharded with its adapters, checkpoints hold the trainable weights only and final/ is merged from the gathered weights. One process: nothing to shard, trains as without it."""
 
     @model_validator(mode="after")
     def _fsdp_combinations(self):
-        if self.fsdp is not None and self.lora is not None and not self.FSDP_WITH_LORA:
-            raise ValueError("fsdp cannot be combined with lora yet in this stage (SFT, reward, DPO and GRPO/RLOO "
-                             "shard LoRA models; PPO does not): remove fsdp (LoRA adapters are small and "
-                             "train replicated) or lora")
         if self.fsdp is not None and self.precision == "fp16":
             raise ValueError("fsdp cannot be combined with precision fp16 (a sharded model gets no loss scaling): "
                              "use precision bf16 or fp32")
@@ -334,7 +327,6 @@ class SamplingConfig(OptimConfig):
 
     OPERATIONAL_SETTINGS: ClassVar[frozenset[str]] = OptimConfig.OPERATIONAL_SETTINGS | {"sample_every_steps",
                                                                                      "health_checks"}
-    FSDP_WITH_LORA: ClassVar[bool] = False  # PPO: its LoRA value model and value head are not wired for it yet
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "SamplingConfig":
@@ -409,8 +401,6 @@ class GRPOConfig(SamplingConfig):
     Both optimise the clipped ratio loss with separate lower and upper clips, normalised as lossNormalisation
     says, plus klCoef times the k3 KL to the reference (SFT) model. docs/grpo.md explains every setting.
     """
-
-    FSDP_WITH_LORA: ClassVar[bool] = True  # the reference is the gathered policy with adapters disabled
 
     learning_rate: float = Field(1.0e-6, gt=0, le=1)
     """Peak learning rate of AdamW for the policy."""

@@ -116,9 +116,7 @@ def test_sharded_dpo_on_two_processes_lowers_its_loss_and_saves_a_loadable_model
 
 
 @pytest.mark.parametrize(("stage", "extra", "message"), [
-    ("ppo", {"lora": {}}, "ppo: Value error, fsdp cannot be combined with lora yet"),
     ("grpo", {"precision": "fp16"}, "grpo: Value error, fsdp cannot be combined with precision fp16"),
-    ("ppo", {"lora": {"rank": 4}}, "ppo: Value error, fsdp cannot be combined with lora yet in this stage"),
     ("dpo", {"precision": "fp16"}, "dpo: Value error, fsdp cannot be combined with precision fp16"),
 ])
 def test_fsdp_is_refused_where_it_is_not_built(tmp_path, stage, extra, message):
@@ -150,8 +148,8 @@ def test_a_sharded_model_computes_under_the_stage_autocast():
     assert plain(torch.ones(2, 4)).dtype == torch.float32
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "grpo"])
-def test_stages_but_ppo_accept_fsdp_with_lora(tmp_path, stage):
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "grpo"])
+def test_every_stage_accepts_fsdp_with_lora(tmp_path, stage):
     config = write_job(tmp_path / "job.yaml", stage=stage, model="m", outputDir=str(tmp_path / "o"),
                        **{stage: {"fsdp": {}, "lora": {"rank": 4}}})
     settings = getattr(load_stage_job(config), stage)

@@ -11,8 +11,11 @@ run killed after a checkpoint and resumed ends like the uninterrupted one. PPO w
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
+from safetensors.torch import load_file as load_state_dict_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from .stage_runs import load_state_dict, max_abs_diff, write_job
@@ -133,41 +136,56 @@ def test_sharded_lora_dpo_in_bf16_merges_like_replicated_lora(tmp_path, tiny_mod
     assert {v.dtype for v in final.values()} == {torch.bfloat16}  # merged, saved in the training precision
 
 
-def test_sharded_lora_grpo_trains_like_replicated_lora_grpo_and_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
-    """GRPO with a KL term: the reference is the gathered policy with its adapters disabled."""
+
+@pytest.mark.parametrize(("stage", "settings"), [("grpo", {}), ("ppo", {}), ("ppo", {"valueModel": "head"})],
+                         ids=["grpo", "ppo", "ppo-value-head"])
+def test_sharded_lora_online_stage_trains_like_replicated_lora_and_resumes_to_the_same_weights(
+        tmp_path, tiny_model_dir, stage, settings):
+    """A KL term: the reference is the gathered policy with its adapters disabled. PPO: its value model is
+    LoRA on the same backbone, sharded too, or a value head on the LoRA policy."""
+    from transformers import AutoModelForCausalLM
+
     from .test_fsdp_online import _update_metrics
     from .test_grpo_distributed import _job as grpo_job
+    from .test_ppo_distributed import _job as ppo_job
     from .test_ppo_distributed import run_two_processes
 
     def job(output: str, **extra):
-        spec = grpo_job(tmp_path, tiny_model_dir, output=output)
-        spec["grpo"].update(steps=4, klCoef=0.05, logEverySteps=1, lora=LORA, **extra)
+        if stage == "grpo":
+            spec = grpo_job(tmp_path, tiny_model_dir, output=output)
+            spec["grpo"].update(steps=4, klCoef=0.05, logEverySteps=1, lora=LORA, **extra)
+        else:
+            spec = ppo_job(tmp_path, tiny_model_dir, output=output, steps=4, lora=LORA, **settings, **extra)
         return write_job(tmp_path / f"{output}.yaml", **spec)
 
-    result = run_two_processes(tmp_path, job("sharded", fsdp={}), stage="grpo", timeout=600)
+    result = run_two_processes(tmp_path, job("sharded", fsdp={}), stage=stage, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "adapters disabled" in result.stdout + result.stderr  # the reference is the policy's own base
     metrics = _update_metrics(tmp_path / "sharded")
-    assert len(metrics) == 4 and all(m["kl"] == m["kl"] for m in metrics)
-    assert metrics[-1]["kl"] > 0  # the adapters moved the policy away from its base, the reference
-    replicated = run_two_processes(tmp_path, job("replicated"), stage="grpo", timeout=600)
+    assert len(metrics) == 4 and all(math.isfinite(m["kl"]) for m in metrics)
+    replicated = run_two_processes(tmp_path, job("replicated"), stage=stage, timeout=600)
     assert replicated.returncode == 0, replicated.stderr[-4000:]
     final = load_state_dict(tmp_path / "sharded" / "final")
     versus_replicated = max_abs_diff(final, load_state_dict(tmp_path / "replicated" / "final"))
 
     resumed = job("resumed", fsdp={})
-    killed = run_two_processes(tmp_path, resumed, stage="grpo", env={"FINETUNE_FAIL_AT_STEP": "2"}, timeout=600)
+    killed = run_two_processes(tmp_path, resumed, stage=stage, env={"FINETUNE_FAIL_AT_STEP": "2"}, timeout=600)
     assert killed.returncode != 0, killed.stderr[-4000:]
-    again = run_two_processes(tmp_path, resumed, stage="grpo", timeout=600)
+    again = run_two_processes(tmp_path, resumed, stage=stage, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resumed from" in again.stderr and "at step 2" in again.stderr
     versus_resumed = max_abs_diff(final, load_state_dict(tmp_path / "resumed" / "final"))
-    from transformers import AutoModelForCausalLM
-
     moved = _moved(final, AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict())
-    print(f"sharded LoRA GRPO: moved {moved:.3g}; vs replicated {versus_replicated:.3g}; "
+    print(f"sharded LoRA {stage}: moved {moved:.3g}; vs replicated {versus_replicated:.3g}; "
           f"resumed vs uninterrupted {versus_resumed:.3g}")
     assert moved > 100 * SHARDED_LIKE_REPLICATED
     assert versus_replicated <= SHARDED_LIKE_REPLICATED
     assert versus_resumed <= RESUME_TOLERANCE
+    assert not any("lora_" in k for k in final)
     assert (tmp_path / "sharded" / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    if settings.get("valueModel") == "head":  # the trained head, gathered, beside the merged policy
+        head = {k: load_state_dict_file(tmp_path / run / "final" / "value_head.safetensors")
+                for k, run in (("sharded", "sharded"), ("replicated", "replicated"))}
+        assert head["sharded"]["weight"].shape == head["replicated"]["weight"].shape
+        assert max_abs_diff(head["sharded"], head["replicated"]) <= SHARDED_LIKE_REPLICATED
+        assert float(head["sharded"]["weight"].abs().max()) > 0
