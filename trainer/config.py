@@ -156,13 +156,10 @@ class OptimConfig(ApiModel):
     report_to: list[Literal["mlflow", "wandb"]] = Field(default_factory=list, max_length=2)
     """Also send the stage's metrics to MLflow (MLFLOW_TRACKING_URI) and/or Weights & Biases (WANDB_API_KEY, WANDB_PROJECT), configured by the pod's environment (podTemplate env). Off by default; the trainer image has neither package: use an image built FROM it with mlflow-skinny or wandb installed, else the stage fails at start saying so (trainer/tracking.py)."""
     fsdp: FsdpConfig | None = None
-    """Shard the trained model across the stage's processes (full shard, one unit per transformer decoder layer) instead of replicating it (DDP) when set; {} shards with the defaults. PPO shards its policy and value model, GRPO/RLOO its policy; not with lora yet. One process: nothing to shard, trains as without it."""
+    """Shard the trained model across the stage's processes (full shard, one unit per transformer decoder layer) instead of replicating it (DDP) when set; {} shards with the defaults. PPO shards its policy and value model, GRPO/RLOO its policy. With lora the frozen base is sharded with its adapters, checkpoints hold the trainable weights only and final/ is merged from the gathered weights. One process: nothing to shard, trains as without it."""
 
     @model_validator(mode="after")
     def _fsdp_combinations(self):
-        if self.fsdp is not None and self.lora is not None:
-            raise ValueError("fsdp cannot be combined with lora yet: remove fsdp (LoRA adapters are small and "
-                             "train replicated) or lora")
         if self.fsdp is not None and self.precision == "fp16":
             raise ValueError("fsdp cannot be combined with precision fp16 (a sharded model gets no loss scaling): "
                              "use precision bf16 or fp32")

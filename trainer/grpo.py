@@ -183,7 +183,7 @@ def run(ctx: StageContext) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(
         s, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
     if sharded:  # not prepared: accelerate's DDP wrapper would replicate it again (trainer.sharding)
-        sharding.register_checkpointing(acc, policy, optimizer)
+        sharding.register_checkpointing(acc, policy, optimizer, trainable_only=cfg.lora is not None)
     else:
         policy, optimizer = acc.prepare(policy, optimizer)
     acc.register_for_checkpointing(scheduler)  # stepped once per iteration, as in PPO

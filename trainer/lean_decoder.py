@@ -52,7 +52,8 @@ class LeanDecoder:
     @classmethod
     def of(cls, model) -> "LeanDecoder | None":
         """A LeanDecoder for ``model`` when the lean path computes exactly what its forward computes, else None."""
-        if type(model).__module__.startswith("peft"):
+        # The class's ancestry: a sharded PEFT model's class is FSDP's subclass, defined in torch.
+        if any(c.__module__.startswith("peft") for c in type(model).__mro__):
             return None
         config = getattr(model, "config", None)
         if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:

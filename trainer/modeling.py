@@ -425,6 +425,9 @@ def save_final(ctx: StageContext, model, tokenizer, *, extra_files: dict[str, di
         temp.mkdir(parents=True)
         if model is not None:
             unwrapped = accelerator.unwrap_model(model)
+            if full_weights is not None and hasattr(unwrapped, "merge_and_unload"):
+                # Sharded LoRA: adapter and merge are made from a whole CPU copy holding the gathered weights.
+                unwrapped, full_weights = sharding.unsharded_peft_copy(unwrapped, full_weights), None
             lora = getattr(ctx.job, ctx.job.stage).lora
             if hasattr(unwrapped, "merge_and_unload") and lora is not None and lora.keep_adapter:
                 # Before merging (which folds the adapter into the base in place): the adapter as PEFT saves it.

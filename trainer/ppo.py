@@ -349,7 +349,7 @@ def run(ctx: StageContext) -> Path:
         s, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
     if sharded:  # not prepared: accelerate's DDP wrapper would replicate them again (trainer.sharding)
         sharding.register_checkpointing(acc, torch.nn.ModuleDict({"policy": policy, "value_model": value_model}),
-                                        optimizer)
+                                        optimizer, trainable_only=cfg.lora is not None)
     else:
         policy, value_model, optimizer = acc.prepare(policy, value_model, optimizer)
     # Not prepared: accelerate's scheduler wrapper steps once per process; ours steps once per PPO iteration.

@@ -61,7 +61,7 @@ def prepare_supervised(ctx: StageContext, model, *, cfg: OptimConfig, epochs: in
     optimizer, scheduler = build_optimizer(model, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                            warmup_steps=cfg.warmup_steps, total_steps=plan.total_steps)
     if sharded:  # not prepared: accelerate's DDP wrapper would replicate the model again (trainer.sharding)
-        sharding.register_checkpointing(accelerator, model, optimizer)
+        sharding.register_checkpointing(accelerator, model, optimizer, trainable_only=cfg.lora is not None)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     # Registered, not prepared: accelerate would step a prepared scheduler once per process.

@@ -350,9 +350,15 @@ def test_the_policy_stage_cannot_be_switched_once_it_started(spec):
     assert "spec.stages.ppo" in fields
 
 
-def test_sharded_ppo_and_grpo_are_admitted_and_sharding_with_lora_is_refused_naming_the_stage(spec):
+def test_sharded_stages_are_admitted_with_and_without_lora_and_fp16_sharding_is_refused_naming_the_stage(spec):
     spec["stages"]["ppo"]["fsdp"] = {}
     assert errors_of(spec) == {}
     spec["stages"]["ppo"]["lora"] = {}
-    assert "fsdp cannot be combined with lora yet" in errors_of(spec)["spec.stages.ppo"]
-    assert errors_of(grpo_spec(spec, fsdp={"cpuOffload": True})) == {}
+    assert errors_of(spec) == {}
+    spec["stages"]["ppo"]["precision"] = "fp16"
+    assert "fsdp cannot be combined with precision fp16" in errors_of(spec)["spec.stages.ppo"]
+    spec["stages"]["ppo"]["precision"] = "bf16"
+    spec["stages"]["sft"].update(fsdp={}, lora={"rank": 8})
+    spec["stages"]["reward"].update(fsdp={"cpuOffload": True}, lora={})
+    assert errors_of(spec) == {}
+    assert errors_of(grpo_spec(spec, fsdp={"cpuOffload": True}, lora={})) == {}

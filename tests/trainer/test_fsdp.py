@@ -3,7 +3,8 @@
 One uninterrupted sharded SFT run against one killed after a checkpoint and resumed: the same final
 weights (tolerance below); loss goes down; the gathered final model loads with plain transformers and
 equals the checkpoint's weights; each process held about half the parameters. A reward run checks the
-sequence-classifier path. The config refusals are unit tests. PPO and GRPO: test_fsdp_online.py.
+sequence-classifier path. The config refusals are unit tests. PPO and GRPO: test_fsdp_online.py; with
+lora: test_fsdp_lora.py.
 """
 
 from __future__ import annotations
@@ -115,9 +116,7 @@ def test_sharded_dpo_on_two_processes_lowers_its_loss_and_saves_a_loadable_model
 
 
 @pytest.mark.parametrize(("stage", "extra", "message"), [
-    ("ppo", {"lora": {}}, "ppo: Value error, fsdp cannot be combined with lora yet"),
     ("grpo", {"precision": "fp16"}, "grpo: Value error, fsdp cannot be combined with precision fp16"),
-    ("sft", {"lora": {}}, "sft: Value error, fsdp cannot be combined with lora yet"),
     ("dpo", {"precision": "fp16"}, "dpo: Value error, fsdp cannot be combined with precision fp16"),
 ])
 def test_fsdp_is_refused_where_it_is_not_built(tmp_path, stage, extra, message):
@@ -135,12 +134,26 @@ def test_a_sharded_model_computes_under_the_stage_autocast():
 
     # accelerate's Accelerator is a process-wide singleton: stand-ins with its two attributes used here.
     bf16 = SimpleNamespace(mixed_precision="bf16", autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    layer = torch.nn.Linear(4, 4)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 4)
+    x = torch.randn(2, 64)
+    in_fp32 = layer(x)
+    in_bf16 = torch.nn.functional.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16()).float()
     autocast_forward(layer, bf16)
-    assert layer(torch.ones(2, 4)).dtype == torch.bfloat16
+    # Computed in bf16, returned in fp32 (as accelerate's prepare does: the losses read fp32 logits).
+    out = layer(x)
+    assert out.dtype == torch.float32 and torch.equal(out, in_bf16) and not torch.equal(out, in_fp32)
     plain = torch.nn.Linear(4, 4)
     autocast_forward(plain, SimpleNamespace(mixed_precision="no"))
     assert plain(torch.ones(2, 4)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "grpo"])
+def test_every_stage_accepts_fsdp_with_lora(tmp_path, stage):
+    config = write_job(tmp_path / "job.yaml", stage=stage, model="m", outputDir=str(tmp_path / "o"),
+                       **{stage: {"fsdp": {}, "lora": {"rank": 4}}})
+    settings = getattr(load_stage_job(config), stage)
+    assert settings.fsdp is not None and settings.lora.rank == 4
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
