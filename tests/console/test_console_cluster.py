@@ -1,4 +1,4 @@
-"""The console as the chart installs it, on the local cluster's real node, with a real run.
+"""The console as the chart installs it, on the local cluster's real node, with real runs.
 
 `helm install` (namespace-scoped RBAC, two watched namespaces) runs the operator and the console
 from the operator image. examples/tiny-cpu.yaml trains in namespace A, so the metric history is
@@ -8,6 +8,13 @@ built-in `edit` role in A (the chart aggregates runs and labels into it), bob ha
 B's run; in headless chromium alice sees plots and samples (a `<script>` a pod wrote into the
 history shows as text), labels three pairs with the keyboard, and the labels are
 PreferenceLabels that `python -m ftconsole labels export` turns into preference rows.
+
+The human-feedback loop on the toy task of tests/feedback_toy.py (people prefer friendly words; the
+original preferences only the two-word format): examples/tiny-feedback.yaml with one round and the
+same manifest without spec.humanFeedback train side by side; alice labels the round's first pairs
+with the keyboard and the rest through the console's HTTP API (her token, the page's endpoint);
+the round's held-out human-label accuracy rises and the policy that continued with the retrained
+reward model says more friendly words than the one without the round.
 Screenshots go to docs/console-*.png.
 """
 
@@ -22,6 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 
 import pytest
 import yaml
@@ -30,6 +38,9 @@ from chartlib import CHART, REPO
 
 sys.path.insert(0, str(REPO / "hack"))
 import demo_assets  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests"))
+from feedback_toy import format_preferences, friendly_choice, friendly_share  # noqa: E402
 
 # The node lock may be held by other sessions (FINETUNE_NODE_LOCK_WAIT_SECONDS) and the run trains for real.
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(3600)]
@@ -227,9 +238,16 @@ def test_a_user_without_rbac_gets_403_and_sees_no_runs(kube_cluster, users, trai
 
 
 def screenshot(driver, name, *, height=None):
-    if height:
-        driver.set_window_size(1400, height)
-    driver.save_screenshot(str(DOCS / name))
+    """Write docs/<name> (the pictures docs/console.md shows); a failure to write one only warns."""
+    from selenium.common.exceptions import WebDriverException
+
+    try:
+        if height:
+            driver.set_window_size(1400, height)
+        if not driver.save_screenshot(str(DOCS / name)):
+            warnings.warn(f"no screenshot {name}: chromium returned none")
+    except (OSError, WebDriverException) as exc:
+        warnings.warn(f"no screenshot {name}: {exc}")
 
 
 def test_in_a_browser_alice_sees_plots_and_samples_and_labels_with_the_keyboard(
@@ -249,7 +267,6 @@ def test_in_a_browser_alice_sees_plots_and_samples_and_labels_with_the_keyboard(
     log_in(browser, console_url, users["alice"], wait)
     runs_text = browser.find_element(By.ID, "runs").text
     assert trained_run in runs_text and "hidden" not in runs_text
-    screenshot(browser, "console-runs.png", height=500)
 
     browser.find_element(By.LINK_TEXT, trained_run).click()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "figure.plot")) >= 6)
@@ -290,71 +307,153 @@ def test_in_a_browser_alice_sees_plots_and_samples_and_labels_with_the_keyboard(
     assert "left out 1 tie" in export.stderr
 
 
+
+# The human-feedback loop on the toy task of tests/feedback_toy.py: the original preferences only prefer
+# two-word answers (random words), the labeller prefers friendly words. Two runs of the same manifest side
+# by side: one with a round after PPO step ROUND_STEP of PPO_STEPS, one without spec.humanFeedback.
 FEEDBACK_EXAMPLE = REPO / "examples" / "tiny-feedback.yaml"
+FORMAT_PREFERENCES = "pvc://datasets/format-preferences.jsonl"
+ROUND_STEP, PPO_STEPS = 15, 30   # one round: everySteps at half the steps opens none at the last step
+ROUND_PROMPTS, RESPONSES = 64, 3  # every training prompt (96 minus the 32 held out), 3 pairs each: 192 pairs
+LABELS_NEEDED = 100               # of ~110 pairs that are not ties (the SFT model says a friendly word ~3 in 10)
+BROWSER_LABELS = 4                # pairs alice labels with the keyboard; the rest through the HTTP API
+
+
+def feedback_manifest(name, *, rounds):
+    """examples/tiny-feedback.yaml on the toy task, in namespace A; without spec.humanFeedback unless rounds."""
+    (run,) = [d for d in yaml.safe_load_all(FEEDBACK_EXAMPLE.read_text()) if d and d.get("kind") == "FineTuneRun"]
+    run["metadata"] = {"name": name, "namespace": TEAM_A}
+    spec = run["spec"]
+    spec["data"]["preferences"] = FORMAT_PREFERENCES
+    del spec["stages"]["reward"]["functions"]  # what the policy learns of the criterion comes from the labels alone
+    spec["stages"]["ppo"]["steps"] = PPO_STEPS
+    spec["resources"]["cpu"] = "900m"  # both runs' pods fit on the 2-core node beside the operator and console
+    if rounds:
+        spec["humanFeedback"].update(everySteps=ROUND_STEP, prompts=ROUND_PROMPTS, responsesPerPrompt=RESPONSES,
+                                     labelsNeeded=LABELS_NEEDED, heldOutShare=0.3, includeSft=True)
+    else:
+        del spec["humanFeedback"]
+    return run
 
 
 @pytest.fixture(scope="module")
-def feedback_run(kube_cluster, release):
-    """examples/tiny-feedback.yaml with one round (after PPO step 20 of 30), applied in namespace A."""
-    (run,) = [d for d in yaml.safe_load_all(FEEDBACK_EXAMPLE.read_text()) if d and d.get("kind") == "FineTuneRun"]
-    run["metadata"] = {"name": run["metadata"]["name"], "namespace": TEAM_A}
-    run["spec"]["humanFeedback"].update(everySteps=20, labelsNeeded=6, heldOutShare=0.5, includeSft=True)
+def feedback_runs(kube_cluster, release):
+    """(with the round, without it): both applied at once, so the second trains while the first waits for labels."""
+    runs = [feedback_manifest("tiny-feedback", rounds=True), feedback_manifest("tiny-feedback-none", rounds=False)]
     claims = [d["metadata"]["name"] for d in yaml.safe_load_all(STORAGE.read_text()) if d]
     pvc_root = [kube_cluster.pvc_dir(TEAM_A, claim) for claim in claims][0].parent  # each claim's PVC
-    demo_assets.write_for_run(run["spec"], pvc_root=pvc_root, log=lambda line: None)
-    wait_for("the feedback run to be admitted",
-             lambda: kube_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(run), check=False).returncode == 0,
-             timeout_seconds=180)
-    return run["metadata"]["name"]
+    example = example_run(TEAM_A)["spec"]  # the demo's model, SFT data and prompts
+    demo_assets.write_for_run(example, pvc_root=pvc_root, log=lambda line: None)
+    demo_assets.write_jsonl(demo_assets.pvc_path(FORMAT_PREFERENCES, pvc_root), format_preferences(
+        words=demo_assets.WORDS, prompts=demo_assets.prompts(), count=demo_assets.PREFERENCE_ROWS))
+    for run in runs:
+        wait_for(f"{run['metadata']['name']} to be admitted", lambda run=run: kube_cluster.kubectl(
+            "apply", "-f", "-", input=yaml.safe_dump(run), check=False).returncode == 0, timeout_seconds=180)
+    return tuple(run["metadata"]["name"] for run in runs)
 
 
-def test_a_feedback_round_is_labelled_in_the_browser_and_the_run_continues_to_the_end(
-        kube_cluster, users, feedback_run, console_url, browser):
+def post_label(url, token, *, run, round_, pair, choice):
+    """One label exactly as the labelling page's script sends it (POST /api/labels)."""
+    body = json.dumps({"namespace": TEAM_A, "run": run, "round": round_, "prompt": pair["prompt"],
+                       "responses": pair["responses"], "choice": choice}).encode()
+    status, answer = get(url, "/api/labels", token, method="POST", body=body,
+                         headers={"Content-Type": "application/json", "X-Requested-With": "ftconsole"})
+    assert status == 201, answer
+
+
+def final_policy_share(kube_cluster, name):
+    """The criterion's score of the run's held-out responses at the last PPO step (from its history)."""
+    samples = [s for s in history_document(kube_cluster, name)["samples"] if s["stage"] == "ppo"]
+    last = max(s["step"] for s in samples)
+    assert last == PPO_STEPS, f"{name}: last samples at step {last}"
+    return friendly_share(s["response"] for s in samples if s["step"] == last)
+
+
+def test_a_feedback_round_labelled_in_the_browser_and_through_the_api_teaches_the_reward_model_and_policy(
+        kube_cluster, users, feedback_runs, console_url, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     started = time.monotonic()
-    name = feedback_run
+    name, baseline = feedback_runs
     status = wait_for(f"{name} to wait for feedback",
                       lambda: (s := run_status(kube_cluster, TEAM_A, name)).get("state") in (
                           "AwaitingFeedback", "Succeeded", "Failed") and s,
                       timeout_seconds=1200, diagnose=lambda: yaml.safe_dump(run_status(kube_cluster, TEAM_A, name)))
     assert status["state"] == "AwaitingFeedback", yaml.safe_dump(status)
     (opened,) = status["feedbackRounds"]
-    assert opened["round"] == 1 and opened["step"] == 20 and opened["candidates"] == 8 and opened["needed"] == 6
-    assert "round 1: 0/6 labels" in status["message"]
+    assert opened["round"] == 1 and opened["step"] == ROUND_STEP and opened["needed"] == LABELS_NEEDED
+    assert opened["candidates"] == ROUND_PROMPTS * RESPONSES * (RESPONSES - 1) // 2
+    assert f"round 1: 0/{LABELS_NEEDED} labels" in status["message"]
     waited = time.monotonic() - started
+    candidates = json.loads(json.loads(kube_cluster.kubectl(
+        "get", "configmap", f"{name}-feedback-1", "-n", TEAM_A, "-o", "json").stdout)["data"]["candidates.json"])
+    pairs = candidates["pairs"]
+    choices = [friendly_choice(*(r["text"] for r in pair["responses"])) for pair in pairs]
 
+    # alice opens the round from the runs page and labels the first pairs with the keyboard.
     wait = WebDriverWait(browser, 30)
     log_in(browser, console_url, users["alice"], wait)
-    assert "0/6 labels" in browser.find_element(By.ID, "runs").text
-    browser.find_element(By.CSS_SELECTOR, "a.feedback-count").click()
+    assert f"0/{LABELS_NEEDED} labels" in browser.find_element(By.ID, "runs").text
+    screenshot(browser, "console-runs.png", height=500)
+    browser.find_element(By.CSS_SELECTOR, f"a.feedback-count[href*='/{name}/']").click()
     wait.until(lambda d: d.find_elements(By.ID, "feedback-round"))
     sources = {c.get_attribute("data-source") for c in browser.find_elements(By.CSS_SELECTOR, ".candidate")}
-    assert sources == {"sft", "ppo@20"}, sources  # includeSft: one response of each pair from the SFT model
-    # Prefer the answer that mentions cats (what the reward model already likes), else A; one tie, which
-    # does not count: 7 key presses for the 6 labels needed.
-    keys = []
-    for index in range(7):
-        pair = browser.find_elements(By.CSS_SELECTOR, "section.pair")[index]
-        texts = [browser.execute_script("return arguments[0].textContent", r)
-                 for r in pair.find_elements(By.CSS_SELECTOR, ".response")]
-        keys.append(("t" if index == 3 else "2" if "cats" in texts[1] and "cats" not in texts[0] else "1",
-                     index + 1))
-    press_and_wait_for_count(browser, wait, keys)
-    labels = [item["spec"] for item in labels_in(kube_cluster, TEAM_A) if item["spec"]["run"] == name]
-    assert len(labels) == 7 and {label["round"] for label in labels} == {1}
+    assert sources == {"sft", f"ppo@{ROUND_STEP}"}, sources  # includeSft: one response of each prompt from SFT
+    shown = [[browser.execute_script("return arguments[0].textContent", r)
+              for r in pair.find_elements(By.CSS_SELECTOR, ".response")]
+             for pair in browser.find_elements(By.CSS_SELECTOR, "section.pair")[:BROWSER_LABELS]]
+    assert shown == [[r["text"] for r in pair["responses"]] for pair in pairs[:BROWSER_LABELS]], "the ConfigMap's order"
+    screenshot(browser, "console-round.png", height=900)
+    # A pair with an empty response (the model said EOS at once) is skipped: the local cluster's API server
+    # (1.20) rejects a PreferenceLabel whose response text is "" ("must be of type string: null").
+    labellable = [all(r["text"] for r in pair["responses"]) for pair in pairs]
+    body = browser.find_element(By.TAG_NAME, "body")
+    decisive = posted = 0
+    for index in range(BROWSER_LABELS):
+        if not labellable[index]:
+            body.send_keys("s")
+            wait.until(lambda d, i=index: f"pair {i + 2} of" in d.find_element(By.ID, "pair-position").text)
+            continue
+        body.send_keys({"a": "1", "b": "2", "tie": "t"}[choices[index]])
+        decisive, posted = decisive + (choices[index] != "tie"), posted + 1
+        wait.until(lambda d, n=posted: f"{n} labels so far" in d.find_element(By.ID, "label-progress").text)
 
-    done = wait_for(f"{name} to leave AwaitingFeedback and finish",
-                    lambda: (s := run_status(kube_cluster, TEAM_A, name)).get("state") in ("Succeeded", "Failed") and s,
-                    timeout_seconds=1200, diagnose=lambda: yaml.safe_dump(run_status(kube_cluster, TEAM_A, name)))
-    assert done["state"] == "Succeeded", yaml.safe_dump(done)
+    # The rest through the same endpoint with alice's token, until the round has what it needs (ties do not count).
+    for pair, choice, ok in zip(pairs[BROWSER_LABELS:], choices[BROWSER_LABELS:], labellable[BROWSER_LABELS:]):
+        if decisive == LABELS_NEEDED:
+            break
+        if ok:
+            post_label(console_url, users["alice"], run=name, round_=1, pair=pair, choice=choice)
+            decisive, posted = decisive + (choice != "tie"), posted + 1
+    if decisive < LABELS_NEEDED:  # fewer A-or-B pairs than hoped: lower labelsNeeded, as a user may while it waits
+        kube_cluster.kubectl("patch", "finetunerun", name, "-n", TEAM_A, "--type=merge", "-p",
+                             json.dumps({"spec": {"humanFeedback": {"labelsNeeded": decisive}}}))
+    labels = [item["spec"] for item in labels_in(kube_cluster, TEAM_A) if item["spec"]["run"] == name]
+    assert len(labels) == posted and {label["round"] for label in labels} == {1}
+    assert {label["labeller"] for label in labels} == {f"system:serviceaccount:{TEAM_A}:alice"}
+
+    finished = {}
+    for run in (name, baseline):
+        finished[run] = wait_for(
+            f"{run} to finish", lambda run=run: (s := run_status(kube_cluster, TEAM_A, run)).get("state") in (
+                "Succeeded", "Failed") and s,
+            timeout_seconds=1200, diagnose=lambda run=run: yaml.safe_dump(run_status(kube_cluster, TEAM_A, run)))
+        assert finished[run]["state"] == "Succeeded", yaml.safe_dump(finished[run])
+    done = finished[name]
     (closed,) = done["feedbackRounds"]
-    assert closed["state"] == "Done" and closed["labels"] == 6 and closed["rewardAttempt"] == 2
-    assert 0 <= closed["heldOutAccuracy"] <= 1 and "heldOutAccuracyBefore" in closed
+    before, after = closed["heldOutAccuracyBefore"], closed["heldOutAccuracy"]
+    with_round, without = final_policy_share(kube_cluster, name), final_policy_share(kube_cluster, baseline)
+    print(f"feedback run: {waited:.0f}s to AwaitingFeedback, {time.monotonic() - started:.0f}s until both runs "
+          f"Succeeded; {posted} labels ({decisive} A or B, the first of {BROWSER_LABELS} pairs in the browser, "
+          f"{labellable.count(False)} of {len(pairs)} pairs with an empty response skipped); held-out human-label "
+          f"accuracy {before:.3f} -> {after:.3f}; friendly-word share of the held-out responses at step {PPO_STEPS}: "
+          f"{with_round:.3f} with the round, {without:.3f} without")
+    assert closed["state"] == "Done" and closed["labels"] == decisive and closed["rewardAttempt"] == 2
     assert done["stages"]["ppo"]["attempts"] == 2 and done["stages"]["ppo"]["failures"] == 0
+    assert not finished[baseline].get("feedbackRounds") and finished[baseline]["stages"]["ppo"]["attempts"] == 1
     reasons = kube_cluster.kubectl("get", "events", "-n", TEAM_A, "--field-selector",
                                    f"involvedObject.name={name}", "-o", "jsonpath={.items[*].reason}").stdout.split()
     assert {"FeedbackRoundOpened", "FeedbackRoundRetraining", "FeedbackRoundClosed"} <= set(reasons)
-    print(f"feedback run: {waited:.0f}s to AwaitingFeedback, {time.monotonic() - started:.0f}s to Succeeded; held-out "
-          f"human-label accuracy {closed.get('heldOutAccuracyBefore')} -> {closed['heldOutAccuracy']}")
+    assert after >= before + 0.05  # 2 of the 31 held-out pairs; measured +3 and +5 (retraining varies by run)
+    assert with_round >= without + 0.2

@@ -2,17 +2,16 @@
 learns from human labels that carry what the original preferences lack, and the policy resumed with it
 ends up better under the labels' criterion than the same run without the round.
 
-The toy task: the SFT model answers with two words out of twenty. People prefer the ten friendly ones
-(``FRIENDLY``). The original preference data prefers two-word answers to one-word ones, with words drawn
-at random -- it teaches the format and says nothing about which words people like. The test plays the
-labeller: it labels the round's candidate pairs by the count of friendly words (tie when equal) as
-PreferenceLabel objects, the console's own model of a label.
+The toy task (tests/feedback_toy.py, shared with the cluster test): the SFT model answers with two words
+out of twenty. People prefer the ten friendly ones (``FRIENDLY``). The original preference data prefers
+two-word answers to one-word ones, with words drawn at random -- it teaches the format and says nothing
+about which words people like. The test plays the labeller: it labels the round's candidate pairs by the
+count of friendly words (tie when equal) as PreferenceLabel objects, the console's own model of a label.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from datetime import datetime, timezone
@@ -25,25 +24,11 @@ from trainer.checkpoint import complete_checkpoints
 from trainer.config import FEEDBACK_ROUND_ENV, FEEDBACK_ROUND_EXIT_CODE, FEEDBACK_ROUND_PREFIX, HumanFeedbackConfig
 from trainer.feedback import LABELS_FILE_ENV, is_held_out
 
+from ..feedback_toy import format_preferences, friendly_choice, friendly_share
 from .stage_runs import progress_events, run_in_process, write_job, write_jsonl
 from .test_ppo import WORDS, ppo_job, samples_by_step, toy_sft_dir  # noqa: F401  (toy_sft_dir: a fixture)
 
-FRIENDLY = ("good", "great", "happy", "yes", "please", "hello", "cats", "love", "kind", "nice")
 EVERY, STEPS = 4, 24  # rounds after steps 4, 8 ... 20; people label round 1 only, so steps 5..24 use its reward model
-
-
-def friendly_count(text: str) -> int:
-    return sum(word.strip(".,!?") in FRIENDLY for word in text.lower().split())
-
-
-def format_preferences(count: int = 48) -> list[dict]:
-    """Two-word answers over one-word ones, the words drawn at random: the format, not the taste."""
-    rng = random.Random(3)
-    rows = []
-    for _ in range(count):
-        rows.append({"prompt": " ".join(rng.choice(WORDS) for _ in range(3)) + "?",
-                     "chosen": f" {rng.choice(WORDS)} {rng.choice(WORDS)}", "rejected": f" {rng.choice(WORDS)}"})
-    return rows
 
 
 def label_round(candidates: dict, *, run: str) -> list[dict]:
@@ -51,8 +36,7 @@ def label_round(candidates: dict, *, run: str) -> list[dict]:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     objects = []
     for pair in candidates["pairs"]:
-        a, b = (friendly_count(r["text"]) for r in pair["responses"])
-        choice = "a" if a > b else "b" if b > a else "tie"
+        choice = friendly_choice(*(r["text"] for r in pair["responses"]))
         spec = PreferenceLabelSpec(run=run, round=candidates["round"], prompt=pair["prompt"],
                                    responses=[CandidateResponse(**r) for r in pair["responses"]], choice=choice,
                                    labeller="test", labelled_at=stamp)
@@ -63,15 +47,14 @@ def label_round(candidates: dict, *, run: str) -> list[dict]:
 def final_friendly_share(output: Path) -> float:
     """Held-out responses at the last step: friendly words per word slot (2 per response)."""
     by_step = samples_by_step(output)
-    last = by_step[max(by_step)]
-    return sum(friendly_count(s["response"]) for s in last) / (2 * len(last))
+    return friendly_share(s["response"] for s in by_step[max(by_step)])
 
 
 def test_a_round_of_human_labels_teaches_the_reward_model_and_the_policy(tmp_path, toy_sft_dir, monkeypatch):  # noqa: F811
     started = time.monotonic()
     feedback = {"everySteps": EVERY, "prompts": 64, "responsesPerPrompt": 3, "labelsNeeded": 30,
                 "heldOutShare": 0.3}
-    prefs = write_jsonl(tmp_path / "prefs.jsonl", format_preferences())
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", format_preferences(words=WORDS))
     reward_settings = {"learningRate": 2e-3, "batchSize": 8, "epochs": 6, "evalFraction": 0.0,
                        "checkpointEverySteps": 1000, "logEverySteps": 10}
     reward = {"stage": "reward", "model": str(toy_sft_dir), "outputDir": str(tmp_path / "reward"),
