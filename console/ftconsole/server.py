@@ -269,8 +269,25 @@ class Console:
                 labeller=user.username, labelled_at=self.wall_clock().strftime("%Y-%m-%dT%H:%M:%SZ"))
         except (ValidationError, TypeError, ValueError) as exc:
             return json_response(400, {"error": str(exc)})
-        created = self.kube.create_label(labels.label_object(spec, namespace=namespace))
+        try:
+            created = self.kube.create_label(labels.label_object(spec, namespace=namespace))
+        except Exception as exc:  # the API server refused it: the page shows why (JSON, not the HTML error page)
+            code = getattr(exc, "status", None)
+            reason = _api_message(exc)
+            print(f"console: creating a PreferenceLabel in {namespace} for {run}: {reason}", file=sys.stderr,
+                  flush=True)
+            return json_response(code if isinstance(code, int) and 400 <= code < 500 else 502,
+                                 {"error": f"the API server did not store the label: {reason}"})
         return json_response(201, {"name": (created.get("metadata") or {}).get("name")})
+
+
+def _api_message(exc: Exception) -> str:
+    """The API server's own message from a refusal (kubernetes ApiException's JSON body), else the exception."""
+    body = getattr(exc, "body", None)
+    try:
+        return str(json.loads(body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(exc)
 
 
 def handler_class(console: Console) -> type[BaseHTTPRequestHandler]:

@@ -132,6 +132,25 @@ def test_label_writes_need_the_console_header_and_a_valid_choice(console, kube):
     assert kube.labels == []
 
 
+def test_a_label_the_api_server_refuses_comes_back_as_json_with_its_message(console, kube, monkeypatch):
+    from kubernetes.client.exceptions import ApiException
+
+    kube.allow("alice", "get", "finetuneruns", "team-a")
+    kube.allow("alice", "create", "preferencelabels", "team-a")
+
+    def refuse(obj):
+        refusal = ApiException(status=422, reason="Unprocessable Entity")
+        refusal.body = json.dumps({"kind": "Status", "message": "PreferenceLabel.finetune.dev is invalid: "
+                                   "spec.responses.text: Invalid value"})
+        raise refusal
+
+    monkeypatch.setattr(kube, "create_label", refuse)
+    answer = console.handle("POST", "/api/labels", POST_HEADERS, label_body())
+    assert answer.status == 422 and answer.content_type.startswith("application/json")
+    assert json.loads(answer.body)["error"] == ("the API server did not store the label: PreferenceLabel.finetune.dev "
+                                                "is invalid: spec.responses.text: Invalid value")
+
+
 def test_label_page_offers_each_prompts_earliest_and_latest_answers(console, kube, clock):
     kube.allow("alice", "get", "finetuneruns", "team-a")
     assert console.handle("GET", "/runs/team-a/demo/label", ALICE).status == 403, "needs list preferencelabels"
