@@ -187,7 +187,9 @@ def human_preference_rows(labels: list, *, share: float) -> tuple[list, list, di
 
     exported = preference_rows(labels)  # the same conversion as `python -m ftconsole labels export`
     train, held = [], []
-    for number, row in enumerate(exported.rows, start=1):
+    # In content order, not labelling order: the same labels train the same model however fast they came.
+    rows = sorted(exported.rows, key=lambda row: (row["prompt"], row["chosen"], row["rejected"]))
+    for number, row in enumerate(rows, start=1):
         pair = PreferenceRow(where=f"PreferenceLabel #{number}", prompt=row["prompt"], chosen=row["chosen"],
                              rejected=row["rejected"])
         (held if is_held_out(row["prompt"], row["chosen"], row["rejected"], share=share) else train).append(pair)

@@ -155,9 +155,11 @@ def preferences_per_round(labels: Iterable[PreferenceLabelSpec]) -> dict[int, in
     return counts
 
 
-def sort_key(label: PreferenceLabelSpec) -> tuple[str, str, int]:
-    """Export order: by time, then run and round, so an export is reproducible."""
-    return (label.labelled_at, label.run, label.round)
+def sort_key(label: PreferenceLabelSpec) -> tuple:
+    """Export order: by time, then run and round, then content (labels of the same second would otherwise
+    keep the API's order, which follows their random generated names), so an export is reproducible."""
+    return (label.labelled_at, label.run, label.round, label.prompt, label.responses[0].text,
+            label.responses[1].text, label.choice, label.labeller)
 
 
 def labels_from_jsonl(text: str, *, source: str, run: str, round: int, labeller: str,

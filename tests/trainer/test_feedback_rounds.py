@@ -121,6 +121,25 @@ def test_held_out_human_pairs_are_chosen_by_the_pair_whatever_its_order():
     assert not any(is_held_out(f"prompt {i}", "a", "b", share=0.0) for i in range(100))
 
 
+def test_the_same_labels_give_the_same_training_rows_whatever_order_they_were_given_in():
+    from trainer.feedback import human_preference_rows
+
+    def label(prompt, a, b, choice, second):
+        return PreferenceLabelSpec(run="demo", round=1, prompt=prompt, responses=[CandidateResponse(text=a),
+                                   CandidateResponse(text=b)], choice=choice, labeller="alice",
+                                   labelled_at=f"2026-12-01T10:00:{second:02d}Z")
+
+    given = [label(f"prompt {i}", f"a{i}", f"b{i}", "a" if i % 2 else "b", i // 3) for i in range(12)]
+    fast = [label(x.prompt, x.responses[0].text, x.responses[1].text, x.choice, 0) for x in reversed(given)]
+
+    def rows(labels):
+        train, held, _ = human_preference_rows(labels, share=0.3)
+        return [(r.prompt, r.chosen, r.rejected) for r in train], [(r.prompt, r.chosen, r.rejected) for r in held]
+
+    assert rows(given) == rows(fast) == rows(list(reversed(given)))
+    assert rows(given)[0] and rows(given)[1]  # both sides used
+
+
 def test_round_boundaries_every_n_steps_and_once_at_the_end():
     every = HumanFeedbackConfig(every_steps=10)
     assert [s for s in range(1, 31) if every.round_at(s, total_steps=30)] == [10, 20]
