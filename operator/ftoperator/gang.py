@@ -141,6 +141,17 @@ def master_address(run: str, namespace: str, stage: str, attempt: int) -> str:
     return f"{rendezvous_service_name(run, stage, attempt)}.{namespace}.svc"
 
 
+def attempt_object_metadata(run: RunRef, *, stage: str, attempt: int) -> dict[str, Any]:
+    """Metadata of an object that serves one attempt (its Service, its PodGroup): named after the attempt,
+    labelled with run, stage and attempt, owned by the run (deleted with it by the garbage collector)."""
+    return {
+        "name": rendezvous_service_name(run.name, stage, attempt),
+        "namespace": run.namespace,
+        "labels": {**naming.run_labels(run.name), naming.LABEL_STAGE: stage, naming.LABEL_ATTEMPT: str(attempt)},
+        "ownerReferences": [owner_reference(run)],
+    }
+
+
 def rendezvous_service(run: RunRef, *, stage: str, attempt: int, port: int = DEFAULT_MASTER_PORT) -> dict[str, Any]:
     """Headless Service whose DNS name resolves to the attempt's rank-0 pod.
 
@@ -151,13 +162,7 @@ def rendezvous_service(run: RunRef, *, stage: str, attempt: int, port: int = DEF
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": rendezvous_service_name(run.name, stage, attempt),
-            "namespace": run.namespace,
-            "labels": {**naming.run_labels(run.name), naming.LABEL_STAGE: stage,
-                       naming.LABEL_ATTEMPT: str(attempt)},
-            "ownerReferences": [owner_reference(run)],
-        },
+        "metadata": attempt_object_metadata(run, stage=stage, attempt=attempt),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -238,13 +243,7 @@ def pod_group(run: RunRef, *, scheduler: Literal["coscheduling", "volcano"], sta
     return {
         "apiVersion": POD_GROUP_API_VERSIONS[scheduler],
         "kind": "PodGroup",
-        "metadata": {
-            "name": rendezvous_service_name(run.name, stage, attempt),
-            "namespace": run.namespace,
-            "labels": {**naming.run_labels(run.name), naming.LABEL_STAGE: stage,
-                       naming.LABEL_ATTEMPT: str(attempt)},
-            "ownerReferences": [owner_reference(run)],
-        },
+        "metadata": attempt_object_metadata(run, stage=stage, attempt=attempt),
         "spec": spec,
     }
 
