@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -93,20 +94,24 @@ def test_sharded_lora_sft_merges_like_replicated_lora_and_resumes_to_the_same_we
         assert torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-5)
 
 
+def _sharded_then_replicated(tmp_path, stage: str, job, settings: dict):
+    """The stage's job run sharded, then replicated (DDP), 2 processes each: (the sharded run, its final
+    weights, their largest difference to the replicated run's)."""
+    sharded = _run_two(stage, write_job(tmp_path / "sharded.yaml", **job(output="sharded", fsdp={}, **settings)))
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    replicated = _run_two(stage, write_job(tmp_path / "replicated.yaml", **job(output="replicated", **settings)))
+    assert replicated.returncode == 0, replicated.stderr[-4000:]
+    final = load_state_dict(tmp_path / "sharded" / "final")
+    return sharded, final, max_abs_diff(final, load_state_dict(tmp_path / "replicated" / "final"))
+
+
 def test_sharded_lora_reward_model_merges_like_replicated_lora(tmp_path, tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
     settings = dict(epochs=2, lora=LORA)
-    sharded = write_job(tmp_path / "sharded.yaml", **reward_job(tmp_path, tiny_model_dir, output="sharded",
-                                                                fsdp={}, **settings))
-    result = _run_two("reward", sharded)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result, final, difference = _sharded_then_replicated(tmp_path, "reward", partial(reward_job, tmp_path,
+                                                                                     tiny_model_dir), settings)
     assert sorted(_parameter_mib(result.stderr, "sharded")) == [0, 1], result.stderr[-3000:]
-    replicated = write_job(tmp_path / "replicated.yaml", **reward_job(tmp_path, tiny_model_dir, output="replicated",
-                                                                      **settings))
-    assert (ddp := _run_two("reward", replicated)).returncode == 0, ddp.stderr[-4000:]
-    final = load_state_dict(tmp_path / "sharded" / "final")
-    difference = max_abs_diff(final, load_state_dict(tmp_path / "replicated" / "final"))
     print(f"sharded LoRA reward: vs replicated {difference:.3g}")
     assert difference <= SHARDED_LIKE_REPLICATED
     # The trained score head (PEFT's modules_to_save) is in the merged model, under its plain name.
@@ -119,17 +124,10 @@ def test_sharded_lora_dpo_in_bf16_merges_like_replicated_lora(tmp_path, tiny_mod
     from transformers import AutoModelForCausalLM
 
     settings = dict(batchSize=2, epochs=2, logEverySteps=1, precision="bf16", lora=LORA)
-    sharded = write_job(tmp_path / "sharded.yaml", **dpo_job(tmp_path, tiny_model_dir, output="sharded",
-                                                             fsdp={}, **settings))
-    result = _run_two("dpo", sharded)
-    assert result.returncode == 0, result.stderr[-4000:]
+    _, final, difference = _sharded_then_replicated(tmp_path, "dpo", partial(dpo_job, tmp_path, tiny_model_dir),
+                                                    settings)
     losses = _losses(tmp_path / "sharded")
     assert len(losses) >= 4 and losses[-1] < losses[0], losses
-    replicated = write_job(tmp_path / "replicated.yaml", **dpo_job(tmp_path, tiny_model_dir, output="replicated",
-                                                                   **settings))
-    assert (ddp := _run_two("dpo", replicated)).returncode == 0, ddp.stderr[-4000:]
-    final = load_state_dict(tmp_path / "sharded" / "final")
-    difference = max_abs_diff(final, load_state_dict(tmp_path / "replicated" / "final"))
     print(f"sharded LoRA DPO (bf16): vs replicated {difference:.3g}")
     assert difference <= SHARDED_LIKE_REPLICATED
     AutoModelForCausalLM.from_pretrained(tmp_path / "sharded" / "final")
