@@ -127,7 +127,7 @@ def test_deleting_owner_garbage_collects_the_owned_pod(kube_cluster, namespace):
         return False
 
     # The garbage collector's graph builder can take tens of seconds to sync on a loaded 2-core machine.
-    wait_for(gone, timeout=150, what="garbage collection of the owned pod")
+    assert wait_for(gone, timeout=150, what="garbage collection of the owned pod") is True  # 404: collected
 
 
 def test_a_second_cluster_runs_beside_the_first(kube_cluster):
