@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from trainer import feedback, group_math, ppo_math, runtime, sharding
+from trainer.adamw import follow_checkpoint, implementation, new_adamw
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import GRPOConfig
 from trainer.modeling import (AdapterDisabled, checkpoint_trainable_weights_only, disable_dropout, load_causal_lm,
@@ -177,9 +178,9 @@ def run(ctx: StageContext) -> Path:
     if sharded:
         sharding.shard_trained(ctx, {"policy": policy}, cfg.fsdp)
 
-    # foreach: bit for bit the per-tensor loop torch picks on the CPU, in fewer ops (as in PPO)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay, foreach=True)
+    # Fused AdamW, as PPO (a resumed run keeps the implementation its checkpoint was written with: trainer/adamw.py).
+    optimizer = new_adamw([p for p in policy.parameters() if p.requires_grad], learning_rate=cfg.learning_rate,
+                          weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_warmup_decay(
         s, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps))
     if sharded:  # not prepared: accelerate's DDP wrapper would replicate it again (trainer.sharding)
@@ -200,6 +201,8 @@ def run(ctx: StageContext) -> Path:
     start, _ = resume_from_latest(ctx)
     if start:
         apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        if follow_checkpoint(optimizer) != "fused" and acc.is_main_process:
+            print(f"[grpo] AdamW {implementation(optimizer)}, as the checkpoint was written", flush=True)
     ctx.report("progress", step=start, total_steps=cfg.steps)
     if start == 0:  # the SFT model's samples: the baseline to compare with
         _samples(ctx, step=0, held_out=held_out, policy=policy, reference=reference, reward=reward, encoder=encoder)

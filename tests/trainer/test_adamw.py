@@ -1,4 +1,4 @@
-"""PPO's AdamW (trainer/adamw.py): fused for new runs, and a resume continues with the implementation its
+"""The online stages' AdamW (trainer/adamw.py): fused for new runs, and a resume continues with the implementation its
 checkpoint was written with, bit for bit, through accelerate's save_state / load_state as the stages use it."""
 
 from __future__ import annotations

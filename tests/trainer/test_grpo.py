@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer import grpo
 from trainer.checkpoint import complete_checkpoints
@@ -132,6 +133,9 @@ def test_grpo_resumed_after_a_kill_ends_like_an_uninterrupted_run(tmp_path, digi
     resumed = write_job(tmp_path / "resumed.yaml", **grpo_job(tmp_path, digit_sft_dir, output="resumed", **settings))
     kill_and_resume("grpo", resumed, tmp_path / "resumed")
     assert final_weight_difference(tmp_path / "straight", tmp_path / "resumed") < 1e-5
+    # Fused AdamW, recorded in the checkpoint, so a resume continues with it (trainer/adamw.py)
+    groups = torch.load(tmp_path / "resumed" / "checkpoints" / "step-4" / "optimizer.bin")["param_groups"]
+    assert groups[0]["fused"] and not groups[0]["foreach"]
 
 
 def test_group_size_must_divide_the_batch():
