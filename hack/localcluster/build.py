@@ -8,7 +8,8 @@ Run as root on Debian bookworm: `python -m localcluster build`. Steps:
 3. Replace the vendored reflect2 and json-iterator with Debian's newer ones:
    the vendored reflect2 1.0.1 reads runtime internals that moved in Go 1.18,
    and kube-apiserver dies with "fatal error: fault" on the first custom
-   resource create.
+   resource create. Then apply `SOURCE_FIXES`: upstream fixes that 1.20.2
+   needs under a newer Go (each names its upstream change).
 4. `make WHAT=...` for kube-apiserver, kube-controller-manager, kube-scheduler.
 5. Copy them to the cache (`paths.bin_dir()`), then fetch kubectl + helm (see
    `tools`).
@@ -56,6 +57,22 @@ VENDOR_REPLACEMENTS = {
     "vendor/github.com/modern-go/reflect2": "/usr/share/gocode/src/github.com/modern-go/reflect2",
     "vendor/github.com/json-iterator/go": "/usr/share/gocode/src/github.com/json-iterator/go",
 }
+# Edits of the source: path -> (text as shipped, replacement, why). Each is an upstream fix that 1.20.2
+# predates and a newer Go than its own (1.15) needs; applied once, recognised by the replacement.
+SOURCE_FIXES = {
+    path: (
+        "if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {",
+        "if data == nil { // localcluster: kube-openapi#230",
+        # Since Go 1.16 reflect.Zero shares one zero buffer, so this check holds for every zero value and custom
+        # resources with "" in a string field (or a zero-valued field of any type held in that buffer) were
+        # refused as "must be of type string: null" (kubernetes#99804; fixed upstream in 1.21 by this edit).
+        "custom resources with an empty string field refused as null under Go >= 1.16 (kubernetes#99804)",
+    )
+    for path in ("vendor/k8s.io/kube-openapi/pkg/validation/validate/type.go",
+                 "vendor/github.com/go-openapi/validate/type.go")
+}
+BUILD_RECIPE = "2: vendored reflect2/json-iterator from Debian; SOURCE_FIXES kubernetes#99804\n"
+"""Written beside the binaries; cached binaries built by another recipe are rebuilt (the fixes change them)."""
 DEB_SRC_FILE = pathlib.Path("/etc/apt/sources.list.d/localcluster-deb-src.sources")
 
 
@@ -87,7 +104,10 @@ def run(cmd, **kwargs) -> None:
 
 
 def binaries_present() -> bool:
-    return all((paths.bin_dir() / name).is_file() for name in COMPONENTS + ("etcd",))
+    """The binaries are in the cache and were built by this recipe (with every fix in SOURCE_FIXES)."""
+    recipe = paths.bin_dir() / "recipe"
+    return (all((paths.bin_dir() / name).is_file() for name in COMPONENTS + ("etcd",))
+            and recipe.is_file() and recipe.read_text() == BUILD_RECIPE)
 
 
 def missing_apt_packages() -> list:
@@ -186,6 +206,19 @@ def patch_vendor() -> None:
     marker.write_text("reflect2 and json-iterator replaced with Debian's\n")
 
 
+def fix_sources() -> None:
+    tree = kubernetes_tree()
+    for relative, (shipped, fixed, why) in SOURCE_FIXES.items():
+        path = tree / relative
+        text = path.read_text()
+        if fixed in text:
+            continue
+        if text.count(shipped) != 1:
+            raise BuildError(f"{relative}: expected the line to fix once ({why}); the source differs")
+        path.write_text(text.replace(shipped, fixed))
+        log(f"fixed {relative}: {why}")
+
+
 def compile_components() -> None:
     tree = kubernetes_tree()
     gopath = tree / ".go"
@@ -216,6 +249,7 @@ def install_binaries() -> None:
         if not found:
             raise BuildError(f"{name} was not produced under {tree / '_output'}")
         shutil.copy2(found[0], paths.bin_dir() / name)
+    (paths.bin_dir() / "recipe").write_text(BUILD_RECIPE)
     etcd = shutil.which("etcd") or "/usr/bin/etcd"
     if not os.path.isfile(etcd):
         raise BuildError("etcd not found: is the etcd-server Debian package installed?")
@@ -234,8 +268,9 @@ def build(*, keep_source: bool = True) -> pathlib.Path:
             ensure_apt_packages()
         with step(f"kubernetes {paths.K8S_VERSION} source"):
             ensure_source()
-        with step("replace vendored reflect2/json-iterator"):
+        with step("replace vendored reflect2/json-iterator, apply source fixes"):
             patch_vendor()
+            fix_sources()
         with step("compile " + ", ".join(COMPONENTS) + " (5-10 min on 2 cores)"):
             compile_components()
         with step("install binaries into cache"):

@@ -32,6 +32,8 @@ spec:
               type: object
               properties:
                 size: {type: integer}
+                label: {type: string}
+                enabled: {type: boolean}
       additionalPrinterColumns:
         - {name: Size, type: integer, jsonPath: .spec.size}
 """
@@ -89,6 +91,24 @@ def test_crd_applies_and_kubectl_shows_its_printer_columns(kube_cluster, namespa
     header, row = table.splitlines()[:2]
     assert header.split() == ["NAME", "SIZE"]
     assert row.split()[:2] == ["w1", "42"]
+
+
+def test_zero_values_in_a_custom_resource_are_stored_not_refused_as_null(kube_cluster, namespace):
+    """An empty string (and 0, false) is a value, not null: a real 1.20 API server stores it. Built with a Go
+    newer than 1.15 without the upstream fix (kubernetes#99804, build.SOURCE_FIXES), ours refused "" as
+    'must be of type string: "null"', and with it a PreferenceLabel of an empty response."""
+    kube_cluster.kubectl("apply", "-f", "-", input=CRD)
+    wait_for_crd(kube_cluster, "widgets.localcluster.example.com")
+    widget = ("apiVersion: localcluster.example.com/v1\nkind: Widget\n"
+              "metadata: {name: zero}\nspec: {size: 0, label: '', enabled: false}\n")
+
+    def create():  # None while discovery of the fresh CRD lags behind Established
+        result = kube_cluster.kubectl("create", "-n", namespace, "-o", "json", "-f", "-", input=widget, check=False)
+        return None if "no matches for kind" in result.stderr else result
+
+    created = wait_for(create, timeout=20, what="Widget zero to be answered")
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["spec"] == {"size": 0, "label": "", "enabled": False}
 
 
 def test_pod_asking_more_gpus_than_any_node_stays_pending_unschedulable(kube_cluster, namespace):
