@@ -6,7 +6,9 @@ the reward model; 1 and 4 PPO epochs, one minibatch; fp32 on the CPU; one torch 
 sides alternate, each runs ``--repeats`` times (default 5) with ``gc.freeze()``, and the script
 prints the median episodes/s of each, the ratio with its spread, and where our step time goes:
 generation, forward (old log-probs, values, reference), scoring (reward), optimisation (the PPO
-update, GAE and statistics), other (the loop around them: reporting, held-out bookkeeping).
+update, GAE and statistics), other (the loop around them: reporting, held-out bookkeeping). Then the 2x
+budget: TRL's CPU time per step, half of it, ours, our update alone, and the ceiling, the ratio we would
+reach with a free rollout (TRL's step over our update): under 2x, no rollout lever can reach the target.
 
 TRL is a benchmark-only dependency, installed into its own virtualenv beside the project's
 (TRL 1.12 is the last release with PPO; it accepts the project's transformers 5):
@@ -21,6 +23,7 @@ TRL keeps its separate value model, so that comparison is not like for like (ben
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -74,6 +77,21 @@ def ppo_trl(work: Path, sft: Path, rm: Path, texts: list[str], *, epochs: int, s
     ), batch=BATCH)
 
 
+def step_budget(result: dict) -> dict:
+    """What 2x would take, in CPU ms per PPO step: TRL's step, half of it (our target), ours, our update alone, and
+    the ceiling, the ratio we would reach were our rollout free (generation, passes, scoring at zero cost). When
+    the ceiling is under 2x no rollout lever can reach 2x: only a cheaper update could."""
+    trl_step = BATCH / statistics.median(result["cpu"]["trl"])
+    ours_step = BATCH / statistics.median(result["cpu"]["ours"])
+    update = result["our_split_seconds"]["optimisation"]
+    budget = {"trl_step_ms": trl_step * 1e3, "target_step_ms": trl_step * 500, "our_step_ms": ours_step * 1e3,
+              "our_update_ms": update * 1e3, "ceiling_with_free_rollout": trl_step / update}
+    print(f"2x budget (CPU per step): TRL {budget['trl_step_ms']:.0f} ms, so ours at most {budget['target_step_ms']:.0f}"
+          f" ms; ours {budget['our_step_ms']:.0f} ms, of which the update {budget['our_update_ms']:.0f} ms; "
+          f"ceiling with a free rollout {budget['ceiling_with_free_rollout']:.2f}x", flush=True)
+    return budget
+
+
 def main() -> None:
     cli = parser(__doc__, steps=10, steps_help="PPO updates per run (the first is a warm-up)")
     cli.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
@@ -88,9 +106,10 @@ def main() -> None:
                                      value_model=args.value_model),
                 lambda rep: ppo_trl(w.work, w.sft, w.rm, w.texts, epochs=epochs, steps=args.steps, rep=rep),
                 repeats=args.repeats)
-            results.append(summarise(f"PPO, {epochs} epoch(s), batch {BATCH}, {RESPONSE_TOKENS} response tokens, "
-                                     f"our value model: {args.value_model}",
-                                     mine, theirs))
+            result = summarise(f"PPO, {epochs} epoch(s), batch {BATCH}, {RESPONSE_TOKENS} response tokens, "
+                               f"our value model: {args.value_model}", mine, theirs)
+            result["budget"] = step_budget(result)
+            results.append(result)
     write_json(args, results)
 
 
