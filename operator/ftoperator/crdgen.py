@@ -120,7 +120,8 @@ def structural(node: dict[str, Any], defs: dict[str, Any], path: str = "") -> di
         elif key == "const":
             out["enum"] = [value]
         elif key == "default":
-            # Kubernetes 1.20 rejects an empty-string default as "null"; an absent field reads the same.
+            # Left out when "": an absent field reads the same, and a 1.20 API server built with Go >= 1.16
+            # (as some distributions do) refuses a "" default as null (kubernetes#99804, fixed in 1.21).
             if _is_plain(value) and value != "":
                 out["default"] = value
         elif key in _PASSED_KEYS:
