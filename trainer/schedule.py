@@ -86,7 +86,8 @@ def linear_warmup_decay(step: int, *, warmup_steps: int, total_steps: int) -> fl
 
 
 def build_optimizer(model, *, learning_rate: float, weight_decay: float, warmup_steps: int, total_steps: int):
-    """AdamW over the trainable parameters and its linear warm-up/decay scheduler.
+    """AdamW (the fused kernel, ``trainer.adamw``) over the trainable parameters and its linear warm-up/decay
+    scheduler.
 
     The scheduler is deliberately not passed to ``accelerator.prepare``:
     accelerate would step it once per process per optimizer step, which
@@ -97,8 +98,10 @@ def build_optimizer(model, *, learning_rate: float, weight_decay: float, warmup_
 
     import torch
 
+    from trainer.adamw import new_adamw
+
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    optimizer = new_adamw(params, learning_rate=learning_rate, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(linear_warmup_decay, warmup_steps=warmup_steps, total_steps=total_steps))
     return optimizer, scheduler

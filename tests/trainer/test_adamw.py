@@ -1,8 +1,9 @@
-"""The online stages' AdamW (trainer/adamw.py): fused for new runs, and a resume continues with the implementation its
+"""AdamW (trainer/adamw.py): fused for new runs, and a resume continues with the implementation its
 checkpoint was written with, bit for bit, through accelerate's save_state / load_state as the stages use it."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainer.adamw import follow_checkpoint, implementation, new_adamw
@@ -23,7 +24,8 @@ def _steps(model, optimizer, steps: range) -> None:
 
 
 def _run(tmp_path, *, first: str, then: str | None) -> dict[str, torch.Tensor]:
-    """Six steps: three with an optimizer built as ``first`` ("foreach": what PPO built before, "fused": new_adamw),
+    """Six steps: three with an optimizer built as ``first`` ("foreach": what PPO built before, "for-loop": what the
+    supervised stages built before, "fused": new_adamw),
     then, when ``then`` is given, a checkpoint and three more steps in a fresh accelerator with an optimizer built
     as ``then`` that loads it; else three more steps straight on."""
     from accelerate import Accelerator
@@ -31,6 +33,8 @@ def _run(tmp_path, *, first: str, then: str | None) -> dict[str, torch.Tensor]:
     def build(kind, model):
         if kind == "fused":
             return new_adamw(model.parameters(), learning_rate=1e-2, weight_decay=0.01)
+        if kind == "for-loop":  # torch's default on the CPU: what SFT, reward and DPO built before
+            return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
         return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, foreach=True)
 
     acc = Accelerator(cpu=True)
@@ -58,9 +62,10 @@ def test_new_runs_use_the_fused_kernel():
     assert optimizer._step_supports_amp_scaling
 
 
-def test_a_checkpoint_written_with_foreach_resumes_with_foreach_bit_for_bit(tmp_path):
-    straight = _run(tmp_path / "a", first="foreach", then=None)
-    resumed = _run(tmp_path / "b", first="foreach", then="fused")
+@pytest.mark.parametrize("older", ["foreach", "for-loop"])
+def test_a_checkpoint_written_with_an_older_implementation_resumes_with_it_bit_for_bit(tmp_path, older):
+    straight = _run(tmp_path / "a", first=older, then=None)
+    resumed = _run(tmp_path / "b", first=older, then="fused")
     assert _equal(straight, resumed)
     # The test can tell: had the resume switched to fused, the weights would differ (rounding).
     switched = _run(tmp_path / "c", first="fused", then=None)
