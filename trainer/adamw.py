@@ -44,5 +44,14 @@ def follow_checkpoint(optimizer) -> str:
     return name
 
 
+def after_resume(optimizer, *, stage: str, main_process: bool) -> str:
+    """``follow_checkpoint`` for a stage that has just loaded its checkpoint; the main process says so in the log
+    when the run goes on with an older implementation. Returns its name."""
+    name = follow_checkpoint(optimizer)
+    if name != "fused" and main_process:
+        print(f"[{stage}] AdamW {name}, as the checkpoint was written", flush=True)
+    return name
+
+
 def _inner(optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from trainer import feedback, group_math, ppo_math, runtime, sharding
-from trainer.adamw import follow_checkpoint, implementation, new_adamw
+from trainer.adamw import after_resume, new_adamw
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import GRPOConfig
 from trainer.modeling import (AdapterDisabled, checkpoint_trainable_weights_only, disable_dropout, load_causal_lm,
@@ -201,8 +201,7 @@ def run(ctx: StageContext) -> Path:
     start, _ = resume_from_latest(ctx)
     if start:
         apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        if follow_checkpoint(optimizer) != "fused" and acc.is_main_process:
-            print(f"[grpo] AdamW {implementation(optimizer)}, as the checkpoint was written", flush=True)
+        after_resume(optimizer, stage="grpo", main_process=acc.is_main_process)
     ctx.report("progress", step=start, total_steps=cfg.steps)
     if start == 0:  # the SFT model's samples: the baseline to compare with
         _samples(ctx, step=0, held_out=held_out, policy=policy, reference=reference, reward=reward, encoder=encoder)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from trainer import feedback, ppo_math, runtime, sharding
-from trainer.adamw import follow_checkpoint, implementation, new_adamw
+from trainer.adamw import after_resume, new_adamw
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import LoraConfig
 from trainer.lean_decoder import LeanDecoder
@@ -374,8 +374,7 @@ def run(ctx: StageContext) -> Path:
     if start:
         kl_ctl.load_state_dict(state["kl_controller"])
         apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        if follow_checkpoint(optimizer) != "fused" and acc.is_main_process:
-            print(f"[ppo] AdamW {implementation(optimizer)}, as the checkpoint was written", flush=True)
+        after_resume(optimizer, stage="ppo", main_process=acc.is_main_process)
     ctx.report("progress", step=start, total_steps=cfg.steps)
     if start == 0:  # the SFT model's samples: the baseline to compare with
         with sharding.gathered(policy):  # every process gathers a sharded policy; the main one samples

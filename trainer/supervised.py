@@ -23,7 +23,7 @@ import torch
 from accelerate.utils import set_seed
 
 from trainer import sharding
-from trainer.adamw import follow_checkpoint, implementation
+from trainer.adamw import after_resume
 from trainer.checkpoint import resume_from_latest, save_checkpoint
 from trainer.config import OptimConfig
 from trainer.modeling import checkpoint_trainable_weights_only
@@ -74,8 +74,7 @@ def prepare_supervised(ctx: StageContext, model, *, cfg: OptimConfig, epochs: in
     start, _ = resume_from_latest(ctx)
     if start:
         apply_optimizer_settings(optimizer, scheduler, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        if follow_checkpoint(optimizer) != "fused" and accelerator.is_main_process:  # trainer/adamw.py
-            print(f"[{ctx.job.stage}] AdamW {implementation(optimizer)}, as the checkpoint was written", flush=True)
+        after_resume(optimizer, stage=ctx.job.stage, main_process=accelerator.is_main_process)
     ctx.report("progress", step=start, total_steps=plan.total_steps)
     return SupervisedSetup(model=model, optimizer=optimizer, scheduler=scheduler, plan=plan, start_step=start)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.adamw import follow_checkpoint, implementation, new_adamw
+from trainer.adamw import after_resume, follow_checkpoint, implementation, new_adamw
 
 
 def _model() -> torch.nn.Module:
@@ -85,3 +85,13 @@ def test_after_loading_a_foreach_checkpoint_the_gradscaler_flag_follows_it(tmp_p
     optimizer.load_state_dict(old.state_dict())
     assert follow_checkpoint(optimizer) == "foreach"
     assert not optimizer._step_supports_amp_scaling
+
+
+def test_a_stage_resumed_with_an_older_implementation_says_so_once(capsys):
+    optimizer = new_adamw(_model().parameters(), learning_rate=1e-3, weight_decay=0.0)
+    optimizer.load_state_dict(torch.optim.AdamW(_model().parameters(), lr=1e-3).state_dict())
+    assert after_resume(optimizer, stage="sft", main_process=True) == "for-loop"
+    assert after_resume(optimizer, stage="sft", main_process=False) == "for-loop"  # other processes stay quiet
+    assert capsys.readouterr().out == "[sft] AdamW for-loop, as the checkpoint was written\n"
+    fresh = new_adamw(_model().parameters(), learning_rate=1e-3, weight_decay=0.0)
+    assert after_resume(fresh, stage="sft", main_process=True) == "fused" and capsys.readouterr().out == ""
